@@ -1,0 +1,445 @@
+"""Numba CPU kernels of the loss engine: the three stages of DESIGN.md.
+
+Twins of ``cuda.py`` (same stage names, same arrays):
+
+1. ``cpu_normalise``   one pass over V per lattice node: the compact log-probs.
+2. ``cpu_alpha_beta``  forward-backward over the compact arrays, one utterance
+                       per thread; ``cpu_alpha_loss`` is the forward-only variant
+                       that keeps one row of alpha, for scoring without gradients.
+3. ``cpu_gradient``    one fused pass over V per node, in ``backward()``.
+
+Shapes: ``B`` utterances, padded to ``T`` frames and ``U1 = U+1`` label
+positions, vocabulary ``V``. Logits arrive in their *storage* type:
+float32 or float64 as they are, float16 as its bits in a ``uint16`` array and
+bfloat16 as its bits in an ``int16`` array (numba has no half types on the CPU).
+Lattice math is float64 for float64 input and float32 otherwise.
+
+``-inf`` logits (masked tokens) are legal, so no fastmath flag that assumes
+finite values is used; only re-association, which lets LLVM vectorise the sums.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+# error_model="numpy": IEEE results for x/0 rather than exceptions (and no checks in hot loops).
+_PAR = dict(
+    parallel=True, cache=True, error_model="numpy",
+    fastmath={"reassoc", "contract", "nsz", "arcp"},
+)
+
+
+# --------------------------------------------------------------------------- numerics
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_from_f32(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _exp32(x):
+    """exp for float32, branch-free so that loops over V vectorise.
+
+    Cody-Waite range reduction and a degree-7 polynomial (Cephes' expf
+    coefficients): relative error below 1 ulp on [-87, 88]; exp(-inf) = 0.
+    NaN is not propagated: stage 1 detects non-finite rows separately.
+    """
+    lo = np.float32(-87.0)
+    hi = np.float32(88.5)
+    xc = x if x > lo else lo
+    xc = xc if xc < hi else hi
+    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = xc - n * np.float32(0.693359375)
+    r = r - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    scale = _f32_from_bits(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))
+    res = p * scale
+    return res if x > lo else np.float32(0.0)
+
+
+def _exp(x):  # typed by the overload below
+    raise NotImplementedError
+
+
+@overload(_exp, jit_options={"cache": True})
+def _exp_impl(x):
+    if x == types.float32:
+        return lambda x: _exp32(x)
+    return lambda x: math.exp(x)
+
+
+@njit(cache=True)
+def _half_bits_to_f32(h):
+    """IEEE binary16 bits (uint16) -> float32, exact, subnormals included."""
+    h32 = np.uint32(h)
+    sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
+    em = (h32 & np.uint32(0x7FFF)) << np.uint32(13)
+    exp = em & np.uint32(0x0F800000)
+    o = em + np.uint32(112 << 23)  # rebias exponent 15 -> 127
+    if exp == np.uint32(0x0F800000):  # inf / NaN: exponent all ones
+        o = o + np.uint32(112 << 23)
+    elif exp == np.uint32(0):  # zero / subnormal: renormalise through a float subtract
+        o = _bits_from_f32(
+            _f32_from_bits(o + np.uint32(1 << 23)) - _f32_from_bits(np.uint32(113 << 23))
+        )
+    return _f32_from_bits(o | sign)
+
+
+@njit(cache=True)
+def _f32_to_half_bits(x):
+    """float32 -> IEEE binary16 bits, round to nearest even, with overflow to inf."""
+    f = _bits_from_f32(np.float32(x))
+    sign = f & np.uint32(0x80000000)
+    f = f ^ sign
+    if f >= np.uint32((127 + 16) << 23):  # too big for half: inf, or NaN
+        o = np.uint32(0x7E00) if f > np.uint32(0x7F800000) else np.uint32(0x7C00)
+    elif f < np.uint32(113 << 23):  # half subnormal or zero: let the FPU round
+        magic = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
+        o = _bits_from_f32(_f32_from_bits(f) + _f32_from_bits(magic)) - magic
+    else:
+        odd = (f >> np.uint32(13)) & np.uint32(1)
+        f = f + np.uint32(((15 - 127) << 23) & 0xFFFFFFFF) + np.uint32(0xFFF) + odd
+        o = f >> np.uint32(13)
+    return np.uint16(o | (sign >> np.uint32(16)))
+
+
+@njit(cache=True)
+def _f32_to_bf16_bits(x):
+    """float32 -> bfloat16 bits (as int16), round to nearest even, NaN kept NaN."""
+    f = _bits_from_f32(np.float32(x))
+    if (f & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        r = (f >> np.uint32(16)) | np.uint32(0x40)  # quiet NaN
+    else:
+        r = (f + np.uint32(0x7FFF) + ((f >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    # uint16 -> int16 with wrap-around: the same 16 bits.
+    return np.int16(np.int32(r) - 65536 if r >= np.uint32(0x8000) else np.int32(r))
+
+
+def _like(x, c):  # typed by the overload below
+    raise NotImplementedError
+
+
+@overload(_like, jit_options={"cache": True})
+def _like_impl(x, c):
+    """Constant ``c`` in the float type of ``x`` (keeps float32 loops float32)."""
+    if x == types.float32:
+        return lambda x, c: np.float32(c)
+    return lambda x, c: np.float64(c)
+
+
+def _load(a, i):  # typed by the overload below
+    raise NotImplementedError
+
+
+@overload(_load, jit_options={"cache": True})
+def _load_impl(a, i):
+    """Element ``i`` of a 1-D storage array, as the lattice's float type."""
+    if a.dtype == types.uint16:  # float16 bits
+        return lambda a, i: _half_bits_to_f32(a[i])
+    if a.dtype == types.int16:  # bfloat16 bits
+        return lambda a, i: _f32_from_bits(np.uint32(np.uint16(a[i])) << np.uint32(16))
+    return lambda a, i: a[i]
+
+
+def _store(a, i, x):  # typed by the overload below
+    raise NotImplementedError
+
+
+@overload(_store, jit_options={"cache": True})
+def _store_impl(a, i, x):
+    """Write lattice float ``x`` into storage array ``a`` at ``i`` in its own type."""
+    if a.dtype == types.uint16:
+        def impl(a, i, x):
+            a[i] = _f32_to_half_bits(x)
+        return impl
+    if a.dtype == types.int16:
+        def impl(a, i, x):
+            a[i] = _f32_to_bf16_bits(x)
+        return impl
+
+    def impl(a, i, x):
+        a[i] = x
+    return impl
+
+
+@njit(cache=True)
+def _logaddexp(a, b):
+    """log(exp(a) + exp(b)) that is exact when either side is -inf."""
+    if a == -np.inf:
+        return b
+    if b == -np.inf:
+        return a
+    if a > b:
+        return a + math.log1p(math.exp(b - a))
+    return b + math.log1p(math.exp(a - b))
+
+
+# --------------------------------------------------------------------------- stage 1
+@njit(**_PAR)
+def cpu_normalise(logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emit_lp, bad_row):
+    """Stage 1: the two log-probs the lattice needs, one pass over V per node.
+
+    logits: ``(B, T, U1, V)`` storage array; labels ``(B, S)`` int64;
+    T_len, U_len ``(B,)`` int64. Writes ``(B, T, U1)`` arrays of the lattice
+    float type: ``lse`` (log-normaliser, 0 when ``fused`` is False; may be a
+    ``(1, 1, 1)`` dummy when the caller needs no gradient), ``blank_lp`` and
+    ``emit_lp`` (-inf where u = U_b or outside the lengths). ``bad_row[b, t, u]``
+    is set where the row holds NaN or +inf: the loss of that utterance is NaN.
+    """
+    B, T, U1, V = logits.shape
+    keep_lse = lse.shape[0] == B
+    nodes = B * T * U1
+    for i in prange(nodes):
+        b = i // (T * U1)
+        t = (i // U1) % T
+        u = i % U1
+        if t >= T_len[b] or u > U_len[b]:
+            blank_lp[b, t, u] = -np.inf
+            emit_lp[b, t, u] = -np.inf
+            continue
+        row = logits[b, t, u]
+        m = _load(row, 0)
+        norm = _like(m, 0.0)
+        nonfinite = False
+        for v in range(V):
+            x = _load(row, v)
+            nonfinite |= not (x < np.inf)  # NaN or +inf
+            m = x if x > m else m
+        nonfinite |= fused and m == -np.inf  # all -inf: no distribution
+        if fused and not nonfinite:
+            s = norm
+            for v in range(V):
+                s += _exp(_load(row, v) - m)
+            norm = m + math.log(s)
+        if nonfinite:
+            norm = _like(m, np.nan)
+        bad_row[b, t, u] = nonfinite
+        if keep_lse:
+            lse[b, t, u] = norm
+        blank_lp[b, t, u] = _load(row, blank) - norm
+        if u < U_len[b]:
+            emit_lp[b, t, u] = _load(row, labels[b, u]) - norm
+        else:
+            emit_lp[b, t, u] = -np.inf
+
+
+# --------------------------------------------------------------------------- stage 2
+@njit(parallel=True, cache=True, error_model="numpy")
+def cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like):
+    """Stage 2: alpha and beta ``(B, T, U1)`` over the compact arrays; one utterance per thread.
+
+    ``log_like[b] = alpha[T_b-1, U_b] + blank_lp[T_b-1, U_b]`` (= log P(y|x)).
+    Nodes outside the lengths are left -inf.
+    """
+    B, T, U1 = blank_lp.shape
+    for b in prange(B):
+        Tb = T_len[b]
+        Ub = U_len[b]
+        alpha[b] = -np.inf
+        beta[b] = -np.inf
+        for t in range(Tb):
+            for u in range(Ub + 1):
+                if t == 0 and u == 0:
+                    alpha[b, 0, 0] = 0.0
+                    continue
+                a = -np.inf
+                if t > 0:
+                    a = alpha[b, t - 1, u] + blank_lp[b, t - 1, u]
+                if u > 0:
+                    a = _logaddexp(a, alpha[b, t, u - 1] + emit_lp[b, t, u - 1])
+                alpha[b, t, u] = a
+        for t in range(Tb - 1, -1, -1):
+            for u in range(Ub, -1, -1):
+                if t == Tb - 1 and u == Ub:
+                    beta[b, t, u] = blank_lp[b, t, u]
+                    continue
+                e = -np.inf
+                if t < Tb - 1:
+                    e = beta[b, t + 1, u] + blank_lp[b, t, u]
+                if u < Ub:
+                    e = _logaddexp(e, beta[b, t, u + 1] + emit_lp[b, t, u])
+                beta[b, t, u] = e
+        log_like[b] = alpha[b, Tb - 1, Ub] + blank_lp[b, Tb - 1, Ub]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like):
+    """Stage 2 without gradients: alpha keeping one row of ``U1`` per utterance.
+
+    Writes only ``log_like[b] = log P(y|x)``; O(B * U1) scratch memory.
+    """
+    B, T, U1 = blank_lp.shape
+    for b in prange(B):
+        Tb = T_len[b]
+        Ub = U_len[b]
+        row = np.empty(Ub + 1, dtype=blank_lp.dtype)
+        row[0] = 0.0
+        for u in range(1, Ub + 1):
+            row[u] = row[u - 1] + emit_lp[b, 0, u - 1]
+        for t in range(1, Tb):
+            row[0] = row[0] + blank_lp[b, t - 1, 0]
+            for u in range(1, Ub + 1):
+                row[u] = _logaddexp(
+                    row[u] + blank_lp[b, t - 1, u], row[u - 1] + emit_lp[b, t, u - 1]
+                )
+        log_like[b] = row[Ub] + blank_lp[b, Tb - 1, Ub]
+
+
+# --------------------------------------------------------------------------- stage 3
+@njit(**_PAR)
+def cpu_gradient(
+    logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emit_lp,
+    alpha, beta, log_like, scale, fastemit_lambda, clamp, grad,
+):
+    """Stage 3: ``grad = scale[b] * clip(d loss_b / d logits)``, one fused pass over V per node.
+
+    d loss_b / d x[v] = softmax[v] * (P_blank + (1+l) P_emit) - [v==blank] P_blank
+    - [v==y_u] (1+l) P_emit, with P_* the posteriors of the two arcs leaving
+    (t, u) and l the FastEmit lambda (without ``fused`` the softmax term is
+    absent). ``clamp`` <= 0 means no clipping. ``grad`` has the storage type
+    and shape ``(B, T, U1, V)`` of ``logits``; every entry is written, padding
+    and utterances with a non-finite loss get zeros.
+    """
+    B, T, U1, V = logits.shape
+    emit_w = 1.0 + fastemit_lambda
+    nodes = B * T * U1
+    for i in prange(nodes):
+        b = i // (T * U1)
+        t = (i // U1) % T
+        u = i % U1
+        out = grad[b, t, u]
+        ll = log_like[b]
+        Tb = T_len[b]
+        Ub = U_len[b]
+        if t >= Tb or u > Ub or not (abs(ll) < np.inf):
+            for v in range(V):
+                _store(out, v, 0.0)
+            continue
+        row = logits[b, t, u]
+        a = alpha[b, t, u]
+        if t + 1 < Tb:
+            after_blank = beta[b, t + 1, u]
+        else:
+            after_blank = 0.0 if u == Ub else -np.inf
+        p_blank = math.exp(a + blank_lp[b, t, u] + after_blank - ll)
+        p_emit = 0.0
+        y = -1
+        if u < Ub:
+            p_emit = emit_w * math.exp(a + emit_lp[b, t, u] + beta[b, t, u + 1] - ll)
+            y = labels[b, u]
+        norm = lse[b, t, u]
+        s = _like(norm, scale[b])
+        zero = _like(norm, 0.0)
+        occ = _like(norm, p_blank + p_emit)
+        c = _like(norm, clamp)
+        for v in range(V):
+            g = zero
+            if fused:
+                g = _exp(_load(row, v) - norm) * occ
+            if clamp > 0:
+                g = min(max(g, -c), c)
+            _store(out, v, g * s)
+        # The two arcs' own terms: recompute those entries from scratch.
+        for k in range(2):
+            v = blank if k == 0 else y
+            if v < 0:
+                continue
+            g = zero
+            if fused:
+                g = _exp(_load(row, v) - norm) * occ
+            g = g - _like(norm, p_blank if k == 0 else p_emit)
+            if clamp > 0:
+                g = min(max(g, -c), c)
+            _store(out, v, g * s)
+
+
+# --------------------------------------------------------------------------- host side
+def storage_view(x):
+    """A numpy view of torch tensor ``x`` in the storage types the kernels take (no copy)."""
+    import torch
+
+    x = x.detach()
+    if x.dtype == torch.float16:
+        return x.view(torch.int16).numpy().view(np.uint16)
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy()
+    return x.numpy()
+
+
+def cpu_forward(logits, targets, logit_lengths, target_lengths, blank, fused, need_grad):
+    """Stages 1 and 2 on the CPU.
+
+    logits: ``(B, T, U1, V)`` torch tensor (any float dtype, any strides);
+    targets ``(B, S)`` and lengths ``(B,)`` int64 torch tensors, already validated.
+    Returns ``(log_like (B,), bad (B,), saved)`` where ``saved`` holds the compact
+    ``(B, T, U1)`` arrays the gradient needs (``None`` without ``need_grad``).
+    """
+    x = storage_view(logits)
+    B, T, U1, _ = x.shape
+    lat = np.float64 if x.dtype == np.float64 else np.float32
+    y = targets.numpy()
+    T_len = logit_lengths.numpy()
+    U_len = target_lengths.numpy()
+    blank_lp = np.empty((B, T, U1), lat)
+    emit_lp = np.empty((B, T, U1), lat)
+    bad_row = np.zeros((B, T, U1), np.bool_)
+    lse = np.empty((B, T, U1) if need_grad else (1, 1, 1), lat)
+    cpu_normalise(x, y, T_len, U_len, blank, fused, lse, blank_lp, emit_lp, bad_row)
+    log_like = np.empty(B, lat)
+    saved = None
+    if need_grad:
+        alpha = np.empty((B, T, U1), lat)
+        beta = np.empty((B, T, U1), lat)
+        cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like)
+        saved = (lse, blank_lp, emit_lp, alpha, beta)
+    else:
+        cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like)
+    bad = bad_row.reshape(B, -1).any(axis=1)
+    log_like[bad] = np.nan
+    return log_like, bad, saved
+
+
+def cpu_backward(
+    logits, targets, logit_lengths, target_lengths, blank, fused, saved, log_like,
+    scale, fastemit_lambda, clamp,
+):
+    """Stage 3 on the CPU: the gradient ``(B, T, U1, V)`` in ``logits``' dtype, contiguous.
+
+    ``scale`` ``(B,)`` float64: d(returned value)/d loss_b times grad_output.
+    """
+    import torch
+
+    grad = torch.empty(logits.shape, dtype=logits.dtype)
+    lse, blank_lp, emit_lp, alpha, beta = saved
+    cpu_gradient(
+        storage_view(logits), targets.numpy(), logit_lengths.numpy(), target_lengths.numpy(),
+        blank, fused, lse, blank_lp, emit_lp, alpha, beta, log_like,
+        np.ascontiguousarray(scale, dtype=lse.dtype), float(fastemit_lambda),
+        float(clamp), storage_view(grad),
+    )
+    return grad

@@ -1,0 +1,309 @@
+"""The torch-facing loss: ``rnnt_loss``, ``TransducerLoss``, validation and backend dispatch.
+
+The engine's stages live in ``cpu.py`` and ``cuda.py``; this module checks the
+inputs, picks the backend, applies the reduction, and wires stage 3 into
+``backward()`` so that nothing of size ``B*T*U*V`` exists before it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+REDUCTIONS = ("none", "sum", "mean", "mean_frames", "mean_tokens")
+BACKENDS = ("auto", "cpu", "cuda")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- validation
+def _int_tensor(name: str, x, ndim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_inputs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    logit_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int,
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate a batch; return ``(blank in [0, V), targets, T, U)`` as int64 CPU tensors.
+
+    logits ``(B, T, U+1, V)``, targets ``(B, S)``, lengths ``(B,)``. Raises
+    ``TypeError``/``ValueError`` with one line naming the utterance and values.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}"
+        )
+    if logits.dim() != 4:
+        raise ValueError(f"logits must have 4 dims (B, T, U+1, V), got shape {tuple(logits.shape)}")
+    _int_tensor("targets", targets, 2)
+    _int_tensor("logit_lengths", logit_lengths, 1)
+    _int_tensor("target_lengths", target_lengths, 1)
+    B, T, U1, V = logits.shape
+    sizes = {
+        "logits": B, "targets": targets.shape[0],
+        "logit_lengths": logit_lengths.shape[0], "target_lengths": target_lengths.shape[0],
+    }
+    if len(set(sizes.values())) != 1:
+        raise ValueError(
+            "batch sizes disagree: " + ", ".join(f"{k} has {v}" for k, v in sizes.items())
+        )
+    if V == 0:
+        raise ValueError("logits has an empty vocabulary dim (V = 0)")
+    if not isinstance(blank, int) or isinstance(blank, bool):
+        raise TypeError(f"blank must be an int, got {blank!r}")
+    if not -V <= blank < V:
+        raise ValueError(f"blank={blank} is outside [-V, V) for V={V}")
+    blank = blank % V
+
+    # One host copy of the small index tensors (a sync on CUDA; validation needs it).
+    t_len = logit_lengths.detach().to("cpu", torch.int64)
+    u_len = target_lengths.detach().to("cpu", torch.int64)
+    y = targets.detach().to("cpu", torch.int64).contiguous()
+    S = y.shape[1]
+
+    def first(mask: torch.Tensor) -> int | None:
+        idx = torch.nonzero(mask)
+        return None if idx.numel() == 0 else int(idx[0, 0])
+
+    if (b := first(t_len < 0)) is not None:
+        raise ValueError(f"utterance {b}: logit_lengths[{b}] = {int(t_len[b])} is negative")
+    if (b := first(u_len < 0)) is not None:
+        raise ValueError(f"utterance {b}: target_lengths[{b}] = {int(u_len[b])} is negative")
+    if (b := first(t_len == 0)) is not None:
+        raise ValueError(f"utterance {b}: logit_lengths[{b}] = 0, an utterance needs T >= 1")
+    if (b := first(t_len > T)) is not None:
+        raise ValueError(
+            f"utterance {b}: logit_lengths[{b}] = {int(t_len[b])} exceeds the logits' T dim {T}"
+        )
+    if (b := first(u_len + 1 > U1)) is not None:
+        raise ValueError(
+            f"utterance {b}: target_lengths[{b}] = {int(u_len[b])} needs U+1 = "
+            f"{int(u_len[b]) + 1} but the logits' U+1 dim is {U1}"
+        )
+    if (b := first(u_len > S)) is not None:
+        raise ValueError(
+            f"utterance {b}: target_lengths[{b}] = {int(u_len[b])} exceeds targets' dim {S}"
+        )
+    inside = torch.arange(S).unsqueeze(0) < u_len.unsqueeze(1)
+    bad = inside & ((y < 0) | (y >= V) | (y == blank))
+    if bool(bad.any()):
+        b, u = (int(i) for i in torch.nonzero(bad)[0])
+        val = int(y[b, u])
+        why = "equals blank" if val == blank else f"is outside [0, {V}) for V={V}"
+        raise ValueError(f"utterance {b}: targets[{b}, {u}] = {val} {why}")
+    return blank, y, t_len, u_len
+
+
+def reduction_weights(
+    reduction: str, logit_lengths: torch.Tensor, target_lengths: torch.Tensor
+) -> torch.Tensor:
+    """``(B,)`` float64 weights w with value = sum_b w_b * loss_b (any reduction but none)."""
+    B = logit_lengths.shape[0]
+    if reduction in ("none", "sum"):
+        return torch.ones(B, dtype=torch.float64)
+    if reduction == "mean":
+        return torch.full((B,), 1.0 / B, dtype=torch.float64)
+    if reduction == "mean_frames":
+        return 1.0 / (B * logit_lengths.to(torch.float64))
+    if reduction == "mean_tokens":
+        tokens = target_lengths.clamp(min=1).sum().to(torch.float64)
+        return torch.full((B,), 1.0, dtype=torch.float64) / tokens
+    raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+
+
+def _reduce(losses: torch.Tensor, reduction: str, weights: torch.Tensor) -> torch.Tensor:
+    if reduction == "none":
+        return losses
+    return (losses.to(torch.float64) * weights.to(losses.device)).sum().to(losses.dtype)
+
+
+# --------------------------------------------------------------------------- backends
+def _engine(backend: str, logits: torch.Tensor):
+    """The module whose ``<name>_forward``/``<name>_backward`` run the stages."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        backend = "cuda" if logits.is_cuda else "cpu"
+    if backend == "cpu":
+        if logits.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors; logits are on {logits.device}")
+        from . import cpu
+
+        return cpu.cpu_forward, cpu.cpu_backward
+    raise NotImplementedError(
+        "backend='cuda' is not implemented yet; use backend='cpu' with CPU tensors"
+    )
+
+
+def _warn_nonfinite(log_like: torch.Tensor, bad: torch.Tensor) -> None:
+    nan_utts = torch.nonzero(bad).flatten().tolist()
+    inf_utts = torch.nonzero(torch.isinf(log_like) & ~bad).flatten().tolist()
+    if nan_utts:
+        warnings.warn(
+            f"rnnt_loss: NaN or +inf in the logits of utterance(s) {nan_utts}: "
+            "their loss is NaN and their gradient zero",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    if inf_utts:
+        warnings.warn(
+            f"rnnt_loss: no alignment of utterance(s) {inf_utts} has non-zero probability "
+            "(-inf log-probs on every path): their loss is inf and their gradient zero",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+class _RNNTLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, logit_lengths, target_lengths, opts):
+        forward, backward = opts["engine"]
+        log_like, bad, saved = forward(
+            logits, targets, logit_lengths, target_lengths,
+            opts["blank"], opts["fused"], True,
+        )
+        ctx.opts = opts
+        ctx.saved = saved
+        ctx.log_like = log_like
+        ctx.save_for_backward(logits, targets, logit_lengths, target_lengths)
+        losses = -torch.as_tensor(log_like)
+        _warn_nonfinite(torch.as_tensor(log_like), torch.as_tensor(bad))
+        ctx.loss_dtype = losses.dtype
+        return _reduce(losses, opts["reduction"], opts["weights"])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        logits, targets, logit_lengths, target_lengths = ctx.saved_tensors
+        opts = ctx.opts
+        forward, backward = opts["engine"]
+        go = grad_output.detach().to("cpu", torch.float64)
+        if opts["reduction"] != "none":
+            go = go.expand(logits.shape[0])
+        scale = go * opts["weights"]
+        grad = backward(
+            logits, targets, logit_lengths, target_lengths, opts["blank"], opts["fused"],
+            ctx.saved, ctx.log_like, scale.numpy(), opts["fastemit_lambda"], opts["clamp"],
+        )
+        return grad, None, None, None, None
+
+
+def rnnt_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    logit_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    *,
+    blank: int = 0,
+    reduction: str = "mean",
+    fused_log_softmax: bool = True,
+    clamp: float | None = None,
+    fastemit_lambda: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """RNN-Transducer loss ``-log P(y|x)`` in nats (Graves 2012), differentiable w.r.t. logits.
+
+    Args:
+        logits: ``(B, T, U+1, V)`` joint-network outputs, float16/bfloat16/float32/float64,
+            any strides. Log-probabilities instead when ``fused_log_softmax=False``.
+        targets: ``(B, S)`` integer labels, ``S >= max(target_lengths)``; entries past an
+            utterance's length are ignored.
+        logit_lengths: ``(B,)`` frames per utterance, ``1 <= T_b <= T``.
+        target_lengths: ``(B,)`` labels per utterance, ``0 <= U_b <= U`` (0: all-blank path).
+        blank: blank index; negative counts from the end (-1 = last).
+        reduction: ``"none"`` ``(B,)``, ``"sum"``, ``"mean"`` (batch mean),
+            ``"mean_frames"`` (mean of loss_b / T_b), ``"mean_tokens"``
+            (sum of losses / sum of max(U_b, 1)). The gradient always matches the value.
+        fused_log_softmax: if False the input is log-probs and the gradient is w.r.t. them.
+        clamp: clip each utterance's gradient ``d loss_b / d logits`` elementwise to
+            ``[-clamp, clamp]`` before the reduction's scaling (torchaudio's convention);
+            ``None`` or ``<= 0`` disables it.
+        fastemit_lambda: FastEmit regularisation (Yu et al. 2021): the gradient through
+            every label emission is scaled by ``1 + lambda``. The returned loss stays the
+            plain ``-log P(y|x)`` (NeMo returns ``(1 + lambda) * loss`` instead).
+        backend: ``"auto"`` (the tensors' device), ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        The loss in float32 (float64 for float64 logits): ``(B,)`` for ``"none"``,
+        else a scalar. NaN or +inf in an utterance's logits (within its lengths)
+        makes its loss NaN; an utterance whose every path has probability 0 gets
+        loss inf. Both give that utterance a zero gradient and a ``RuntimeWarning``
+        naming it (CPU backend).
+
+    Raises:
+        TypeError, ValueError: bad input, with one line naming the utterance and values.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    engine = _engine(backend, logits if isinstance(logits, torch.Tensor) else torch.empty(0))
+    blank, y, t_len, u_len = check_inputs(logits, targets, logit_lengths, target_lengths, blank)
+    opts = {
+        "engine": engine,
+        "blank": blank,
+        "fused": bool(fused_log_softmax),
+        "reduction": reduction,
+        "weights": reduction_weights(reduction, t_len, u_len),
+        "clamp": float(clamp) if clamp is not None and clamp > 0 else 0.0,
+        "fastemit_lambda": float(fastemit_lambda),
+    }
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _RNNTLossFunction.apply(logits, y, t_len, u_len, opts)
+    log_like, bad, _ = engine[0](logits, y, t_len, u_len, blank, opts["fused"], False)
+    log_like = torch.as_tensor(log_like)
+    _warn_nonfinite(log_like, torch.as_tensor(bad))
+    return _reduce(-log_like, reduction, opts["weights"])
+
+
+class TransducerLoss(torch.nn.Module):
+    """RNN-T loss as an ``nn.Module``; ``forward(logits, labels, T, U)`` as SpeechBrain's.
+
+    A drop-in for SpeechBrain's Numba ``TransducerLoss`` on CPU and CUDA tensors.
+    Options as ``rnnt_loss``; ``reduction="mean_frames"`` is SpeechBrain's
+    per-frame normalisation, with a gradient that matches the value.
+    """
+
+    def __init__(
+        self,
+        blank: int = 0,
+        reduction: str = "mean",
+        *,
+        fused_log_softmax: bool = True,
+        clamp: float | None = None,
+        fastemit_lambda: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(
+                f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}"
+            )
+        self.blank = blank
+        self.reduction = reduction
+        self.fused_log_softmax = fused_log_softmax
+        self.clamp = clamp
+        self.fastemit_lambda = fastemit_lambda
+        self.backend = backend
+
+    def forward(self, logits, labels, T, U):  # noqa: N803 (SpeechBrain's names)
+        """logits ``(B, T, U+1, V)``, labels ``(B, S)``, T and U ``(B,)`` lengths."""
+        return rnnt_loss(
+            logits, labels, T, U,
+            blank=self.blank, reduction=self.reduction,
+            fused_log_softmax=self.fused_log_softmax, clamp=self.clamp,
+            fastemit_lambda=self.fastemit_lambda, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"blank={self.blank}, reduction={self.reduction!r}, backend={self.backend!r}"

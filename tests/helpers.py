@@ -1,0 +1,60 @@
+"""Shared test helpers: random padded batches and the reference's reductions."""
+
+from __future__ import annotations
+
+import torch
+
+from rnntool.loss import reduction_weights
+from rnntool.reference import reference_gradients
+
+
+def random_batch(
+    B: int, T: int, U: int, V: int, *, blank: int = 0, seed: int = 0,
+    scale: float = 1.0, mixed: bool = True, dtype=torch.float32,
+):
+    """Padded ``(B, T, U+1, V)`` logits, ``(B, U)`` targets and lengths.
+
+    With ``mixed`` the lengths vary in [1, T] x [0, U] (the first utterance is
+    full-length); labels avoid ``blank`` and padding labels are -1.
+    """
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, U + 1, V, generator=g, dtype=torch.float64) * scale).to(dtype)
+    blank_idx = blank % V
+    # Labels in [0, V) \ {blank}.
+    labels = torch.randint(0, V - 1, (B, U), generator=g)
+    labels = labels + (labels >= blank_idx).long()
+    if mixed:
+        t_len = torch.randint(1, T + 1, (B,), generator=g)
+        u_len = torch.randint(0, U + 1, (B,), generator=g)
+        t_len[0], u_len[0] = T, U
+    else:
+        t_len = torch.full((B,), T)
+        u_len = torch.full((B,), U)
+    for b in range(B):
+        labels[b, int(u_len[b]):] = -1
+    return logits, labels, t_len, u_len
+
+
+def reference_loss_and_grad(
+    logits, labels, t_len, u_len, *, blank=0, reduction="none", grad_output=None,
+    fused_log_softmax=True, fastemit_lambda=0.0, clamp=None,
+):
+    """The float64 reference's reduced loss and its gradient for ``grad_output``.
+
+    Clamping, as in rnnt_loss, clips each utterance's own gradient before the
+    reduction's weights and ``grad_output`` scale it.
+    """
+    losses, grads = reference_gradients(
+        logits, labels, t_len, u_len, blank=blank,
+        fused_log_softmax=fused_log_softmax, fastemit_lambda=fastemit_lambda,
+    )
+    if clamp is not None and clamp > 0:
+        grads = grads.clamp(-clamp, clamp)
+    w = reduction_weights(reduction, t_len, u_len)
+    B = logits.shape[0]
+    if grad_output is None:
+        grad_output = torch.ones(B if reduction == "none" else (), dtype=torch.float64)
+    go = grad_output.to(torch.float64).expand(B)
+    grad = grads * (go * w).view(B, 1, 1, 1)
+    value = losses if reduction == "none" else (losses * w).sum()
+    return value, grad
