@@ -28,10 +28,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 # error_model="numpy": IEEE results for x/0 rather than exceptions (and no checks in hot loops).
-_PAR = dict(
-    parallel=True, cache=True, error_model="numpy",
-    fastmath={"reassoc", "contract", "nsz", "arcp"},
-)
+_PAR = dict(parallel=True, cache=True, error_model="numpy")
 
 
 # --------------------------------------------------------------------------- numerics
@@ -188,6 +185,24 @@ def _store_impl(a, i, x):
 
 
 @njit(cache=True)
+def _shifted(x, hi, lo):
+    """``(x - hi) - lo`` in this order: ``x - (hi + lo)`` loses the small ``lo``
+    when logits are large (float32 keeps ~7 digits of a logit of 75)."""
+    return (x - hi) - lo
+
+
+# Re-association lets LLVM vectorise this sum; it is confined to this function
+# (numba's fastmath flags reach every instruction of the function they mark).
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _sum_exp(row, m, zero):
+    """sum over v of exp(row[v] - m), row a 1-D storage array of ``V``."""
+    s = zero
+    for v in range(row.shape[0]):
+        s += _exp(_load(row, v) - m)
+    return s
+
+
+@njit(cache=True)
 def _logaddexp(a, b):
     """log(exp(a) + exp(b)) that is exact when either side is -inf."""
     if a == -np.inf:
@@ -205,11 +220,13 @@ def cpu_normalise(logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emi
     """Stage 1: the two log-probs the lattice needs, one pass over V per node.
 
     logits: ``(B, T, U1, V)`` storage array; labels ``(B, S)`` int64;
-    T_len, U_len ``(B,)`` int64. Writes ``(B, T, U1)`` arrays of the lattice
-    float type: ``lse`` (log-normaliser, 0 when ``fused`` is False; may be a
-    ``(1, 1, 1)`` dummy when the caller needs no gradient), ``blank_lp`` and
-    ``emit_lp`` (-inf where u = U_b or outside the lengths). ``bad_row[b, t, u]``
-    is set where the row holds NaN or +inf: the loss of that utterance is NaN.
+    T_len, U_len ``(B,)`` int64. Writes, in the lattice float type:
+    ``lse`` ``(B, T, U1, 2)``, the log-normaliser split as (row max, log of the
+    sum of exp(x - max)), zeros when ``fused`` is False, or a ``(1, 1, 1, 2)``
+    dummy when no gradient is needed; and ``(B, T, U1)`` ``blank_lp`` and
+    ``emit_lp`` (-inf where u = U_b or outside the lengths), computed as
+    ``(x - max) - logsum`` so that float32 keeps its precision for large logits.
+    ``bad_row[b, t, u]`` is set where the row holds NaN or +inf: the loss of that utterance is NaN.
     """
     B, T, U1, V = logits.shape
     keep_lse = lse.shape[0] == B
@@ -224,7 +241,8 @@ def cpu_normalise(logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emi
             continue
         row = logits[b, t, u]
         m = _load(row, 0)
-        norm = _like(m, 0.0)
+        hi = _like(m, 0.0)
+        lo = _like(m, 0.0)
         nonfinite = False
         for v in range(V):
             x = _load(row, v)
@@ -232,18 +250,17 @@ def cpu_normalise(logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emi
             m = x if x > m else m
         nonfinite |= fused and m == -np.inf  # all -inf: no distribution
         if fused and not nonfinite:
-            s = norm
-            for v in range(V):
-                s += _exp(_load(row, v) - m)
-            norm = m + math.log(s)
+            hi = m
+            lo = math.log(_sum_exp(row, m, lo))
         if nonfinite:
-            norm = _like(m, np.nan)
+            lo = _like(m, np.nan)
         bad_row[b, t, u] = nonfinite
         if keep_lse:
-            lse[b, t, u] = norm
-        blank_lp[b, t, u] = _load(row, blank) - norm
+            lse[b, t, u, 0] = hi
+            lse[b, t, u, 1] = lo
+        blank_lp[b, t, u] = _shifted(_load(row, blank), hi, lo)
         if u < U_len[b]:
-            emit_lp[b, t, u] = _load(row, labels[b, u]) - norm
+            emit_lp[b, t, u] = _shifted(_load(row, labels[b, u]), hi, lo)
         else:
             emit_lp[b, t, u] = -np.inf
 
@@ -352,15 +369,16 @@ def cpu_gradient(
         if u < Ub:
             p_emit = emit_w * math.exp(a + emit_lp[b, t, u] + beta[b, t, u + 1] - ll)
             y = labels[b, u]
-        norm = lse[b, t, u]
-        s = _like(norm, scale[b])
-        zero = _like(norm, 0.0)
-        occ = _like(norm, p_blank + p_emit)
-        c = _like(norm, clamp)
+        hi = lse[b, t, u, 0]
+        lo = lse[b, t, u, 1]
+        s = _like(hi, scale[b])
+        zero = _like(hi, 0.0)
+        occ = _like(hi, p_blank + p_emit)
+        c = _like(hi, clamp)
         for v in range(V):
             g = zero
             if fused:
-                g = _exp(_load(row, v) - norm) * occ
+                g = _exp(_shifted(_load(row, v), hi, lo)) * occ
             if clamp > 0:
                 g = min(max(g, -c), c)
             _store(out, v, g * s)
@@ -371,8 +389,8 @@ def cpu_gradient(
                 continue
             g = zero
             if fused:
-                g = _exp(_load(row, v) - norm) * occ
-            g = g - _like(norm, p_blank if k == 0 else p_emit)
+                g = _exp(_shifted(_load(row, v), hi, lo)) * occ
+            g = g - _like(hi, p_blank if k == 0 else p_emit)
             if clamp > 0:
                 g = min(max(g, -c), c)
             _store(out, v, g * s)
@@ -397,7 +415,7 @@ def cpu_forward(logits, targets, logit_lengths, target_lengths, blank, fused, ne
     logits: ``(B, T, U1, V)`` torch tensor (any float dtype, any strides);
     targets ``(B, S)`` and lengths ``(B,)`` int64 torch tensors, already validated.
     Returns ``(log_like (B,), bad (B,), saved)`` where ``saved`` holds the compact
-    ``(B, T, U1)`` arrays the gradient needs (``None`` without ``need_grad``).
+    ``(B, T, U1[, 2])`` arrays the gradient needs (``None`` without ``need_grad``).
     """
     x = storage_view(logits)
     B, T, U1, _ = x.shape
@@ -408,7 +426,7 @@ def cpu_forward(logits, targets, logit_lengths, target_lengths, blank, fused, ne
     blank_lp = np.empty((B, T, U1), lat)
     emit_lp = np.empty((B, T, U1), lat)
     bad_row = np.zeros((B, T, U1), np.bool_)
-    lse = np.empty((B, T, U1) if need_grad else (1, 1, 1), lat)
+    lse = np.empty((B, T, U1, 2) if need_grad else (1, 1, 1, 2), lat)
     cpu_normalise(x, y, T_len, U_len, blank, fused, lse, blank_lp, emit_lp, bad_row)
     log_like = np.empty(B, lat)
     saved = None
@@ -430,7 +448,7 @@ def cpu_backward(
 ):
     """Stage 3 on the CPU: the gradient ``(B, T, U1, V)`` in ``logits``' dtype, contiguous.
 
-    ``scale`` ``(B,)`` float64: d(returned value)/d loss_b times grad_output.
+    ``scale`` ``(B,)`` (torch or numpy): d(returned value)/d loss_b times grad_output.
     """
     import torch
 
@@ -439,7 +457,7 @@ def cpu_backward(
     cpu_gradient(
         storage_view(logits), targets.numpy(), logit_lengths.numpy(), target_lengths.numpy(),
         blank, fused, lse, blank_lp, emit_lp, alpha, beta, log_like,
-        np.ascontiguousarray(scale, dtype=lse.dtype), float(fastemit_lambda),
+        np.ascontiguousarray(np.asarray(scale), dtype=lse.dtype), float(fastemit_lambda),
         float(clamp), storage_view(grad),
     )
     return grad

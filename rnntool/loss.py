@@ -27,17 +27,16 @@ def _int_tensor(name: str, x, ndim: int) -> torch.Tensor:
     return x
 
 
-def check_inputs(
+def check_meta(
     logits: torch.Tensor,
     targets: torch.Tensor,
     logit_lengths: torch.Tensor,
     target_lengths: torch.Tensor,
     blank: int,
-) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate a batch; return ``(blank in [0, V), targets, T, U)`` as int64 CPU tensors.
+) -> int:
+    """Check what needs no tensor values (types, dims, batch, blank); return blank in [0, V).
 
-    logits ``(B, T, U+1, V)``, targets ``(B, S)``, lengths ``(B,)``. Raises
-    ``TypeError``/``ValueError`` with one line naming the utterance and values.
+    logits ``(B, T, U+1, V)``, targets ``(B, S)``, lengths ``(B,)``.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -65,9 +64,23 @@ def check_inputs(
         raise TypeError(f"blank must be an int, got {blank!r}")
     if not -V <= blank < V:
         raise ValueError(f"blank={blank} is outside [-V, V) for V={V}")
-    blank = blank % V
+    return blank % V
 
-    # One host copy of the small index tensors (a sync on CUDA; validation needs it).
+
+def check_inputs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    logit_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int,
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate a batch fully; return ``(blank in [0, V), targets, T, U)`` as int64 CPU tensors.
+
+    Raises ``TypeError``/``ValueError`` with one line naming the utterance and
+    values. Reads the index tensors' values: a small device-to-host copy for CUDA ones.
+    """
+    blank = check_meta(logits, targets, logit_lengths, target_lengths, blank)
+    _, T, U1, V = logits.shape
     t_len = logit_lengths.detach().to("cpu", torch.int64)
     u_len = target_lengths.detach().to("cpu", torch.int64)
     y = targets.detach().to("cpu", torch.int64).contiguous()
@@ -131,7 +144,7 @@ def _reduce(losses: torch.Tensor, reduction: str, weights: torch.Tensor) -> torc
 
 # --------------------------------------------------------------------------- backends
 def _engine(backend: str, logits: torch.Tensor):
-    """The module whose ``<name>_forward``/``<name>_backward`` run the stages."""
+    """``(forward, backward)`` host functions of the chosen backend (stages 1-2, stage 3)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
@@ -142,9 +155,10 @@ def _engine(backend: str, logits: torch.Tensor):
         from . import cpu
 
         return cpu.cpu_forward, cpu.cpu_backward
-    raise NotImplementedError(
-        "backend='cuda' is not implemented yet; use backend='cpu' with CPU tensors"
-    )
+    from . import cuda
+
+    cuda.device_check(logits)
+    return cuda.cuda_forward, cuda.cuda_backward
 
 
 def _warn_nonfinite(log_like: torch.Tensor, bad: torch.Tensor) -> None:
@@ -152,8 +166,8 @@ def _warn_nonfinite(log_like: torch.Tensor, bad: torch.Tensor) -> None:
     inf_utts = torch.nonzero(torch.isinf(log_like) & ~bad).flatten().tolist()
     if nan_utts:
         warnings.warn(
-            f"rnnt_loss: NaN or +inf in the logits of utterance(s) {nan_utts}: "
-            "their loss is NaN and their gradient zero",
+            f"rnnt_loss: NaN or +inf in the logits of utterance(s) {nan_utts} (or, with "
+            "validate=False, bad labels or lengths): their loss is NaN and their gradient zero",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -179,7 +193,8 @@ class _RNNTLossFunction(torch.autograd.Function):
         ctx.log_like = log_like
         ctx.save_for_backward(logits, targets, logit_lengths, target_lengths)
         losses = -torch.as_tensor(log_like)
-        _warn_nonfinite(torch.as_tensor(log_like), torch.as_tensor(bad))
+        if not losses.is_cuda:
+            _warn_nonfinite(torch.as_tensor(log_like), torch.as_tensor(bad))
         ctx.loss_dtype = losses.dtype
         return _reduce(losses, opts["reduction"], opts["weights"])
 
@@ -189,13 +204,14 @@ class _RNNTLossFunction(torch.autograd.Function):
         logits, targets, logit_lengths, target_lengths = ctx.saved_tensors
         opts = ctx.opts
         forward, backward = opts["engine"]
-        go = grad_output.detach().to("cpu", torch.float64)
+        # Stays on grad_output's device: no host sync on the CUDA path.
+        go = grad_output.detach().to(torch.float64)
         if opts["reduction"] != "none":
             go = go.expand(logits.shape[0])
-        scale = go * opts["weights"]
+        scale = go * opts["weights"].to(go.device)
         grad = backward(
             logits, targets, logit_lengths, target_lengths, opts["blank"], opts["fused"],
-            ctx.saved, ctx.log_like, scale.numpy(), opts["fastemit_lambda"], opts["clamp"],
+            ctx.saved, ctx.log_like, scale, opts["fastemit_lambda"], opts["clamp"],
         )
         return grad, None, None, None, None
 
@@ -212,6 +228,7 @@ def rnnt_loss(
     clamp: float | None = None,
     fastemit_lambda: float = 0.0,
     backend: str = "auto",
+    validate: bool | None = None,
 ) -> torch.Tensor:
     """RNN-Transducer loss ``-log P(y|x)`` in nats (Graves 2012), differentiable w.r.t. logits.
 
@@ -234,6 +251,11 @@ def rnnt_loss(
             every label emission is scaled by ``1 + lambda``. The returned loss stays the
             plain ``-log P(y|x)`` (NeMo returns ``(1 + lambda) * loss`` instead).
         backend: ``"auto"`` (the tensors' device), ``"cpu"`` or ``"cuda"``.
+        validate: check label values and lengths, raising ``ValueError``. ``None``
+            (default) checks whenever that needs no host sync: always on the CPU, and
+            on CUDA when targets and lengths are CPU tensors. ``False`` skips it on the
+            CUDA backend only; bad values there never read out of bounds: that
+            utterance's loss is NaN.
 
     Returns:
         The loss in float32 (float64 for float64 logits): ``(B,)`` for ``"none"``,
@@ -248,7 +270,17 @@ def rnnt_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
     engine = _engine(backend, logits if isinstance(logits, torch.Tensor) else torch.empty(0))
-    blank, y, t_len, u_len = check_inputs(logits, targets, logit_lengths, target_lengths, blank)
+    index = (targets, logit_lengths, target_lengths)
+    if validate is None:
+        validate = not any(isinstance(x, torch.Tensor) and x.is_cuda for x in index)
+    from .cpu import cpu_forward
+
+    validate = validate or engine[0] is cpu_forward  # CPU kernels trust their indices
+    if validate:
+        blank, y, t_len, u_len = check_inputs(logits, *index, blank)
+    else:
+        blank = check_meta(logits, *index, blank)
+        y, t_len, u_len = (x.to(torch.int64) for x in index)
     opts = {
         "engine": engine,
         "blank": blank,
@@ -262,7 +294,8 @@ def rnnt_loss(
         return _RNNTLossFunction.apply(logits, y, t_len, u_len, opts)
     log_like, bad, _ = engine[0](logits, y, t_len, u_len, blank, opts["fused"], False)
     log_like = torch.as_tensor(log_like)
-    _warn_nonfinite(log_like, torch.as_tensor(bad))
+    if not log_like.is_cuda:
+        _warn_nonfinite(log_like, torch.as_tensor(bad))
     return _reduce(-log_like, reduction, opts["weights"])
 
 
@@ -283,6 +316,7 @@ class TransducerLoss(torch.nn.Module):
         clamp: float | None = None,
         fastemit_lambda: float = 0.0,
         backend: str = "auto",
+        validate: bool | None = None,
     ) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
@@ -295,6 +329,7 @@ class TransducerLoss(torch.nn.Module):
         self.clamp = clamp
         self.fastemit_lambda = fastemit_lambda
         self.backend = backend
+        self.validate = validate
 
     def forward(self, logits, labels, T, U):  # noqa: N803 (SpeechBrain's names)
         """logits ``(B, T, U+1, V)``, labels ``(B, S)``, T and U ``(B,)`` lengths."""
@@ -303,6 +338,7 @@ class TransducerLoss(torch.nn.Module):
             blank=self.blank, reduction=self.reduction,
             fused_log_softmax=self.fused_log_softmax, clamp=self.clamp,
             fastemit_lambda=self.fastemit_lambda, backend=self.backend,
+            validate=self.validate,
         )
 
     def extra_repr(self) -> str:

@@ -2,6 +2,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The CUDA kernels run in Numba's simulator unless told otherwise (set
+# NUMBA_ENABLE_CUDASIM=0 on a GPU machine to run the `cuda`-marked tests).
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
