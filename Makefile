@@ -9,7 +9,7 @@ STAMP := $(VENV)/.stamp-install
 BENCH := .bench
 PIP_QUIET := -q --disable-pip-version-check
 
-.PHONY: install test lint demo bench bench-env clean
+.PHONY: install test lint demo bench bench-env clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,7 +26,7 @@ lint: install
 	$(BIN)/ruff check .
 
 demo: install
-	$(BIN)/rnntool score sample_data/sample.h5
+	$(BIN)/python scripts/demo.py
 
 # A separate, large (~6 GB) environment with torchaudio and warprnnt_numba beside
 # rnntool, for benchmarks/ only. torch 2.14.1 lies on this machine's disk.
@@ -44,3 +44,12 @@ bench: bench-env
 clean:
 	rm -rf $(VENV) $(BENCH) .pytest_cache .hypothesis
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# Wheels that the GPU machine lacks (it has no package registry), for scripts/gpu_check.sh.
+WHEEL_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64
+gpu-wheels:
+	mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp $(WHEEL_PLATFORMS) -d .whl \
+	  pytest pluggy iniconfig packaging hypothesis attrs sortedcontainers warprnnt-numba

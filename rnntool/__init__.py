@@ -1,12 +1,30 @@
 """rnntool: the RNN-Transducer loss as a torch loss and a command-line tool.
 
 Public API: ``rnnt_loss`` and ``TransducerLoss`` (the loss engine on Numba CPU
-and CUDA kernels) and ``reference_rnnt_loss`` (the float64 oracle).
+and CUDA kernels) and ``reference_rnnt_loss`` (the float64 oracle). They are
+imported on first use, so that ``rnntool --help`` does not pay for torch.
 """
 
 __version__ = "0.1.0"
 
-from .loss import TransducerLoss, rnnt_loss  # noqa: E402
-from .reference import reference_rnnt_loss  # noqa: E402
-
 __all__ = ["TransducerLoss", "rnnt_loss", "reference_rnnt_loss", "__version__"]
+
+_LAZY = {
+    "rnnt_loss": "loss",
+    "TransducerLoss": "loss",
+    "reference_rnnt_loss": "reference",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rnntool' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

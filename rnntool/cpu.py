@@ -229,7 +229,8 @@ def cpu_normalise(logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emi
     ``bad_row[b, t, u]`` is set where the row holds NaN or +inf: the loss of that utterance is NaN.
     """
     B, T, U1, V = logits.shape
-    keep_lse = lse.shape[0] == B
+    # The dummy is (1, 1, 1, 2): checking B alone would write past it when B = 1.
+    keep_lse = lse.shape[:3] == (B, T, U1)
     nodes = B * T * U1
     for i in prange(nodes):
         b = i // (T * U1)
@@ -375,13 +376,18 @@ def cpu_gradient(
         zero = _like(hi, 0.0)
         occ = _like(hi, p_blank + p_emit)
         c = _like(hi, clamp)
-        for v in range(V):
-            g = zero
-            if fused:
+        # Branches outside the loops over V, so that each loop vectorises.
+        if not fused:
+            for v in range(V):
+                _store(out, v, zero)
+        elif clamp > 0:
+            for v in range(V):
                 g = _exp(_shifted(_load(row, v), hi, lo)) * occ
-            if clamp > 0:
-                g = min(max(g, -c), c)
-            _store(out, v, g * s)
+                _store(out, v, min(max(g, -c), c) * s)
+        else:
+            occ_s = occ * s
+            for v in range(V):
+                _store(out, v, _exp(_shifted(_load(row, v), hi, lo)) * occ_s)
         # The two arcs' own terms: recompute those entries from scratch.
         for k in range(2):
             v = blank if k == 0 else y

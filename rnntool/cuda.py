@@ -42,6 +42,7 @@ CONFIG = {
     "threads_diag": 256,  # threads per utterance walking a diagonal in stage 2
     "max_blocks": 65535 * 4,  # grid cap for stages 1 and 3 (they grid-stride)
 }
+DEFAULT_CONFIG = dict(CONFIG)
 
 
 @contextlib.contextmanager
@@ -199,7 +200,8 @@ def row_kernels(bf16: bool):
         ``2 * threads_v * rows`` float64 of dynamic shared memory.
         """
         B, T, U1, V = logits.shape
-        keep_lse = lse.shape[0] == B
+        # The dummy is (1, 1, 1, 2): checking B alone would write past it when B = 1.
+        keep_lse = lse.shape[0] == B and lse.shape[1] == T and lse.shape[2] == U1
         nodes = B * T * U1
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y

@@ -117,8 +117,7 @@ cuda_only = pytest.mark.skipif(not REAL_GPU, reason="needs a real CUDA GPU (not 
 
 @pytest.fixture
 def default_launches():
-    with rcuda.config(**{k: v for k, v in rcuda.CONFIG.items()}):
-        rcuda.CONFIG.update(threads_v=32, rows_per_block=4, threads_diag=256, max_blocks=65535 * 4)
+    with rcuda.config(**rcuda.DEFAULT_CONFIG):
         yield
 
 

@@ -34,7 +34,7 @@ def run_engine(logits, labels, t_len, u_len, *, grad_output=None, backend="cpu",
 
 
 def assert_matches_reference(logits, labels, t_len, u_len, *, reduction="none", seed=0,
-                             backend="cpu", **kw):
+                             backend="cpu", grad_rtol=None, **kw):
     dtype = logits.dtype
     B = logits.shape[0]
     g = torch.Generator().manual_seed(seed)
@@ -48,7 +48,9 @@ def assert_matches_reference(logits, labels, t_len, u_len, *, reduction="none", 
     loss_atol, grad_atol = TOL[dtype]
     assert grad.dtype == dtype and grad.shape == logits.shape
     torch.testing.assert_close(loss.double(), ref_loss, atol=loss_atol, rtol=1e-5)
-    torch.testing.assert_close(grad.double(), ref_grad, atol=grad_atol, rtol=1e-3)
+    if grad_rtol is None:
+        grad_rtol = 1e-4 if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(grad.double(), ref_grad, atol=grad_atol, rtol=grad_rtol)
 
 
 def test_public_case_value_and_gradient():
@@ -214,7 +216,9 @@ def test_large_logits_are_stable():
     logits, labels, t_len, u_len = random_batch(2, 6, 3, 8, seed=37, scale=1000.0)
     loss, grad = run_engine(logits, labels, t_len, u_len)
     assert torch.isfinite(grad).all()
-    assert_matches_reference(logits, labels, t_len, u_len)
+    assert_matches_reference(logits.double(), labels, t_len, u_len)
+    # Logits of ~1000 leave float32 about 4 significant digits in alpha + beta - log P.
+    assert_matches_reference(logits, labels, t_len, u_len, grad_rtol=5e-3)
 
 
 def test_nan_logits_give_nan_loss_and_a_warning_naming_the_utterance():

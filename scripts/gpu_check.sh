@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One-shot check of the CUDA backend on a machine with a real GPU.
+#
+#   make gpu-wheels                  # here, once: pytest, hypothesis, warprnnt_numba wheels into .whl/
+#   bash scripts/gpu_check.sh        # there, from the checkout root (carry .whl)
+#
+# Runs the `cuda`-marked tests, compares CUDA with CPU on random batches,
+# and benchmarks rnntool against torchaudio's CUDA rnnt_loss and warprnnt_numba
+# at B32 T400 U100 V1024 and B16 T1000 U300 V128 in float32 and float16.
+# Everything it prints is also written to $OUT/gpu_check.log when OUT is set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log=${OUT:-/tmp}/gpu_check.log
+exec > >(tee "$log") 2>&1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NUMBA_ENABLE_CUDASIM=0
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, numba; print('torch', torch.__version__, 'numba', numba.__version__)"
+
+echo "== cuda-marked tests"
+timeout 240 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider || echo "TESTS FAILED"
+
+echo "== CUDA vs CPU on random batches"
+timeout 180 python3 - <<'PY' || echo "COMPARE FAILED"
+import torch, rnntool
+torch.manual_seed(0)
+for B, T, U, V, dt in [(4, 50, 20, 40, torch.float32), (3, 33, 17, 129, torch.float16),
+                       (2, 20, 9, 64, torch.bfloat16), (5, 16, 7, 30, torch.float64)]:
+    x = torch.randn(B, T, U + 1, V).to(dt)
+    y = torch.randint(1, V, (B, U))
+    Tl = torch.randint(1, T + 1, (B,)); Ul = torch.randint(0, U + 1, (B,)); Tl[0], Ul[0] = T, U
+    res = {}
+    for dev in ("cpu", "cuda"):
+        xx = x.to(dev).requires_grad_()
+        l = rnntool.rnnt_loss(xx, y.to(dev), Tl.to(dev), Ul.to(dev), reduction="none",
+                              clamp=0.5, fastemit_lambda=0.01)
+        l.sum().backward()
+        res[dev] = (l.detach().cpu().double(), xx.grad.cpu().double())
+    dl = (res["cpu"][0] - res["cuda"][0]).abs().max().item()
+    dg = (res["cpu"][1] - res["cuda"][1]).abs().max().item()
+    print(f"B{B} T{T} U{U} V{V} {dt}: max |loss diff| {dl:.3g}  max |grad diff| {dg:.3g}")
+PY
+
+for dtype in float32 float16; do
+  echo "== benchmark $dtype"
+  timeout 200 python3 benchmarks/bench_loss.py --device cuda --dtype $dtype --repeats 10 \
+    --shapes 32,400,100,1024 16,1000,300,128 || echo "BENCH FAILED ($dtype)"
+done
