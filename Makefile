@@ -26,7 +26,7 @@ lint: install
 	$(BIN)/ruff check .
 
 demo: install
-	$(BIN)/python scripts/demo.py
+	$(BIN)/rnntool score sample_data/sample.h5
 
 # A separate, large (~6 GB) environment with torchaudio and warprnnt_numba beside
 # rnntool, for benchmarks/ only. torch 2.14.1 lies on this machine's disk.

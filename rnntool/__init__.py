@@ -1,18 +1,25 @@
 """rnntool: the RNN-Transducer loss as a torch loss and a command-line tool.
 
 Public API: ``rnnt_loss`` and ``TransducerLoss`` (the loss engine on Numba CPU
-and CUDA kernels) and ``reference_rnnt_loss`` (the float64 oracle). They are
+and CUDA kernels), ``reference_rnnt_loss`` (the float64 oracle), and the HDF5
+dump format's ``DumpWriter``/``DumpReader``. They are
 imported on first use, so that ``rnntool --help`` does not pay for torch.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["TransducerLoss", "rnnt_loss", "reference_rnnt_loss", "__version__"]
+__all__ = [
+    "TransducerLoss", "rnnt_loss", "reference_rnnt_loss",
+    "DumpWriter", "DumpReader", "DumpError", "__version__",
+]
 
 _LAZY = {
     "rnnt_loss": "loss",
     "TransducerLoss": "loss",
     "reference_rnnt_loss": "reference",
+    "DumpWriter": "dump",
+    "DumpReader": "dump",
+    "DumpError": "dump",
 }
 
 

@@ -1,6 +1,20 @@
-"""The ``rnntool`` command line: a thin Typer layer over the library."""
+"""The ``rnntool`` command line: a thin Typer layer over the library.
+
+stdout carries data only; progress, summaries, warnings and errors go to
+stderr. Exit codes: 0 ok, 1 a check found a problem, 2 bad input, usage or I/O.
+Heavy imports (torch, numba, h5py, matplotlib) happen inside the commands so
+that ``--help`` stays fast.
+"""
 
 from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -12,7 +26,48 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one line to stderr and return the Exit to raise."""
+    print(f"rnntool: error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def command(fn):
+    """Turn bad input into one line and exit code 2, Ctrl-C into 130, a closed pipe into quiet."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .dump import DumpError
+        from .output import OutputError
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except BrokenPipeError:
+            # `rnntool score f.h5 | head`: the reader left; say nothing.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(0) from None
+        except KeyboardInterrupt:
+            print("rnntool: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except (DumpError, OutputError, ValueError, TypeError, OSError, RuntimeError) as e:
+            if os.environ.get("RNNTOOL_DEBUG"):
+                raise
+            raise fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+
+    return wrapper
 
 
 def _version(value: bool) -> None:
@@ -23,12 +78,241 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
-    ),
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
 ) -> None:
     """RNN-Transducer loss: score dumped logits, check gradients, see alignments."""
 
 
+# --------------------------------------------------------------------------- shared options
+Inputs = Annotated[list[Path], typer.Argument(help="HDF5 dumps (keyed or padded layout).")]
+Output = Annotated[
+    str | None, typer.Option("-o", "--output", help="Write here (atomically); '-' = stdout.")
+]
+Format = Annotated[
+    str | None,
+    typer.Option("--format", "-f", help="tsv|csv|jsonl|json|table (default: table on a "
+                 "terminal, tsv otherwise)."),
+]
+Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")]
+Blank = Annotated[int | None, typer.Option("--blank", help="Blank index (overrides the file).")]
+Utts = Annotated[
+    list[str] | None, typer.Option("--utt", help="Only this utterance id (repeatable).")
+]
+UttList = Annotated[
+    str | None, typer.Option("--utt-list", help="File of utterance ids, one a line; '-' = stdin.")
+]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Hide progress and info.")]
+
+
+def _check_format(fmt: str | None, output: str | None) -> str:
+    from .output import FORMATS, default_format
+
+    fmt = fmt or default_format(output)
+    if fmt not in FORMATS:
+        raise fail(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise fail(f"--device {device!r} is not one of auto, cpu, cuda")
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _wanted(utts: list[str] | None, utt_list: str | None) -> list[str] | None:
+    if not utts and not utt_list:
+        return None
+    wanted = list(utts or [])
+    if utt_list:
+        try:
+            text = sys.stdin.read() if utt_list == "-" else Path(utt_list).read_text()
+        except OSError as e:
+            raise fail(f"{utt_list}: cannot read utterance list ({e.strerror})") from None
+        wanted += [line.strip() for line in text.splitlines() if line.strip()]
+    return wanted
+
+
+def _open_all(inputs: list[Path], blank: int | None, wanted: list[str] | None):
+    """Open every input; pair each with its selected ids. Unknown ids are an error."""
+    from .dump import DumpReader
+
+    readers = []
+    try:
+        for p in inputs:
+            readers.append(DumpReader(p, blank=blank))
+        selected = []
+        found = set()
+        for r in readers:
+            ids = r.utt_ids if wanted is None else [u for u in wanted if u in r]
+            found.update(ids)
+            selected.append((r, ids))
+        if wanted is not None:
+            missing = [u for u in wanted if u not in found]
+            if missing:
+                where = inputs[0] if len(inputs) == 1 else "any input"
+                raise fail(f"{where}: no utterance {missing[0]!r}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return selected
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+
+
+def _progress(total: int, quiet: bool):
+    """A rich progress bar on stderr (only on a terminal and without -q)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    disable = quiet or not sys.stderr.isatty()
+    return Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), console=_stderr(), transient=True, disable=disable,
+    )
+
+
+# --------------------------------------------------------------------------- score
+@app.command()
+@command
+def score(
+    inputs: Inputs,
+    output: Output = None,
+    fmt: Format = None,
+    device: Device = "auto",
+    blank: Blank = None,
+    utt: Utts = None,
+    utt_list: UttList = None,
+    batch_mb: Annotated[int, typer.Option("--batch-mb", help="Memory budget of one padded "
+                                          "batch, MiB.")] = 256,
+    quiet: Quiet = False,
+) -> None:
+    """Per-utterance RNN-T losses of dumped logits: utt_id, T, U, loss (nats), loss_per_frame,
+    loss_per_token, and stored_loss/loss_diff when the dump carries the trainer's loss.
+
+    Exit 1 if any loss is not finite (those utterances are named on stderr).
+    """
+    from .output import check_writable, open_output, render
+    from .score import SCORE_FIELDS, STORED_FIELDS, score_reader, summarize
+
+    fmt = _check_format(fmt, output)
+    check_writable(output)
+    dev = _resolve_device(device)
+    selected = _open_all(inputs, blank, _wanted(utt, utt_list))
+    rows = []
+    try:
+        total = sum(len(ids) for _, ids in selected)
+        with _progress(total, quiet) as bar:
+            task = bar.add_task("scoring", total=total)
+            for reader, ids in selected:
+                order = {u: i for i, u in enumerate(ids)}
+                got = list(score_reader(reader, ids, device=dev, budget_bytes=batch_mb << 20,
+                                        on_batch=lambda n: bar.advance(task, n)))
+                got.sort(key=lambda r: order[r["utt_id"]])
+                for r in got:
+                    r["_file"] = str(reader.path)
+                rows += got
+    finally:
+        for reader, _ in selected:
+            reader.close()
+    fields = SCORE_FIELDS + (STORED_FIELDS if any("stored_loss" in r for r in rows) else [])
+    with open_output(output) as out:
+        render(rows, fields, fmt, out, title="RNN-T loss per utterance")
+    summary = summarize(rows)
+    err = _stderr()
+    for r in rows:
+        if not math.isfinite(r["loss"]):
+            why = ("NaN or +inf in its logits" if math.isnan(r["loss"])
+                   else "no alignment has non-zero probability")
+            err.print(f"rnntool: {r['_file']}: utterance {r['utt_id']}: loss is "
+                      f"{r['loss']} ({why})", markup=False)
+    if not quiet:
+        err.print(f"{summary['count']} utterances, mean loss {summary['mean']:.4f}, "
+                  f"total {summary['total']:.4f} nats ({summary['finite']} finite)", markup=False)
+        if summary["worst"]:
+            err.print("worst: " + ", ".join(f"{r['utt_id']} {r['loss']:.3f}"
+                                            for r in summary["worst"]), markup=False)
+    if summary["nonfinite"]:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- inspect
+@app.command()
+@command
+def inspect(
+    input: Annotated[Path, typer.Argument(help="An HDF5 dump.")],
+    fmt: Annotated[str | None, typer.Option("--format", "-f", help="text|json.")] = None,
+    blank: Blank = None,
+) -> None:
+    """What a dump holds: layout, blank, vocab, input kind, utterances, T/U/V ranges, dtypes,
+    size; and every validation problem found, one line each on stderr (exit 1 if any)."""
+    import json
+
+    import numpy as np
+
+    from .dump import DumpError, DumpReader
+
+    fmt = fmt or "text"
+    if fmt not in ("text", "json"):
+        raise fail(f"--format {fmt!r} is not one of text, json")
+    problems: list[str] = []
+    with DumpReader(input, blank=blank) as r:
+        infos = []
+        for u in r.utt_ids:
+            try:
+                info = r.info(u)
+                r.labels(u, info)
+                x = np.empty((info.T, info.U + 1, info.V), info.dtype)
+                r.read_logits_into(u, info, x)
+                n_bad = int(np.count_nonzero(np.isnan(x) | np.isposinf(x)))
+                if n_bad:
+                    problems.append(f"{input}: utterance {u}: {n_bad} NaN or +inf logits")
+                infos.append(info)
+            except DumpError as e:
+                problems.append(str(e))
+
+        def span(vals):
+            return [min(vals), max(vals)] if vals else None
+
+        facts = {
+            "file": str(input),
+            "layout": r.layout,
+            "blank": r.blank,
+            "vocab_size": r.vocab_size,
+            "vocab": "yes" if r.vocab is not None else "no",
+            "input_kind": r.input_kind,
+            "utterances": len(r),
+            "T": span([i.T for i in infos]),
+            "U": span([i.U for i in infos]),
+            "V": span([i.V for i in infos]),
+            "dtypes": sorted({str(i.dtype) for i in infos}),
+            "with_stored_loss": sum("loss" in i.attrs for i in infos),
+            "with_grads": sum(i.has_grads for i in infos),
+            "size_bytes": r.file_size(),
+            "problems": len(problems),
+        }
+    if fmt == "json":
+        print(json.dumps(facts, indent=1))
+    else:
+        for k, v in facts.items():
+            if isinstance(v, list):
+                v = "-".join(map(str, v)) if k in ("T", "U", "V") else ", ".join(v)
+            if k == "size_bytes":
+                k, v = "size", f"{v / 2**20:.2f} MiB ({v} bytes)"
+            print(f"{k}\t{v}")
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        raise typer.Exit(1)
+
+
 def main() -> None:
+    # Default SIGPIPE handling would kill us mid-write with no cleanup; Python's
+    # BrokenPipeError is caught per command instead.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     app()

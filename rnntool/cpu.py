@@ -28,7 +28,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 # error_model="numpy": IEEE results for x/0 rather than exceptions (and no checks in hot loops).
-_PAR = dict(parallel=True, cache=True, error_model="numpy")
+_PAR = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
 
 
 # --------------------------------------------------------------------------- numerics
@@ -267,7 +267,7 @@ def cpu_normalise(logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emi
 
 
 # --------------------------------------------------------------------------- stage 2
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(**_PAR)
 def cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like):
     """Stage 2: alpha and beta ``(B, T, U1)`` over the compact arrays; one utterance per thread.
 
@@ -305,7 +305,7 @@ def cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like):
         log_like[b] = alpha[b, Tb - 1, Ub] + blank_lp[b, Tb - 1, Ub]
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(**_PAR)
 def cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like):
     """Stage 2 without gradients: alpha keeping one row of ``U1`` per utterance.
 

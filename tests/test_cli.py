@@ -1,16 +1,51 @@
-"""The command line's entry points."""
+"""The command line: score and inspect, through CliRunner and as real subprocesses."""
 
+import csv
+import io
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import h5py
+import numpy as np
+import pytest
+import torch
+from helpers import random_batch
+from test_dump import corrupt, write_padded
 from typer.testing import CliRunner
 
-from rnntool import __version__
+from rnntool import __version__, rnnt_loss
 from rnntool.cli import app
+from rnntool.dump import DumpWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data" / "sample.h5"
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def rows_of(text, fmt="tsv"):
+    return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
+
+
+@pytest.fixture
+def dump(tmp_path):
+    """A keyed dump of 6 utterances with stored losses, and its source tensors."""
+    x, y, T, U = random_batch(6, 9, 4, 7, seed=21)
+    path = tmp_path / "d.h5"
+    ids = [f"spk1-utt{i}" for i in range(6)]
+    with DumpWriter(path, blank=0, vocab=list("_abcdef")) as w:
+        w.add_batch(x, y, T, U, utt_ids=ids, losses=torch.arange(6.0))
+    return path, ids, (x, y, T, U)
 
 
 def test_version():
-    result = CliRunner().invoke(app, ["--version"])
+    result = invoke("--version")
     assert result.exit_code == 0
     assert result.stdout.strip() == f"rnntool {__version__}"
 
@@ -20,8 +55,210 @@ def test_help_does_not_import_the_engine():
     code = (
         "import sys; from rnntool.cli import app; from typer.testing import CliRunner; "
         "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
-        "assert 'Usage' in r.output; "
+        "assert 'score' in r.output and 'inspect' in r.output; "
         "print(sorted(m for m in ('torch', 'numba', 'h5py', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_score_losses_equal_the_engine(dump):
+    path, ids, (x, y, T, U) = dump
+    result = invoke("score", path, "--format", "tsv", "-q")
+    assert result.exit_code == 0, result.output
+    rows = rows_of(result.stdout)
+    assert [r["utt_id"] for r in rows] == ids  # file order, not batch order
+    assert list(rows[0]) == ["utt_id", "T", "U", "loss", "loss_per_frame", "loss_per_token",
+                             "stored_loss", "loss_diff"]
+    expected = rnnt_loss(x, y, T, U, reduction="none")
+    for b, r in enumerate(rows):
+        assert int(r["T"]) == int(T[b]) and int(r["U"]) == int(U[b])
+        assert float(r["loss"]) == pytest.approx(float(expected[b]), abs=2e-6)
+        assert float(r["loss_per_frame"]) == pytest.approx(float(expected[b]) / int(T[b]),
+                                                           abs=2e-6)
+        assert float(r["loss_per_token"]) == pytest.approx(
+            float(expected[b]) / max(int(U[b]), 1), abs=2e-6)
+        assert float(r["stored_loss"]) == b
+        assert float(r["loss_diff"]) == pytest.approx(float(expected[b]) - b, abs=2e-6)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json", "table"])
+def test_score_formats(dump, fmt):
+    path, ids, _ = dump
+    result = invoke("score", path, "--format", fmt, "-q")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    if fmt == "csv":
+        assert [r["utt_id"] for r in rows_of(out, "csv")] == ids
+    elif fmt == "jsonl":
+        assert [json.loads(line)["utt_id"] for line in out.splitlines()] == ids
+    elif fmt == "json":
+        assert [r["utt_id"] for r in json.loads(out)] == ids
+    else:
+        assert all(u in out for u in ids) and "loss_per_token" in out
+
+
+def test_score_selection_and_blank(dump, tmp_path):
+    path, ids, _ = dump
+    result = invoke("score", path, "--utt", ids[3], "--utt", ids[1], "-f", "tsv", "-q")
+    assert [r["utt_id"] for r in rows_of(result.stdout)] == [ids[3], ids[1]]
+    result = invoke("score", path, "--utt-list", "-", "-f", "tsv", "-q", input=f"{ids[2]}\n\n")
+    assert [r["utt_id"] for r in rows_of(result.stdout)] == [ids[2]]
+    lst = tmp_path / "ids.txt"
+    lst.write_text(f"{ids[0]}\n{ids[5]}\n")
+    result = invoke("score", path, "--utt-list", lst, "-f", "tsv", "-q")
+    assert [r["utt_id"] for r in rows_of(result.stdout)] == [ids[0], ids[5]]
+    # --blank overrides the file: labels equal to the new blank are bad input.
+    result = invoke("score", path, "--blank", "1", "-f", "tsv", "-q")
+    assert result.exit_code in (0, 2)
+
+
+def test_score_output_file_is_atomic_and_complete(dump, tmp_path):
+    path, ids, _ = dump
+    out = tmp_path / "scores.tsv"
+    result = invoke("score", path, "-o", out, "-q")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert [r["utt_id"] for r in rows_of(out.read_text())] == ids  # tsv when not a terminal
+    assert sorted(os.listdir(tmp_path)) == ["d.h5", "scores.tsv"]
+
+
+def test_score_interrupted_leaves_no_output(dump, tmp_path, monkeypatch):
+    import rnntool.score as score_mod
+
+    def boom(*a, **k):
+        yield from ()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score_mod, "score_reader", boom)
+    path, _, _ = dump
+    out = tmp_path / "scores.tsv"
+    result = invoke("score", path, "-o", out)
+    assert result.exit_code == 130
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".rnntool")]
+
+
+def test_score_nonfinite_loss_exit_1_and_others_written(tmp_path):
+    x, y, T, U = random_batch(3, 5, 2, 6, seed=23, mixed=False)
+    x[1, 2, 1, 3] = float("nan")
+    path = tmp_path / "nan.h5"
+    with DumpWriter(path) as w:
+        w.add_batch(x, y, T, U, utt_ids=["a", "b", "c"])
+    result = invoke("score", path, "-f", "tsv")
+    assert result.exit_code == 1
+    rows = rows_of(result.stdout)
+    assert [r["loss"] for r in rows][1] == "nan"
+    assert all(float(r["loss"]) > 0 for r in rows if r["utt_id"] != "b")
+    assert "utterance b: loss is nan" in result.stderr
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rnntool: error: "), result.stderr
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("label", "utterance u1: labels[0] = 99"),
+    ("blank_label", "utterance u1: labels[0] = 0 equals blank"),
+    ("missing", "utterance u1: missing dataset labels"),
+    ("dims", "utterance u1: logits must be (T, U+1, V)"),
+    ("T0", "utterance u1: T = 0"),
+])
+def test_score_bad_dumps(tmp_path, how, needle):
+    path = tmp_path / "bad.h5"
+    with DumpWriter(path) as w:
+        w.add("u0", np.zeros((3, 3, 5), np.float32), [1, 2])
+        w.add("u1", np.zeros((3, 3, 5), np.float32), [1, 2])
+    corrupt(path, how)
+    out = tmp_path / "out.tsv"
+    result = invoke("score", path, "-o", out)
+    one_line_error(result, str(path), needle)
+    assert not out.exists()
+
+
+def test_score_bad_files_and_args(dump, tmp_path):
+    path, _, _ = dump
+    one_line_error(invoke("score", tmp_path / "missing.h5"), "missing.h5: no such file")
+    (tmp_path / "x.h5").write_text("hello")
+    one_line_error(invoke("score", tmp_path / "x.h5"), "x.h5: not a readable HDF5 file")
+    data = path.read_bytes()
+    (tmp_path / "trunc.h5").write_bytes(data[: len(data) // 3])
+    one_line_error(invoke("score", tmp_path / "trunc.h5"), "trunc.h5")
+    one_line_error(invoke("score", path, "--utt", "nobody"), "no utterance 'nobody'")
+    one_line_error(invoke("score", path, "-o", tmp_path / "no" / "dir" / "f.tsv"),
+                   "does not exist")
+    one_line_error(invoke("score", path, "--format", "xml"), "--format 'xml'")
+    x, y, T, U = random_batch(2, 4, 2, 5, seed=8, mixed=False)
+    T[1] = 7
+    write_padded(tmp_path / "p.h5", x.numpy(), y.numpy(), T.numpy(), U.numpy())
+    one_line_error(invoke("score", tmp_path / "p.h5"), "utterance 1: logit_lengths = 7")
+
+
+def test_score_unwritable_output(dump, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    path, _, _ = dump
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    one_line_error(invoke("score", path, "-o", ro / "f.tsv"), "not writable")
+
+
+def test_score_padded_layout_matches_keyed(tmp_path, dump):
+    path, ids, (x, y, T, U) = dump
+    write_padded(tmp_path / "p.h5", x.numpy(), y.clamp(min=0).numpy(), T.numpy(), U.numpy(),
+                 utt_ids=ids)
+    keyed = rows_of(invoke("score", path, "-f", "tsv", "-q").stdout)
+    padded = rows_of(invoke("score", tmp_path / "p.h5", "-f", "tsv", "-q").stdout)
+    assert [r["loss"] for r in keyed] == [r["loss"] for r in padded]
+
+
+def test_inspect(dump, tmp_path):
+    path, ids, _ = dump
+    result = invoke("inspect", path)
+    assert result.exit_code == 0, result.output
+    facts = dict(line.split("\t", 1) for line in result.stdout.strip().splitlines())
+    assert facts["layout"] == "keyed" and facts["utterances"] == "6" and facts["blank"] == "0"
+    assert facts["vocab_size"] == "7" and facts["dtypes"] == "float32"
+    assert facts["problems"] == "0" and facts["with_stored_loss"] == "6"
+    result = invoke("inspect", path, "--format", "json")
+    assert json.loads(result.stdout)["T"] == [1, 9]
+    with h5py.File(path, "r+") as f:
+        f[f"utts/{ids[0]}/labels"][0] = 0  # utterance 0 has the full U = 4
+        f[f"utts/{ids[4]}/logits"][0, 0, 0] = np.nan
+    result = invoke("inspect", path)
+    assert result.exit_code == 1
+    problems = result.stderr.strip().splitlines()
+    assert len(problems) == 2
+    assert f"utterance {ids[0]}: labels[0] = 0 equals blank" in problems[0]
+    assert f"utterance {ids[4]}: 1 NaN or +inf logits" in problems[1]
+
+
+def _run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "rnntool", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, **kw)
+
+
+def test_score_in_a_pipeline_with_head(tmp_path):
+    x, y, T, U = random_batch(3000, 2, 1, 3, seed=29, mixed=False)
+    path = tmp_path / "many.h5"
+    with DumpWriter(path) as w:
+        w.add_batch(x, y, T, U)
+    cmd = f"{sys.executable} -m rnntool score {path} --format tsv | head -1"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout == "utt_id\tT\tU\tloss\tloss_per_frame\tloss_per_token\n"
+    assert "BrokenPipe" not in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="sample data not built")
+def test_score_sample_data_subprocess():
+    out = _run_cli("score", SAMPLE, "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 24 and all(r["loss"] > 0 for r in rows)
+    # The trainer's stored losses came from the same engine.
+    assert max(abs(r["loss_diff"]) for r in rows) < 1e-4
+    assert "24 utterances, mean loss" in out.stderr

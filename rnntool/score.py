@@ -1,0 +1,125 @@
+"""Scoring dumps: stream utterances from a ``DumpReader`` through the loss engine.
+
+Utterances are batched by size within a memory budget, read straight into the
+padded batch buffer, and scored by ``rnnt_loss(reduction="none")`` without
+gradients. The next batch is read on a helper thread while the engine runs on
+the current one (the CPU kernels release the GIL).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .dump import DumpReader, UttInfo
+
+SCORE_FIELDS = ["utt_id", "T", "U", "loss", "loss_per_frame", "loss_per_token"]
+STORED_FIELDS = ["stored_loss", "loss_diff"]
+DEFAULT_BATCH_BYTES = 256 << 20
+
+
+def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]]):
+    """Padded ``(B, T, U+1, V)`` logits, ``(B, Umax)`` labels and lengths for one group."""
+    infos = [g[0] for g in group]
+    B = len(infos)
+    T = max(i.T for i in infos)
+    U = max(i.U for i in infos)
+    V = infos[0].V
+    logits = np.zeros((B, T, U + 1, V), infos[0].dtype)
+    labels = np.zeros((B, max(U, 1)), np.int64)
+    for b, (info, y) in enumerate(group):
+        reader.read_logits_into(info.utt_id, info, logits, np.s_[b, : info.T, : info.U + 1, :])
+        labels[b, : info.U] = y
+    t_len = np.array([i.T for i in infos], np.int64)
+    u_len = np.array([i.U for i in infos], np.int64)
+    return logits, labels, t_len, u_len
+
+
+def score_reader(
+    reader: DumpReader,
+    utt_ids: Sequence[str],
+    *,
+    device: str = "cpu",
+    budget_bytes: int = DEFAULT_BATCH_BYTES,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[dict]:
+    """Yield one row per utterance (fields ``SCORE_FIELDS`` [+ ``STORED_FIELDS``]).
+
+    ``device`` is ``"cpu"`` or ``"cuda"``; ``on_batch(n)`` is called after each
+    batch of ``n`` utterances (progress). Rows come in batch order (by size), not
+    input order. Raises ``DumpError`` for bad input before scoring anything of it.
+    """
+    import torch
+
+    from .loss import rnnt_loss
+
+    groups = list(reader.batches(utt_ids, budget_bytes))  # validates every utterance first
+    fused = reader.input_kind == "logits"
+    backend = "cuda" if device == "cuda" else "cpu"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_batch, reader, groups[0]) if groups else None
+        for k, group in enumerate(groups):
+            logits, labels, t_len, u_len = pending.result()
+            if k + 1 < len(groups):
+                pending = pool.submit(_load_batch, reader, groups[k + 1])
+            x = torch.from_numpy(logits)
+            y, T, U = (torch.from_numpy(a) for a in (labels, t_len, u_len))
+            if device == "cuda":
+                x, y, T, U = (a.to("cuda", non_blocking=True) for a in (x, y, T, U))
+            with torch.no_grad(), _quiet_nonfinite():
+                losses = rnnt_loss(
+                    x, y, T, U, blank=reader.blank, reduction="none",
+                    fused_log_softmax=fused, backend=backend, validate=True,
+                ).double().cpu().numpy()
+            del x, logits
+            for (info, _), loss in zip(group, losses, strict=True):
+                yield _row(info, float(loss))
+            if on_batch is not None:
+                on_batch(len(group))
+
+
+def _row(info: UttInfo, loss: float) -> dict:
+    row = {
+        "utt_id": info.utt_id,
+        "T": info.T,
+        "U": info.U,
+        "loss": loss,
+        "loss_per_frame": loss / info.T,
+        "loss_per_token": loss / max(info.U, 1),
+    }
+    if "loss" in info.attrs:
+        stored = float(info.attrs["loss"])
+        row["stored_loss"] = stored
+        row["loss_diff"] = loss - stored
+    return row
+
+
+class _quiet_nonfinite:
+    """The CLI reports non-finite losses itself, by utterance id, not by batch index."""
+
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.filterwarnings("ignore", message="rnnt_loss: ", category=RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+def summarize(rows: Sequence[dict], worst: int = 5) -> dict:
+    """count, finite count, mean and total loss, and the ``worst`` highest-loss utterances."""
+    finite = [r for r in rows if math.isfinite(r["loss"])]
+    total = sum(r["loss"] for r in finite)
+    return {
+        "count": len(rows),
+        "finite": len(finite),
+        "total": total,
+        "mean": total / len(finite) if finite else math.nan,
+        "worst": sorted(finite, key=lambda r: -r["loss"])[:worst],
+        "nonfinite": [r["utt_id"] for r in rows if not math.isfinite(r["loss"])],
+    }
