@@ -92,19 +92,18 @@ def _exp_impl(x):
 
 @njit(cache=True)
 def _half_bits_to_f32(h):
-    """IEEE binary16 bits (uint16) -> float32, exact, subnormals included."""
+    """IEEE binary16 bits (uint16) -> float32, exact, subnormals included; branch-free.
+
+    The half's exponent and mantissa, placed where float32 keeps them, read as a
+    float32 and multiplied by 2**112, rebias the exponent from 15 to 127; the
+    product is exact for normal and subnormal halves alike.
+    """
     h32 = np.uint32(h)
-    sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
     em = (h32 & np.uint32(0x7FFF)) << np.uint32(13)
-    exp = em & np.uint32(0x0F800000)
-    o = em + np.uint32(112 << 23)  # rebias exponent 15 -> 127
-    if exp == np.uint32(0x0F800000):  # inf / NaN: exponent all ones
-        o = o + np.uint32(112 << 23)
-    elif exp == np.uint32(0):  # zero / subnormal: renormalise through a float subtract
-        o = _bits_from_f32(
-            _f32_from_bits(o + np.uint32(1 << 23)) - _f32_from_bits(np.uint32(113 << 23))
-        )
-    return _f32_from_bits(o | sign)
+    f = _f32_from_bits(em) * np.float32(5.192296858534828e33)  # 2**112
+    if (h32 & np.uint32(0x7C00)) == np.uint32(0x7C00):  # inf / NaN: exponent all ones
+        f = _f32_from_bits(em | np.uint32(0x7F800000))
+    return _f32_from_bits(_bits_from_f32(f) | ((h32 & np.uint32(0x8000)) << np.uint32(16)))
 
 
 @njit(cache=True)
@@ -191,6 +190,53 @@ def _shifted(x, hi, lo):
     return (x - hi) - lo
 
 
+_KEY_POS_INF = np.int32(0x7F800000)  # order key of +inf; NaNs with the sign bit clear lie above
+_KEY_NEG_INF = np.int32(-2139095041)  # order key of -inf; NaNs with the sign bit set lie below
+
+
+@njit(cache=True, error_model="numpy")
+def _row_max32(row):
+    """(max, nonfinite) of a row read as float32, through integer order keys.
+
+    A float32's bits, with the lower 31 flipped when negative, order like the
+    floats themselves; integer max/min reductions vectorise where float ones
+    (with NaN semantics) do not. NaN and +inf sort outside [-inf, +inf)'s keys.
+    """
+    hi = np.int32(-2147483648)
+    lo = np.int32(2147483647)
+    for v in range(row.shape[0]):
+        b = np.int32(_bits_from_f32(_load(row, v)))
+        k = b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
+        hi = max(hi, k)
+        lo = min(lo, k)
+    m = _f32_from_bits(np.uint32(hi ^ ((hi >> np.int32(31)) & np.int32(0x7FFFFFFF))))
+    return m, hi >= _KEY_POS_INF or lo < _KEY_NEG_INF
+
+
+@njit(cache=True, error_model="numpy")
+def _row_max64(row):
+    """(max, nonfinite) of a float64 row: the plain loop (float64 is the exact path)."""
+    m = row[0]
+    nonfinite = False
+    for v in range(row.shape[0]):
+        x = row[v]
+        nonfinite |= not (x < np.inf)
+        m = x if x > m else m
+    return m, nonfinite
+
+
+def _row_max(row):  # typed by the overload below
+    raise NotImplementedError
+
+
+@overload(_row_max, jit_options={"cache": True})
+def _row_max_impl(row):
+    """(max, nonfinite: NaN or +inf present) of one row of ``V`` storage values."""
+    if row.dtype == types.float64:
+        return lambda row: _row_max64(row)
+    return lambda row: _row_max32(row)
+
+
 # Re-association lets LLVM vectorise this sum; it is confined to this function
 # (numba's fastmath flags reach every instruction of the function they mark).
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
@@ -200,6 +246,8 @@ def _sum_exp(row, m, zero):
     for v in range(row.shape[0]):
         s += _exp(_load(row, v) - m)
     return s
+
+
 
 
 @njit(cache=True)
@@ -241,14 +289,9 @@ def cpu_normalise(logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emi
             emit_lp[b, t, u] = -np.inf
             continue
         row = logits[b, t, u]
-        m = _load(row, 0)
+        m, nonfinite = _row_max(row)
         hi = _like(m, 0.0)
         lo = _like(m, 0.0)
-        nonfinite = False
-        for v in range(V):
-            x = _load(row, v)
-            nonfinite |= not (x < np.inf)  # NaN or +inf
-            m = x if x > m else m
         nonfinite |= fused and m == -np.inf  # all -inf: no distribution
         if fused and not nonfinite:
             hi = m

@@ -470,7 +470,7 @@ class DumpReader:
         for it in items:
             cand = [*group, it]
             if group and (
-                _padded_bytes([c[0] for c in cand]) > budget_bytes
+                padded_bytes([c[0] for c in cand]) > budget_bytes
                 or it[0].dtype != group[0][0].dtype
             ):
                 yield group
@@ -483,7 +483,7 @@ class DumpReader:
         return os.path.getsize(self.path)
 
 
-def _padded_bytes(infos: Sequence[UttInfo]) -> int:
+def padded_bytes(infos: Sequence[UttInfo]) -> int:
     T = max(i.T for i in infos)
     U1 = max(i.U for i in infos) + 1
     return len(infos) * T * U1 * infos[0].V * infos[0].dtype.itemsize

@@ -14,21 +14,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .dump import DumpReader, UttInfo
+from .dump import DumpReader, UttInfo, padded_bytes
 
 SCORE_FIELDS = ["utt_id", "T", "U", "loss", "loss_per_frame", "loss_per_token"]
 STORED_FIELDS = ["stored_loss", "loss_diff"]
 DEFAULT_BATCH_BYTES = 256 << 20
 
 
-def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]]):
-    """Padded ``(B, T, U+1, V)`` logits, ``(B, Umax)`` labels and lengths for one group."""
+def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
+                store: np.ndarray):
+    """Padded ``(B, T, U+1, V)`` logits (a view of ``store``), ``(B, Umax)`` labels, lengths."""
     infos = [g[0] for g in group]
     B = len(infos)
     T = max(i.T for i in infos)
     U = max(i.U for i in infos)
     V = infos[0].V
-    logits = np.zeros((B, T, U + 1, V), infos[0].dtype)
+    # Reusing one buffer avoids faulting in fresh pages for every batch; the
+    # padding is never read, so it need not be cleared.
+    logits = store.view(infos[0].dtype)[: B * T * (U + 1) * V].reshape(B, T, U + 1, V)
     labels = np.zeros((B, max(U, 1)), np.int64)
     for b, (info, y) in enumerate(group):
         reader.read_logits_into(info.utt_id, info, logits, np.s_[b, : info.T, : info.U + 1, :])
@@ -59,12 +62,17 @@ def score_reader(
     groups = list(reader.batches(utt_ids, budget_bytes))  # validates every utterance first
     fused = reader.input_kind == "logits"
     backend = "cuda" if device == "cuda" else "cpu"
+    if not groups:
+        return
+    # Two buffers: the engine scores one while the helper thread fills the other.
+    size = max(padded_bytes([i for i, _ in g]) for g in groups)
+    stores = [np.empty(size, np.uint8), np.empty(size if len(groups) > 1 else 0, np.uint8)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_batch, reader, groups[0]) if groups else None
+        pending = pool.submit(_load_batch, reader, groups[0], stores[0])
         for k, group in enumerate(groups):
             logits, labels, t_len, u_len = pending.result()
             if k + 1 < len(groups):
-                pending = pool.submit(_load_batch, reader, groups[k + 1])
+                pending = pool.submit(_load_batch, reader, groups[k + 1], stores[(k + 1) % 2])
             x = torch.from_numpy(logits)
             y, T, U = (torch.from_numpy(a) for a in (labels, t_len, u_len))
             if device == "cuda":

@@ -1,0 +1,120 @@
+"""Benchmark `rnntool score` on a large float16 dump against merely reading it with h5py.
+
+Makes (once, then reuses) a keyed dump of about ``--gb`` GB of float16 logits
+with varied T and U, then prints, from one run:
+
+- h5py read: every utterance's logits dataset read whole (the I/O floor);
+- rnntool scoring through the library (``score_reader``), and its throughput as
+  a fraction of the h5py read's;
+- peak resident memory of `rnntool score` in a subprocess, above the same
+  command on a tiny dump, against the largest padded batch it builds.
+
+Both reads come from the page cache after a warm-up pass, so this measures the
+engine and the data path, not the disk.
+
+    python benchmarks/bench_score.py [--gb 1.0] [--dir /tmp/rnntool-bench] [--batch-mb 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+
+from rnntool.dump import DumpReader, DumpWriter, padded_bytes
+from rnntool.score import score_reader
+
+
+def make_dump(path: str, gb: float, V: int = 512, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    total = 0
+    n = 0
+    with DumpWriter(path, blank=0) as w:
+        while total < gb * 1e9:
+            T = int(rng.integers(100, 400))
+            U = int(rng.integers(10, 60))
+            x = rng.standard_normal((T, U + 1, V), dtype=np.float32).astype(np.float16)
+            y = rng.integers(1, V, U)
+            w.add(f"utt{n:05d}", x, y)
+            total += x.nbytes
+            n += 1
+    print(f"made {path}: {n} utterances, {total / 1e9:.2f} GB of float16 logits")
+
+
+def h5py_read(path: str) -> tuple[float, int]:
+    nbytes = 0
+    t0 = time.perf_counter()
+    with h5py.File(path, "r") as f:
+        for u in f["utts"]:
+            nbytes += f["utts"][u]["logits"][()].nbytes
+    return time.perf_counter() - t0, nbytes
+
+
+def rnntool_score(path: str, batch_mb: int) -> float:
+    t0 = time.perf_counter()
+    with DumpReader(path) as r:
+        for _ in score_reader(r, r.utt_ids, budget_bytes=batch_mb << 20):
+            pass
+    return time.perf_counter() - t0
+
+
+def peak_rss_of_score(path: str, batch_mb: int) -> int:
+    """Max resident set (bytes) of a `rnntool score` subprocess."""
+    code = (
+        "import resource, sys; from rnntool.cli import main; sys.argv = ['rnntool', 'score', "
+        f"{path!r}, '-q', '--batch-mb', '{batch_mb}', '-o', '/dev/null']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=1.0)
+    ap.add_argument("--dir", default="/tmp/rnntool-bench")
+    ap.add_argument("--batch-mb", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    big = os.path.join(args.dir, f"score-{args.gb:g}gb.h5")
+    tiny = os.path.join(args.dir, "score-tiny.h5")
+    if not os.path.exists(big):
+        make_dump(big, args.gb)
+    if not os.path.exists(tiny):
+        make_dump(tiny, 0.0001)
+
+    h5py_read(big)  # warm the page cache
+    rnntool_score(big, args.batch_mb)  # and the compiled kernels
+    reads, scores = [], []
+    nbytes = 0
+    for _ in range(args.repeats):  # interleaved, so both see the same machine
+        t, nbytes = h5py_read(big)
+        reads.append(t)
+        scores.append(rnntool_score(big, args.batch_mb))
+    t_read, t_score = statistics.median(reads), statistics.median(scores)
+    print(f"{nbytes / 1e9:.2f} GB float16 logits, median of {args.repeats}:")
+    print(f"  h5py read            {t_read:7.3f} s  {nbytes / t_read / 1e9:6.2f} GB/s")
+    print(f"  rnntool score        {t_score:7.3f} s  {nbytes / t_score / 1e9:6.2f} GB/s  "
+          f"= {t_read / t_score:.0%} of the h5py read's throughput")
+
+    with DumpReader(big) as r:
+        largest = max(padded_bytes([i for i, _ in g])
+                      for g in r.batches(r.utt_ids, args.batch_mb << 20))
+    base = peak_rss_of_score(tiny, args.batch_mb)
+    peak = peak_rss_of_score(big, args.batch_mb)
+    extra = peak - base
+    print(f"  peak memory of `rnntool score`: {extra / 2**20:.0f} MiB above a tiny dump's "
+          f"({base / 2**20:.0f} MiB), largest padded batch {largest / 2**20:.0f} MiB "
+          f"= {extra / largest:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
