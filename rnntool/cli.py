@@ -120,6 +120,10 @@ def _resolve_device(device: str) -> str:
     if device not in ("auto", "cpu", "cuda"):
         raise fail(f"--device {device!r} is not one of auto, cpu, cuda")
     if device == "auto":
+        # No NVIDIA device node, no CUDA: skip importing torch (a second of start-up;
+        # CPU scoring of raw dumps never needs it).
+        if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")):
+            return "cpu"
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -190,6 +194,8 @@ def score(
     utt_list: UttList = None,
     batch_mb: Annotated[int, typer.Option("--batch-mb", help="Memory budget of one padded "
                                           "batch, MiB.")] = 256,
+    no_mmap: Annotated[bool, typer.Option("--no-mmap", help="Read into padded batches even "
+                                          "where raw data could be mapped (CPU).")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Per-utterance RNN-T losses of dumped logits: utt_id, T, U, loss (nats), loss_per_frame,
@@ -212,7 +218,8 @@ def score(
             for reader, ids in selected:
                 order = {u: i for i, u in enumerate(ids)}
                 got = list(score_reader(reader, ids, device=dev, budget_bytes=batch_mb << 20,
-                                        on_batch=lambda n: bar.advance(task, n)))
+                                        on_batch=lambda n: bar.advance(task, n),
+                                        zero_copy=not no_mmap))
                 got.sort(key=lambda r: order[r["utt_id"]])
                 for r in got:
                     r["_file"] = str(reader.path)

@@ -447,7 +447,12 @@ def cpu_gradient(
 
 # --------------------------------------------------------------------------- host side
 def storage_view(x):
-    """A numpy view of torch tensor ``x`` in the storage types the kernels take (no copy)."""
+    """A view of ``x`` (torch tensor or numpy array) in the storage types the kernels take.
+
+    No copy: float16 becomes its uint16 bits, bfloat16 its int16 bits.
+    """
+    if isinstance(x, np.ndarray):
+        return x.view(np.uint16) if x.dtype == np.float16 else x
     import torch
 
     x = x.detach()
@@ -461,17 +466,16 @@ def storage_view(x):
 def cpu_forward(logits, targets, logit_lengths, target_lengths, blank, fused, need_grad):
     """Stages 1 and 2 on the CPU.
 
-    logits: ``(B, T, U1, V)`` torch tensor (any float dtype, any strides);
-    targets ``(B, S)`` and lengths ``(B,)`` int64 torch tensors, already validated.
+    logits: ``(B, T, U1, V)`` torch tensor (any float dtype, any strides) or numpy
+    array; targets ``(B, S)`` and lengths ``(B,)`` int64 tensors or arrays, already
+    validated (``loss.check_inputs``).
     Returns ``(log_like (B,), bad (B,), saved)`` where ``saved`` holds the compact
     ``(B, T, U1[, 2])`` arrays the gradient needs (``None`` without ``need_grad``).
     """
     x = storage_view(logits)
     B, T, U1, _ = x.shape
     lat = np.float64 if x.dtype == np.float64 else np.float32
-    y = targets.numpy()
-    T_len = logit_lengths.numpy()
-    U_len = target_lengths.numpy()
+    y, T_len, U_len = (np.asarray(a) for a in (targets, logit_lengths, target_lengths))
     blank_lp = np.empty((B, T, U1), lat)
     emit_lp = np.empty((B, T, U1), lat)
     bad_row = np.zeros((B, T, U1), np.bool_)

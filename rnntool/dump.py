@@ -20,6 +20,7 @@ straight into the padded batch buffer the engine consumes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -441,6 +442,72 @@ class DumpReader:
                 out[dest] = src[sel]
         except (OSError, ValueError, TypeError) as e:
             raise self._err(utt_id, f"logits unreadable ({_first_line(e)})") from None
+
+    def raw_region(self, info: UttInfo) -> tuple[int, tuple, np.dtype] | None:
+        """``(byte offset, shape, dtype)`` of the utterance's logits stored raw in the file.
+
+        None unless the data is stored without compression or other filter,
+        little-endian, aligned, and contiguous: the keyed layout as ``DumpWriter``
+        writes it (chunks along T, in order) and the padded layout as h5py
+        writes it by default (then the region is this utterance's ``(T, U+1, V)``
+        slab of the batch, padding included).
+        """
+        f = self._f
+        ds = f["logits"] if self.layout == "padded" else f["utts"][info.utt_id]["logits"]
+        try:
+            if ds.id.get_create_plist().get_nfilters() or ds.dtype.byteorder == ">":
+                return None
+            item = ds.dtype.itemsize
+            total = int(np.prod(ds.shape)) * item
+            if ds.chunks is None:
+                start = ds.id.get_offset()
+            else:
+                if tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):  # chunked along T only
+                    return None
+                chunks = sorted((ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())),
+                                key=lambda c: c.chunk_offset)
+                step = int(np.prod(ds.chunks)) * item
+                start = chunks[0].byte_offset if chunks else None
+                if len(chunks) * ds.chunks[0] < ds.shape[0] or any(
+                    c.byte_offset != start + k * step or c.filter_mask for k, c in enumerate(chunks)
+                ):
+                    return None
+        except (OSError, ValueError, RuntimeError, AttributeError):
+            return None
+        if start is None or start % item or total == 0:
+            return None
+        shape = tuple(ds.shape)
+        if self.layout == "padded":
+            shape = shape[1:]
+            start += self._index[info.utt_id] * (total // ds.shape[0])
+        return start, shape, ds.dtype
+
+    def map_logits(self, info: UttInfo, region=None):
+        """A zero-copy, read-only ``(T, U+1, V)`` view of the logits in the file, or None.
+
+        See ``raw_region`` for when that is possible (pass its result as ``region``
+        to skip asking HDF5 again). Returns ``(array, close)``;
+        call ``close()`` when done with the array: it unmaps the pages, so memory
+        use stays one utterance's.
+        """
+        import mmap
+
+        region = region or self.raw_region(info)
+        if region is None:
+            return None
+        start, shape, dtype = region
+        count = int(np.prod(shape))
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), start - base + count * dtype.itemsize, mmap.MAP_SHARED,
+                           mmap.PROT_READ, offset=base)
+        arr = np.frombuffer(mm, dtype, count=count, offset=start - base).reshape(shape)
+
+        def close() -> None:
+            with contextlib.suppress(BufferError):  # a view still alive: unmapped when it dies
+                mm.close()
+
+        return arr[: info.T, : info.U + 1], close
 
     def read(self, utt_id: str, with_grads: bool = False) -> Utterance:
         """One utterance, validated (not for finiteness: the engine reports NaN losses)."""

@@ -48,25 +48,115 @@ def score_reader(
     device: str = "cpu",
     budget_bytes: int = DEFAULT_BATCH_BYTES,
     on_batch: Callable[[int], None] | None = None,
+    zero_copy: bool = True,
 ) -> Iterator[dict]:
     """Yield one row per utterance (fields ``SCORE_FIELDS`` [+ ``STORED_FIELDS``]).
 
     ``device`` is ``"cpu"`` or ``"cuda"``; ``on_batch(n)`` is called after each
-    batch of ``n`` utterances (progress). Rows come in batch order (by size), not
-    input order. Raises ``DumpError`` for bad input before scoring anything of it.
+    batch of ``n`` utterances (progress). Rows come in processing order, not
+    input order. Raises ``DumpError`` for bad input before scoring anything.
+
+    On the CPU, utterances stored raw are scored straight from the file's pages
+    (``DumpReader.map_logits``: no copy, memory use one utterance), the next one
+    mapped on a helper thread meanwhile; the rest (all, without ``zero_copy``)
+    are read into padded batches within ``budget_bytes``, the next batch read
+    while the engine scores one.
     """
+    groups = list(reader.batches(utt_ids, budget_bytes))  # validates every utterance first
+    if device == "cpu" and zero_copy:
+        rest = []
+        mapped = []
+        for group in groups:
+            for info, y in group:
+                region = reader.raw_region(info)
+                if region is None:
+                    rest.append((info, y))
+                else:
+                    mapped.append((info, y, region))
+        yield from _score_mapped(reader, mapped, on_batch)
+        groups = list(_regroup(rest, budget_bytes))
+    yield from _score_batches(reader, groups, device, on_batch)
+
+
+def _regroup(items, budget_bytes):
+    group = []
+    for it in items:
+        if group and (padded_bytes([i for i, _ in [*group, it]]) > budget_bytes
+                      or it[0].dtype != group[0][0].dtype):
+            yield group
+            group = []
+        group.append(it)
+    if group:
+        yield group
+
+
+def _engine_losses(reader, x, y, t_len, u_len, backend):
     import torch
 
     from .loss import rnnt_loss
 
-    groups = list(reader.batches(utt_ids, budget_bytes))  # validates every utterance first
+    with torch.no_grad(), _quiet_nonfinite():
+        return rnnt_loss(
+            x, y, t_len, u_len, blank=reader.blank, reduction="none",
+            fused_log_softmax=reader.input_kind == "logits", backend=backend, validate=True,
+        ).double().cpu().numpy()
+
+
+def _map_and_fault_in(reader, info, region):
+    """Map an utterance's logits and touch every page, off the GIL (helper thread)."""
+    from numba import njit
+
+    global _fault_in
+    if _fault_in is None:
+
+        @njit(nogil=True, cache=True)
+        def _fault_in(buf):
+            s = 0
+            for i in range(0, buf.shape[0], 4096):
+                s += buf[i]
+            return s
+
+    view, close = reader.map_logits(info, region)
+    _fault_in(view.reshape(-1).view(np.uint8) if view.flags.c_contiguous else view.base)
+    return view, close
+
+
+_fault_in = None
+
+
+def _score_mapped(reader, items, on_batch):
+    from .cpu import cpu_forward
+
+    if not items:
+        return
     fused = reader.input_kind == "logits"
-    backend = "cuda" if device == "cuda" else "cpu"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_map_and_fault_in, reader, *items[0][::2])
+        for k, (info, y, _) in enumerate(items):
+            view, close = pending.result()
+            if k + 1 < len(items):
+                pending = pool.submit(_map_and_fault_in, reader, *items[k + 1][::2])
+            # Validated by the reader already: straight to the CPU engine's stages.
+            log_like, _, _ = cpu_forward(
+                view[None], y[None], np.array([info.T]), np.array([info.U]),
+                reader.blank % info.V, fused, False,
+            )
+            del view
+            close()
+            yield _row(info, -float(log_like[0]))
+            if on_batch is not None:
+                on_batch(1)
+
+
+def _score_batches(reader, groups, device, on_batch):
     if not groups:
         return
+    import torch
+
     # Two buffers: the engine scores one while the helper thread fills the other.
     size = max(padded_bytes([i for i, _ in g]) for g in groups)
     stores = [np.empty(size, np.uint8), np.empty(size if len(groups) > 1 else 0, np.uint8)]
+    backend = "cuda" if device == "cuda" else "cpu"
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_load_batch, reader, groups[0], stores[0])
         for k, group in enumerate(groups):
@@ -77,11 +167,7 @@ def score_reader(
             y, T, U = (torch.from_numpy(a) for a in (labels, t_len, u_len))
             if device == "cuda":
                 x, y, T, U = (a.to("cuda", non_blocking=True) for a in (x, y, T, U))
-            with torch.no_grad(), _quiet_nonfinite():
-                losses = rnnt_loss(
-                    x, y, T, U, blank=reader.blank, reduction="none",
-                    fused_log_softmax=fused, backend=backend, validate=True,
-                ).double().cpu().numpy()
+            losses = _engine_losses(reader, x, y, T, U, backend)
             del x, logits
             for (info, _), loss in zip(group, losses, strict=True):
                 yield _row(info, float(loss))
@@ -106,7 +192,8 @@ def _row(info: UttInfo, loss: float) -> dict:
 
 
 class _quiet_nonfinite:
-    """The CLI reports non-finite losses itself, by utterance id, not by batch index."""
+    """The CLI reports non-finite losses itself, by utterance id, not by batch index;
+    and torch's note that mapped file pages are read-only is expected here."""
 
     def __enter__(self):
         import warnings
@@ -114,6 +201,7 @@ class _quiet_nonfinite:
         self._cm = warnings.catch_warnings()
         self._cm.__enter__()
         warnings.filterwarnings("ignore", message="rnnt_loss: ", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
     def __exit__(self, *exc):
         return self._cm.__exit__(*exc)
