@@ -117,7 +117,8 @@ def _map_and_fault_in(reader, info, region):
             return s
 
     view, close = reader.map_logits(info, region)
-    _fault_in(view.reshape(-1).view(np.uint8) if view.flags.c_contiguous else view.base)
+    whole = view if view.flags.c_contiguous else view.base  # the mapped slab, padding too
+    _fault_in(whole.reshape(-1).view(np.uint8))
     return view, close
 
 

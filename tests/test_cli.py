@@ -262,3 +262,24 @@ def test_score_sample_data_subprocess():
     # The trainer's stored losses came from the same engine.
     assert max(abs(r["loss_diff"]) for r in rows) < 1e-4
     assert "24 utterances, mean loss" in out.stderr
+
+
+@pytest.mark.parametrize("layout", ["keyed", "padded", "keyed-gzip"])
+def test_zero_copy_and_batched_paths_agree(tmp_path, layout):
+    x, y, T, U = random_batch(5, 9, 4, 7, seed=31, dtype=torch.float16)
+    path = tmp_path / "d.h5"
+    if layout == "padded":
+        write_padded(path, x.numpy(), y.clamp(min=0).numpy(), T.numpy(), U.numpy())
+    else:
+        with DumpWriter(path, compression="gzip" if "gzip" in layout else None) as w:
+            w.add_batch(x, y, T, U)
+    from rnntool.dump import DumpReader
+
+    with DumpReader(path) as r:
+        raw = [r.raw_region(r.info(u)) is not None for u in r.utt_ids]
+    assert all(raw) == (layout != "keyed-gzip")
+    mapped = rows_of(invoke("score", path, "-f", "tsv", "-q").stdout)
+    batched = rows_of(invoke("score", path, "-f", "tsv", "-q", "--no-mmap").stdout)
+    assert mapped == batched
+    expected = rnnt_loss(x, y, T, U, reduction="none")
+    assert [float(r["loss"]) for r in mapped] == pytest.approx(expected.tolist(), abs=1e-5)
