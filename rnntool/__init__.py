@@ -2,14 +2,15 @@
 
 Public API: ``rnnt_loss`` and ``TransducerLoss`` (the loss engine on Numba CPU
 and CUDA kernels), ``reference_rnnt_loss`` (the float64 oracle), and the HDF5
-dump format's ``DumpWriter``/``DumpReader``. They are
+dump format's ``DumpWriter``/``DumpReader``, and ``align`` (Viterbi paths,
+emission posteriors, occupancy). They are
 imported on first use, so that ``rnntool --help`` does not pay for torch.
 """
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "TransducerLoss", "rnnt_loss", "reference_rnnt_loss",
+    "TransducerLoss", "rnnt_loss", "reference_rnnt_loss", "align", "Alignment",
     "DumpWriter", "DumpReader", "DumpError", "__version__",
 ]
 
@@ -17,6 +18,8 @@ _LAZY = {
     "rnnt_loss": "loss",
     "TransducerLoss": "loss",
     "reference_rnnt_loss": "reference",
+    "align": "align",
+    "Alignment": "align",
     "DumpWriter": "dump",
     "DumpReader": "dump",
     "DumpError": "dump",

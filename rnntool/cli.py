@@ -318,6 +318,191 @@ def inspect(
         raise typer.Exit(1)
 
 
+# --------------------------------------------------------------------------- align / plot
+def _utterances(selected, with_grads: bool = False):
+    """Yield ``(reader, Utterance)`` one at a time, validated, in input order."""
+    for reader, ids in selected:
+        for u in ids:
+            yield reader, reader.read(u, with_grads=with_grads)
+
+
+def _close_all(selected) -> None:
+    for reader, _ in selected:
+        reader.close()
+
+
+def _tensors(utt, device: str):
+    import torch
+
+    dev = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+    x = torch.from_numpy(utt.logits)[None].to(dev)
+    y = torch.from_numpy(utt.labels)[None].to(dev)
+    return x, y, torch.tensor([utt.info.T]), torch.tensor([utt.info.U])
+
+
+ALIGN_FIELDS = ["utt_id", "position", "token_id", "token", "frame", "expected_frame",
+                "frame_posterior"]
+
+
+@app.command("align")
+@command
+def align_cmd(
+    inputs: Inputs,
+    output: Output = None,
+    fmt: Format = None,
+    device: Device = "auto",
+    blank: Blank = None,
+    utt: Utts = None,
+    utt_list: UttList = None,
+    quiet: Quiet = False,
+) -> None:
+    """Where each token is emitted: one row per token with utt_id, position, token_id, token,
+    frame (on the best path), expected_frame (posterior mean), frame_posterior."""
+    from .align import align
+    from .output import check_writable, open_output, render
+
+    fmt = _check_format(fmt, output)
+    check_writable(output)
+    dev = _resolve_device(device)
+    selected = _open_all(inputs, blank, _wanted(utt, utt_list))
+    rows, summary = [], []
+    try:
+        for reader, u in _utterances(selected):
+            (al,) = align(*_tensors(u, dev), blank=reader.blank,
+                          fused_log_softmax=reader.input_kind == "logits", backend=dev)
+            summary.append((u.info.utt_id, al.best_log_prob, al.loss))
+            for pos in range(al.U):
+                tok = int(u.labels[pos])
+                rows.append({
+                    "utt_id": u.info.utt_id, "position": pos, "token_id": tok,
+                    "token": reader.vocab[tok] if reader.vocab else "",
+                    "frame": int(al.frames[pos]),
+                    "expected_frame": float(al.expected_frames[pos]),
+                    "frame_posterior": float(al.frame_posteriors[pos]),
+                })
+    finally:
+        _close_all(selected)
+    with open_output(output) as out:
+        render(rows, ALIGN_FIELDS, fmt, out, title="Token emission frames")
+    if fmt == "table" and not quiet:
+        err = _stderr()
+        for utt_id, best, loss in summary:
+            err.print(f"{utt_id}: best path log P = {best:.4f}, all paths log P = {-loss:.4f} "
+                      f"(loss {loss:.4f}); best path holds {math.exp(best + loss):.1%} of the "
+                      "probability", markup=False)
+
+
+@app.command()
+@command
+def plot(
+    inputs: Inputs,
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-d", help="Directory for the PNGs.")],
+    device: Device = "auto",
+    blank: Blank = None,
+    utt: Utts = None,
+    utt_list: UttList = None,
+    quiet: Quiet = False,
+) -> None:
+    """One PNG per utterance, OUT_DIR/<utt_id>.png: log occupancy of the T x (U+1) lattice
+    with the best path, and the per-node gradient norm."""
+    from .align import align
+    from .loss import rnnt_loss
+    from .output import umask_perms
+    from .plots import plot_utterance
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise fail(f"{out_dir}: exists and is not a directory")
+    dev = _resolve_device(device)
+    selected = _open_all(inputs, blank, _wanted(utt, utt_list))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        n = 0
+        for reader, u in _utterances(selected):
+            x, y, T, U = _tensors(u, dev)
+            fused = reader.input_kind == "logits"
+            (al,) = align(x, y, T, U, blank=reader.blank, fused_log_softmax=fused, backend=dev)
+            xg = x.clone().requires_grad_(True)
+            rnnt_loss(xg, y, T, U, blank=reader.blank, reduction="sum",
+                      fused_log_softmax=fused, backend=dev).backward()
+            gnorm = xg.grad[0].double().norm(dim=-1).cpu().numpy()
+            tokens = [reader.vocab[int(t)] for t in u.labels] if reader.vocab else None
+            dest = out_dir / f"{u.info.utt_id}.png"
+            tmp = out_dir / f".{u.info.utt_id}.png.part"
+            plot_utterance(str(tmp), utt_id=u.info.utt_id, loss=al.loss,
+                           best_log_prob=al.best_log_prob, occupancy=al.occupancy,
+                           best_path=al.path, grad_norm=gnorm, tokens=tokens)
+            umask_perms(str(tmp))
+            tmp.replace(dest)
+            n += 1
+    finally:
+        _close_all(selected)
+    if not quiet:
+        _stderr().print(f"wrote {n} PNGs to {out_dir}", markup=False)
+
+
+# --------------------------------------------------------------------------- grad-check
+GRADCHECK_FIELDS = ["utt_id", "check", "max_abs_err", "max_rel_err", "atol", "rtol", "result"]
+
+
+@app.command("grad-check")
+@command
+def grad_check(
+    inputs: Inputs,
+    output: Output = None,
+    fmt: Format = None,
+    device: Device = "auto",
+    blank: Blank = None,
+    utt: Utts = None,
+    utt_list: UttList = None,
+    samples: Annotated[int, typer.Option("--samples", help="Finite-difference probes per "
+                                         "utterance.")] = 20,
+    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance.")] = 1e-3,
+    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance.")] = 1e-5,
+    quiet: Quiet = False,
+) -> None:
+    """Check gradients w.r.t. the logits: the engine against the float64 reference (every
+    entry), the reference against central finite differences (--samples entries), the
+    dump's stored `grads` (a trainer's) against the reference, and CPU against CUDA when
+    both run here. PASS when |a - b| <= atol + rtol * |b| everywhere. Exit 1 if any fails."""
+    from .gradcheck import cuda_usable, grad_check_utterance
+    from .output import check_writable, open_output, render
+
+    fmt = _check_format(fmt, output)
+    check_writable(output)
+    if samples < 0 or rtol < 0 or atol < 0:
+        raise fail("--samples, --rtol and --atol must not be negative")
+    dev = _resolve_device(device)
+    selected = _open_all(inputs, blank, _wanted(utt, utt_list))
+    rows = []
+    try:
+        both = dev == "cpu" and cuda_usable()
+        for reader, u in _utterances(selected, with_grads=True):
+            for c in grad_check_utterance(
+                u.logits, u.labels, blank=reader.blank,
+                fused=reader.input_kind == "logits", backend=dev, samples=samples,
+                rtol=rtol, atol=atol, stored=u.grads, compare_cuda=both,
+            ):
+                rows.append({"utt_id": u.info.utt_id, "check": c.check,
+                             "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err,
+                             "atol": atol, "rtol": rtol, "result": "PASS" if c.passed else "FAIL"})
+    finally:
+        _close_all(selected)
+    with open_output(output) as out:
+        render(rows, GRADCHECK_FIELDS, fmt, out,
+               title=f"Gradient checks (atol {atol:g}, rtol {rtol:g})",
+               specs=dict.fromkeys(("max_abs_err", "max_rel_err", "atol", "rtol"), ".3e"))
+    failed = [r for r in rows if r["result"] == "FAIL"]
+    if not quiet:
+        utts = len({r["utt_id"] for r in rows})
+        _stderr().print(f"{len(rows) - len(failed)}/{len(rows)} checks passed on {utts} "
+                        f"utterances (atol {atol:g}, rtol {rtol:g})", markup=False)
+    for r in failed:
+        print(f"rnntool: FAIL {r['utt_id']}: {r['check']}: max abs err {r['max_abs_err']:.3g}, "
+              f"max rel err {r['max_rel_err']:.3g}", file=sys.stderr)
+    if failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     # Default SIGPIPE handling would kill us mid-write with no cleanup; Python's
     # BrokenPipeError is caught per command instead.

@@ -371,6 +371,40 @@ def cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like):
         log_like[b] = row[Ub] + blank_lp[b, Tb - 1, Ub]
 
 
+@njit(**_PAR)
+def cpu_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best):
+    """The max-product twin of stage 2: the best alignment's log-prob into each node.
+
+    Writes ``delta`` ``(B, T, U1)``, ``from_emit`` ``(B, T, U1)`` uint8 (1 where
+    the best way into (t, u) is the emission from (t, u-1), 0 for the blank from
+    (t-1, u); ties go to the blank, on every backend) and ``best[b]``, the best
+    path's log-prob ``delta[T_b-1, U_b] + blank_lp[T_b-1, U_b]``.
+    """
+    B, T, U1 = blank_lp.shape
+    for b in prange(B):
+        Tb = T_len[b]
+        Ub = U_len[b]
+        for t in range(Tb):
+            for u in range(Ub + 1):
+                if t == 0 and u == 0:
+                    delta[b, 0, 0] = 0.0
+                    from_emit[b, 0, 0] = 0
+                    continue
+                a = -np.inf
+                e = -np.inf
+                if t > 0:
+                    a = delta[b, t - 1, u] + blank_lp[b, t - 1, u]
+                if u > 0:
+                    e = delta[b, t, u - 1] + emit_lp[b, t, u - 1]
+                if u > 0 and (t == 0 or e > a):
+                    delta[b, t, u] = e
+                    from_emit[b, t, u] = 1
+                else:
+                    delta[b, t, u] = a
+                    from_emit[b, t, u] = 0
+        best[b] = delta[b, Tb - 1, Ub] + blank_lp[b, Tb - 1, Ub]
+
+
 # --------------------------------------------------------------------------- stage 3
 @njit(**_PAR)
 def cpu_gradient(
@@ -446,6 +480,18 @@ def cpu_gradient(
 
 
 # --------------------------------------------------------------------------- host side
+def cpu_best_path(saved, logit_lengths, target_lengths):
+    """Run ``cpu_viterbi`` on forward's saved arrays; ``(best (B,), from_emit (B, T, U1))``."""
+    _, blank_lp, emit_lp, _, _ = saved
+    T_len, U_len = np.asarray(logit_lengths), np.asarray(target_lengths)
+    delta = np.empty_like(blank_lp)
+    from_emit = np.zeros(blank_lp.shape, np.uint8)
+    best = np.empty(blank_lp.shape[0], blank_lp.dtype)
+    cpu_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best)
+    return best, from_emit
+
+
+
 def storage_view(x):
     """A view of ``x`` (torch tensor or numpy array) in the storage types the kernels take.
 

@@ -174,6 +174,40 @@ def cuda_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like, with
         cuda.syncthreads()
 
 
+@cuda.jit
+def cuda_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best):
+    """The max-product twin of stage 2, by anti-diagonals; same arrays and tie rule
+    (ties go to the blank) as ``cpu_viterbi``."""
+    B = blank_lp.shape[0]
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    for b in range(cuda.blockIdx.x, B, cuda.gridDim.x):
+        Tb = T_len[b]
+        Ub = U_len[b]
+        for n in range(Tb + Ub):
+            u_lo = max(0, n - Tb + 1)
+            for u in range(u_lo + tid, min(n, Ub) + 1, nt):
+                t = n - u
+                a = -math.inf
+                e = -math.inf
+                if n == 0:
+                    a = 0.0
+                if t > 0:
+                    a = delta[b, t - 1, u] + blank_lp[b, t - 1, u]
+                if u > 0:
+                    e = delta[b, t, u - 1] + emit_lp[b, t, u - 1]
+                if u > 0 and (t == 0 or e > a):
+                    delta[b, t, u] = e
+                    from_emit[b, t, u] = 1
+                else:
+                    delta[b, t, u] = a
+                    from_emit[b, t, u] = 0
+            cuda.syncthreads()
+        if tid == 0:
+            best[b] = delta[b, Tb - 1, Ub] + blank_lp[b, Tb - 1, Ub]
+        cuda.syncthreads()
+
+
 # --------------------------------------------------------------------------- stages 1 and 3
 @functools.cache
 def row_kernels(bf16: bool):
@@ -439,6 +473,20 @@ def cuda_forward(logits, targets, logit_lengths, target_lengths, blank, fused, n
     log_like = torch.where(bad, torch.full_like(log_like, math.nan), log_like)
     saved = (lse, blank_lp, emit_lp, alpha, beta, targets, t_len, u_len) if need_grad else None
     return log_like, bad, saved
+
+
+def cuda_best_path(saved, logit_lengths, target_lengths):
+    """Run ``cuda_viterbi`` on forward's saved arrays; ``(best (B,), from_emit (B, T, U1))``
+    as torch tensors on the logits' device."""
+    _, blank_lp, emit_lp, _, _, _, t_len, u_len = saved
+    delta = torch.empty_like(blank_lp)
+    from_emit = torch.zeros(blank_lp.shape, dtype=torch.uint8, device=blank_lp.device)
+    best = torch.empty(blank_lp.shape[0], dtype=blank_lp.dtype, device=blank_lp.device)
+    a = _as_kernel_array
+    cuda_viterbi[blank_lp.shape[0], CONFIG["threads_diag"], _stream()](
+        a(blank_lp), a(emit_lp), a(t_len), a(u_len), a(delta), a(from_emit), a(best),
+    )
+    return best, from_emit
 
 
 def cuda_backward(

@@ -8,6 +8,8 @@ inputs, picks the backend, applies the reduction, and wires stage 3 into
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -143,8 +145,16 @@ def _reduce(losses: torch.Tensor, reduction: str, weights: torch.Tensor) -> torc
 
 
 # --------------------------------------------------------------------------- backends
-def _engine(backend: str, logits: torch.Tensor):
-    """``(forward, backward)`` host functions of the chosen backend (stages 1-2, stage 3)."""
+class Engine(NamedTuple):
+    """A backend's host functions: stages 1-2, stage 3, and the Viterbi twin of stage 2."""
+
+    forward: Callable
+    backward: Callable
+    best_path: Callable
+
+
+def engine_for(backend: str, logits: torch.Tensor) -> Engine:
+    """The ``Engine`` of ``backend`` (``auto`` follows the logits' device); never a fallback."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
@@ -154,11 +164,11 @@ def _engine(backend: str, logits: torch.Tensor):
             raise ValueError(f"backend='cpu' needs CPU tensors; logits are on {logits.device}")
         from . import cpu
 
-        return cpu.cpu_forward, cpu.cpu_backward
+        return Engine(cpu.cpu_forward, cpu.cpu_backward, cpu.cpu_best_path)
     from . import cuda
 
     cuda.device_check(logits)
-    return cuda.cuda_forward, cuda.cuda_backward
+    return Engine(cuda.cuda_forward, cuda.cuda_backward, cuda.cuda_best_path)
 
 
 def _warn_nonfinite(log_like: torch.Tensor, bad: torch.Tensor) -> None:
@@ -183,8 +193,7 @@ def _warn_nonfinite(log_like: torch.Tensor, bad: torch.Tensor) -> None:
 class _RNNTLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, logit_lengths, target_lengths, opts):
-        forward, backward = opts["engine"]
-        log_like, bad, saved = forward(
+        log_like, bad, saved = opts["engine"].forward(
             logits, targets, logit_lengths, target_lengths,
             opts["blank"], opts["fused"], True,
         )
@@ -203,13 +212,12 @@ class _RNNTLossFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, targets, logit_lengths, target_lengths = ctx.saved_tensors
         opts = ctx.opts
-        forward, backward = opts["engine"]
         # Stays on grad_output's device: no host sync on the CUDA path.
         go = grad_output.detach().to(torch.float64)
         if opts["reduction"] != "none":
             go = go.expand(logits.shape[0])
         scale = go * opts["weights"].to(go.device)
-        grad = backward(
+        grad = opts["engine"].backward(
             logits, targets, logit_lengths, target_lengths, opts["blank"], opts["fused"],
             ctx.saved, ctx.log_like, scale, opts["fastemit_lambda"], opts["clamp"],
         )
@@ -269,13 +277,13 @@ def rnnt_loss(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-    engine = _engine(backend, logits if isinstance(logits, torch.Tensor) else torch.empty(0))
+    engine = engine_for(backend, logits if isinstance(logits, torch.Tensor) else torch.empty(0))
     index = (targets, logit_lengths, target_lengths)
     if validate is None:
         validate = not any(isinstance(x, torch.Tensor) and x.is_cuda for x in index)
     from .cpu import cpu_forward
 
-    validate = validate or engine[0] is cpu_forward  # CPU kernels trust their indices
+    validate = validate or engine.forward is cpu_forward  # CPU kernels trust their indices
     if validate:
         blank, y, t_len, u_len = check_inputs(logits, *index, blank)
     else:
@@ -292,7 +300,7 @@ def rnnt_loss(
     }
     if torch.is_grad_enabled() and logits.requires_grad:
         return _RNNTLossFunction.apply(logits, y, t_len, u_len, opts)
-    log_like, bad, _ = engine[0](logits, y, t_len, u_len, blank, opts["fused"], False)
+    log_like, bad, _ = engine.forward(logits, y, t_len, u_len, blank, opts["fused"], False)
     log_like = torch.as_tensor(log_like)
     if not log_like.is_cuda:
         _warn_nonfinite(log_like, torch.as_tensor(bad))

@@ -31,14 +31,14 @@ def default_format(output: str | None) -> str:
     return "tsv"
 
 
-def _cell(v) -> str:
+def _cell(v, spec: str = ".6f") -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"
         if math.isinf(v):
             return "inf" if v > 0 else "-inf"
-        text = f"{v:.6f}"
-        return "0.000000" if text == "-0.000000" else text
+        text = format(v, spec)
+        return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000000"
     return "" if v is None else str(v)
 
 
@@ -49,13 +49,18 @@ def _json_value(v):
 
 
 def render(rows: Sequence[dict], fields: Sequence[str], fmt: str, out: io.TextIOBase,
-           title: str | None = None) -> None:
-    """Write ``rows`` (dicts) restricted to ``fields`` to ``out`` in ``fmt``."""
+           title: str | None = None, specs: dict[str, str] | None = None) -> None:
+    """Write ``rows`` (dicts) restricted to ``fields`` to ``out`` in ``fmt``.
+
+    Floats print with 6 decimals in tsv/csv/table unless ``specs`` gives a field
+    its own format spec (e.g. ``".3e"``); json and jsonl keep full precision.
+    """
+    specs = specs or {}
     if fmt in ("tsv", "csv"):
         w = csv.writer(out, delimiter="\t" if fmt == "tsv" else ",", lineterminator="\n")
         w.writerow(fields)
         for r in rows:
-            w.writerow([_cell(r.get(f)) for f in fields])
+            w.writerow([_cell(r.get(f), specs.get(f, ".6f")) for f in fields])
     elif fmt == "jsonl":
         for r in rows:
             out.write(json.dumps({f: _json_value(r.get(f)) for f in fields}) + "\n")
@@ -70,7 +75,7 @@ def render(rows: Sequence[dict], fields: Sequence[str], fmt: str, out: io.TextIO
         for f in fields:
             table.add_column(f, justify="left" if f in ("utt_id", "token") else "right")
         for r in rows:
-            table.add_row(*(_cell(r.get(f)) for f in fields))
+            table.add_row(*(_cell(r.get(f), specs.get(f, ".6f")) for f in fields))
         # Wide enough that rich never truncates a header; the terminal wraps if it must.
         width = max(200, shutil.get_terminal_size().columns)
         Console(file=out, soft_wrap=False, width=width).print(table)

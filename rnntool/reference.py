@@ -121,3 +121,40 @@ def reference_gradients(
         losses[finite].sum().backward()
     grad = x.grad if x.grad is not None else torch.zeros_like(x)
     return losses.detach(), grad
+
+
+def reference_viterbi(
+    logits: torch.Tensor, labels: torch.Tensor, blank: int = 0, fused_log_softmax: bool = True
+) -> tuple[float, list[int]]:
+    """Best alignment of one utterance in float64: ``(log-prob, emission frame of each label)``.
+
+    logits ``(T, U+1, V)``, labels ``(U,)``. Plain double loop; on ties the
+    blank arc (from (t-1, u)) wins, the rule every backend follows.
+    """
+    T, U1, V = logits.shape
+    logp = torch.log_softmax(logits.double(), -1) if fused_log_softmax else logits.double()
+    blank = blank % V
+    neg_inf = float("-inf")
+    delta = [[neg_inf] * U1 for _ in range(T)]
+    came_by_emit = [[False] * U1 for _ in range(T)]
+    for t in range(T):
+        for u in range(U1):
+            if t == 0 and u == 0:
+                delta[0][0] = 0.0
+                continue
+            a = delta[t - 1][u] + float(logp[t - 1, u, blank]) if t > 0 else neg_inf
+            e = delta[t][u - 1] + float(logp[t, u - 1, int(labels[u - 1])]) if u > 0 else neg_inf
+            if u > 0 and (t == 0 or e > a):
+                delta[t][u], came_by_emit[t][u] = e, True
+            else:
+                delta[t][u] = a
+    best = delta[T - 1][U1 - 1] + float(logp[T - 1, U1 - 1, blank])
+    frames = [0] * (U1 - 1)
+    t, u = T - 1, U1 - 1
+    while t > 0 or u > 0:
+        if came_by_emit[t][u]:
+            u -= 1
+            frames[u] = t
+        else:
+            t -= 1
+    return best, frames

@@ -1,0 +1,109 @@
+"""Alignments on the loss engine: Viterbi best paths, emission posteriors, occupancy.
+
+Everything here reads the engine's compact ``(B, T, U+1)`` arrays (stage 1's
+log-probs, stage 2's alpha and beta, and the Viterbi twin of stage 2) on the
+chosen backend, then does O(B*T*U) bookkeeping in float64 numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .loss import check_inputs, engine_for
+
+
+@dataclass
+class Alignment:
+    """One utterance's alignment. ``T`` frames, ``U`` labels.
+
+    - ``loss``: ``-log P(y|x)`` over all alignments (nats).
+    - ``best_log_prob``: log-probability of the single best (Viterbi) alignment.
+    - ``frames`` ``(U,)``: the frame at which the best path emits each label.
+    - ``path`` ``(T+U, 2)``: the best path's nodes (t, u), in order, each node
+      left by the arc taken there (the last one by the final blank).
+    - ``expected_frames`` ``(U,)``: sum over t of t * P(label u emitted at t).
+    - ``frame_posteriors`` ``(U,)``: P(label u emitted at its Viterbi frame).
+    - ``emit_posteriors`` ``(T, U)``: P(label u emitted at t); each column sums to 1.
+    - ``occupancy`` ``(T, U+1)``: P(the alignment passes through (t, u)).
+    """
+
+    T: int
+    U: int
+    loss: float
+    best_log_prob: float
+    frames: np.ndarray
+    path: np.ndarray
+    expected_frames: np.ndarray
+    frame_posteriors: np.ndarray
+    emit_posteriors: np.ndarray
+    occupancy: np.ndarray
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _backtrack(from_emit: np.ndarray, T: int, U: int) -> tuple[np.ndarray, np.ndarray]:
+    frames = np.zeros(U, np.int64)
+    nodes = [(T - 1, U)]
+    t, u = T - 1, U
+    while t > 0 or u > 0:
+        if from_emit[t, u]:
+            u -= 1
+            frames[u] = t
+        else:
+            t -= 1
+        nodes.append((t, u))
+    return frames, np.array(nodes[::-1], np.int64)
+
+
+def align(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    logit_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    *,
+    blank: int = 0,
+    fused_log_softmax: bool = True,
+    backend: str = "auto",
+) -> list[Alignment]:
+    """Per-utterance alignments of a padded batch, on the CPU or CUDA backend.
+
+    Arguments as ``rnnt_loss`` (logits ``(B, T, U+1, V)``, targets ``(B, S)``,
+    lengths ``(B,)``). The Viterbi path breaks ties the same way on every
+    backend (the blank arc wins). Returns a list of ``Alignment``, one per
+    utterance, in batch order.
+    """
+    engine = engine_for(backend, logits if isinstance(logits, torch.Tensor) else torch.empty(0))
+    blank, y, t_len, u_len = check_inputs(logits, targets, logit_lengths, target_lengths, blank)
+    if logits.is_cuda:
+        y, t_len_d, u_len_d = (a.to(logits.device) for a in (y, t_len, u_len))
+    else:
+        t_len_d, u_len_d = t_len, u_len
+    with torch.no_grad():
+        log_like, _, saved = engine.forward(
+            logits, y, t_len_d, u_len_d, blank, bool(fused_log_softmax), True
+        )
+        best, from_emit = engine.best_path(saved, t_len_d, u_len_d)
+    with np.errstate(invalid="ignore"):  # nodes outside the lengths may hold garbage
+        blank_lp, emit_lp, alpha, beta = (_np(a).astype(np.float64) for a in saved[1:5])
+    log_like, best, from_emit = _np(log_like).astype(np.float64), _np(best), _np(from_emit)
+    out = []
+    for b in range(logits.shape[0]):
+        T, U = int(t_len[b]), int(u_len[b])
+        ll = log_like[b]
+        a, be = alpha[b, :T, : U + 1], beta[b, :T, : U + 1]
+        occupancy = np.exp(a + be - ll)
+        # P(emit label u at t) = alpha(t, u) * p(y_u | t, u) * beta(t, u+1) / P.
+        emit_post = np.exp(a[:, :U] + emit_lp[b, :T, :U] + be[:, 1:] - ll)
+        frames, path = _backtrack(from_emit[b], T, U)
+        out.append(Alignment(
+            T=T, U=U, loss=-ll, best_log_prob=float(best[b]), frames=frames, path=path,
+            expected_frames=(np.arange(T)[:, None] * emit_post).sum(0),
+            frame_posteriors=emit_post[frames, np.arange(U)],
+            emit_posteriors=emit_post, occupancy=occupancy,
+        ))
+    return out

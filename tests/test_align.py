@@ -1,0 +1,92 @@
+"""Alignments: Viterbi against a plain float64 Viterbi, posteriors against the reference."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_batch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rnntool import align
+from rnntool import cuda as rcuda
+from rnntool.reference import reference_rnnt_loss, reference_viterbi
+
+
+@given(B=st.integers(1, 3), T=st.integers(1, 7), U=st.integers(0, 5), V=st.integers(2, 7),
+       blank_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_viterbi_matches_float64_viterbi(B, T, U, V, blank_last, seed):
+    blank = V - 1 if blank_last else 0
+    x, y, t_len, u_len = random_batch(B, T, U, V, blank=blank, seed=seed, scale=2.0)
+    for b, al in enumerate(align(x, y, t_len, u_len, blank=blank)):
+        best, frames = reference_viterbi(x[b, : al.T, : al.U + 1], y[b, : al.U], blank=blank)
+        assert al.frames.tolist() == frames
+        assert al.best_log_prob == pytest.approx(best, abs=1e-4)
+        # The path is monotonic, starts at (0, 0), ends at (T-1, U), one step at a time.
+        p = al.path
+        assert p[0].tolist() == [0, 0] and p[-1].tolist() == [al.T - 1, al.U]
+        assert (np.diff(p, axis=0).sum(1) == 1).all() and (np.diff(p, axis=0) >= 0).all()
+
+
+def test_ties_go_to_blank_on_every_backend():
+    # All-equal logits: every alignment ties. The blank wins each tie into a node, so
+    # backtracking from (T-1, U) walks blanks back to frame 0: every label at frame 0.
+    x = torch.zeros(1, 5, 4, 6)
+    y, T, U = torch.tensor([[1, 2, 3]]), torch.tensor([5]), torch.tensor([3])
+    assert reference_viterbi(x[0], y[0])[1] == [0, 0, 0]
+    assert align(x, y, T, U, backend="cpu")[0].frames.tolist() == [0, 0, 0]
+    if rcuda.SIMULATOR:
+        with rcuda.config(threads_diag=2):
+            assert align(x, y, T, U, backend="cuda")[0].frames.tolist() == [0, 0, 0]
+
+
+def test_posteriors_and_occupancy():
+    x, y, t_len, u_len = random_batch(3, 8, 4, 6, seed=3)
+    ref = reference_rnnt_loss(x.double(), y, t_len, u_len)
+    for b, al in enumerate(align(x, y, t_len, u_len)):
+        assert al.loss == pytest.approx(float(ref[b]), abs=1e-4)
+        if al.U:
+            # Each label is emitted exactly once on every alignment.
+            np.testing.assert_allclose(al.emit_posteriors.sum(0), 1.0, atol=1e-5)
+            np.testing.assert_allclose(al.frame_posteriors,
+                                       al.emit_posteriors[al.frames, np.arange(al.U)])
+            assert ((al.expected_frames >= 0) & (al.expected_frames <= al.T - 1)).all()
+        # Every alignment passes through (0, 0) and (T-1, U); one node per diagonal.
+        assert al.occupancy[0, 0] == pytest.approx(1.0, abs=1e-5)
+        assert al.occupancy[-1, -1] == pytest.approx(1.0, abs=1e-5)
+        diag = np.add.outer(np.arange(al.T), np.arange(al.U + 1))
+        for n in range(al.T + al.U):
+            assert al.occupancy[diag == n].sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_expected_frames_against_reference_autograd():
+    # d loss / d emit_lp[t, u] = -P(emit y_u at t): the reference's gradient w.r.t.
+    # log-prob inputs gives the emission posteriors independently of alpha/beta.
+    x, y, t_len, u_len = random_batch(1, 7, 3, 5, seed=9, mixed=False)
+    logp = torch.log_softmax(x.double(), -1).requires_grad_(True)
+    reference_rnnt_loss(logp, y, t_len, u_len, fused_log_softmax=False).sum().backward()
+    post = -logp.grad[0, :, :3].gather(-1, y[0].view(1, 3, 1).expand(7, 3, 1))[..., 0]
+    al = align(x, y, t_len, u_len)[0]
+    np.testing.assert_allclose(al.emit_posteriors, post.numpy(), atol=1e-5)
+    np.testing.assert_allclose(al.expected_frames, (torch.arange(7.0)[:, None] * post).sum(0),
+                               atol=1e-4)
+
+
+@pytest.mark.skipif(not rcuda.SIMULATOR, reason="the CUDA kernels run in the simulator here")
+def test_cuda_align_matches_cpu():
+    x, y, t_len, u_len = random_batch(3, 6, 4, 5, seed=17, scale=2.0)
+    with rcuda.config(threads_diag=2, threads_v=4, rows_per_block=2):
+        gpu = align(x, y, t_len, u_len, backend="cuda")
+    cpu = align(x, y, t_len, u_len, backend="cpu")
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a.frames.tolist() == b.frames.tolist()
+        assert a.best_log_prob == pytest.approx(b.best_log_prob, abs=1e-5)
+        np.testing.assert_allclose(a.occupancy, b.occupancy, atol=1e-5)
+
+
+def test_fastemit_moves_nothing_in_the_forward():
+    # FastEmit changes gradients only: alignments of the same logits are identical.
+    from rnntool import rnnt_loss
+
+    x, y, t_len, u_len = random_batch(2, 6, 3, 5, seed=21)
+    assert torch.equal(rnnt_loss(x, y, t_len, u_len, fastemit_lambda=0.5),
+                       rnnt_loss(x, y, t_len, u_len))
