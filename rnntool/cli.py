@@ -198,10 +198,12 @@ def score(
                                           "where raw data could be mapped (CPU).")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Per-utterance RNN-T losses of dumped logits: utt_id, T, U, loss (nats), loss_per_frame,
-    loss_per_token, and stored_loss/loss_diff when the dump carries the trainer's loss.
+    """Per-utterance RNN-T losses of dumped logits.
 
-    Exit 1 if any loss is not finite (those utterances are named on stderr).
+    One row per utterance: utt_id, T, U, loss (-log P(y|x), nats), loss_per_frame,
+    loss_per_token (loss / max(U, 1)); and stored_loss, loss_diff when the dump
+    carries the trainer's own loss. A summary goes to stderr. Exit 1 if any loss
+    is not finite (those utterances are named on stderr; the rest are still written).
     """
     from .output import check_writable, open_output, render
     from .score import SCORE_FIELDS, STORED_FIELDS, score_reader, summarize
@@ -256,8 +258,13 @@ def inspect(
     fmt: Annotated[str | None, typer.Option("--format", "-f", help="text|json.")] = None,
     blank: Blank = None,
 ) -> None:
-    """What a dump holds: layout, blank, vocab, input kind, utterances, T/U/V ranges, dtypes,
-    size; and every validation problem found, one line each on stderr (exit 1 if any)."""
+    """What a dump holds, and every problem in it.
+
+    Prints layout, blank, vocab, input kind, number of utterances, T/U/V ranges,
+    dtypes and size; every validation problem found (labels, lengths, shapes,
+    NaN/+inf logits) goes to stderr, one line each with the utterance id, and
+    makes the exit code 1.
+    """
     import json
 
     import numpy as np
@@ -356,8 +363,14 @@ def align_cmd(
     utt_list: UttList = None,
     quiet: Quiet = False,
 ) -> None:
-    """Where each token is emitted: one row per token with utt_id, position, token_id, token,
-    frame (on the best path), expected_frame (posterior mean), frame_posterior."""
+    """Where each token is emitted, on the best path and in expectation.
+
+    One row per token: utt_id, position (0-based), token_id, token (from the
+    dump's vocab), frame (Viterbi emission frame), expected_frame (posterior
+    mean over all alignments), frame_posterior (probability of emitting the token
+    at that frame). In table mode each utterance's best-path log-probability and
+    full loss go to stderr.
+    """
     from .align import align
     from .output import check_writable, open_output, render
 
@@ -403,8 +416,12 @@ def plot(
     utt_list: UttList = None,
     quiet: Quiet = False,
 ) -> None:
-    """One PNG per utterance, OUT_DIR/<utt_id>.png: log occupancy of the T x (U+1) lattice
-    with the best path, and the per-node gradient norm."""
+    """Heatmaps of each utterance's T x (U+1) lattice, as OUT_DIR/<utt_id>.png.
+
+    Two panels: log node occupancy with the Viterbi path over it, and the
+    per-node gradient norm ||d loss / d logits[t, u, :]||. Long utterances are
+    reduced by block maxima (the figure says so).
+    """
     from .align import align
     from .loss import rnnt_loss
     from .output import umask_perms
@@ -460,10 +477,14 @@ def grad_check(
     atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance.")] = 1e-5,
     quiet: Quiet = False,
 ) -> None:
-    """Check gradients w.r.t. the logits: the engine against the float64 reference (every
-    entry), the reference against central finite differences (--samples entries), the
-    dump's stored `grads` (a trainer's) against the reference, and CPU against CUDA when
-    both run here. PASS when |a - b| <= atol + rtol * |b| everywhere. Exit 1 if any fails."""
+    """Check gradients w.r.t. the logits against a float64 reference.
+
+    Per utterance: the engine against the float64 reference (every entry); the
+    reference against central finite differences (--samples entries); the dump's
+    stored `grads` (a trainer's gradient of that utterance's loss) against the
+    reference; and CPU against CUDA when both run here. A check passes when
+    |a - b| <= atol + rtol * |b| everywhere. Exit 1 if any fails.
+    """
     from .gradcheck import cuda_usable, grad_check_utterance
     from .output import check_writable, open_output, render
 
