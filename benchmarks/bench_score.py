@@ -11,10 +11,11 @@ with varied T and U, then prints, from one run:
   command on a tiny dump, against the largest utterance (mapped) or the
   largest padded batch (``--no-mmap``).
 
-Both reads come from the page cache after a warm-up pass, so this measures the
-engine and the data path, not the disk.
+By default every pass reads from the page cache (after a warm-up pass), which
+measures the engine and the data path, not the disk; ``--cold`` (root, Linux)
+empties the page cache before each pass instead, as when a dump is scored once.
 
-    python benchmarks/bench_score.py [--gb 1.0] [--dir /tmp/rnntool-bench] [--batch-mb 256]
+    python benchmarks/bench_score.py [--gb 1.0] [--dir /tmp/rnntool-bench] [--batch-mb 256] [--cold]
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def make_dump(path: str, gb: float, V: int = 512, seed: int = 0, max_t: int = 40
             total += x.nbytes
             n += 1
     print(f"made {path}: {n} utterances, {total / 1e9:.2f} GB of float16 logits")
+
+
+def drop_page_cache() -> None:
+    """Empty Linux's page cache (root only), so the next read comes from the disk."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1")
 
 
 def h5py_read(path: str) -> tuple[float, int]:
@@ -87,7 +95,15 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/rnntool-bench")
     ap.add_argument("--batch-mb", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cold", action="store_true",
+                    help="empty the page cache before every timed pass (Linux, root): "
+                    "reads come from the disk, as for a dump scored once")
     args = ap.parse_args()
+    if args.cold:
+        try:
+            drop_page_cache()
+        except OSError as e:
+            sys.exit(f"--cold needs root on Linux: {e}")
     os.makedirs(args.dir, exist_ok=True)
     big = os.path.join(args.dir, f"score-{args.gb:g}gb.h5")
     tiny = os.path.join(args.dir, "score-tiny.h5")
@@ -101,13 +117,19 @@ def main() -> None:
         rnntool_score(big, args.batch_mb, zc)
     reads, mapped, batched = [], [], []
     nbytes = 0
+    cold = drop_page_cache if args.cold else (lambda: None)
     for _ in range(args.repeats):  # interleaved, so all see the same machine
+        cold()
         t, nbytes = h5py_read(big)
         reads.append(t)
+        cold()
         mapped.append(rnntool_score(big, args.batch_mb, True))
+        cold()
         batched.append(rnntool_score(big, args.batch_mb, False))
     t_read = statistics.median(reads)
-    print(f"{nbytes / 1e9:.2f} GB float16 logits, median of {args.repeats}:")
+    where = "from the disk (page cache emptied before each pass)" if args.cold else \
+        "from the page cache"
+    print(f"{nbytes / 1e9:.2f} GB float16 logits {where}, median of {args.repeats}:")
     print(f"  h5py read                 {t_read:7.3f} s  {nbytes / t_read / 1e9:6.2f} GB/s")
     for name, ts in (("rnntool score", mapped), ("rnntool score --no-mmap", batched)):
         t = statistics.median(ts)

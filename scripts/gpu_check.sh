@@ -4,7 +4,8 @@
 #   make gpu-wheels                  # here, once: pytest, hypothesis, warprnnt_numba wheels into .whl/
 #   bash scripts/gpu_check.sh        # there, from the checkout root (carry .whl)
 #
-# Runs the `cuda`-marked tests, compares CUDA with CPU on random batches,
+# Runs the `cuda`-marked tests, compares CUDA with CPU on random batches (loss,
+# gradient, and align's Viterbi paths and posteriors),
 # and benchmarks rnntool against torchaudio's CUDA rnnt_loss and warprnnt_numba
 # at B32 T400 U100 V1024 and B16 T1000 U300 V128 in float32 and float16.
 # Everything it prints is also written to $OUT/gpu_check.log when OUT is set.
@@ -42,6 +43,16 @@ for B, T, U, V, dt in [(4, 50, 20, 40, torch.float32), (3, 33, 17, 129, torch.fl
     dl = (res["cpu"][0] - res["cuda"][0]).abs().max().item()
     dg = (res["cpu"][1] - res["cuda"][1]).abs().max().item()
     print(f"B{B} T{T} U{U} V{V} {dt}: max |loss diff| {dl:.3g}  max |grad diff| {dg:.3g}")
+# align: Viterbi frames and posteriors, CUDA against CPU
+x = torch.randn(6, 120, 31, 64) * 3
+y = torch.randint(1, 64, (6, 30)); Tl = torch.full((6,), 120); Ul = torch.full((6,), 30)
+cpu = rnntool.align(x, y, Tl, Ul, backend="cpu")
+gpu = rnntool.align(x.cuda(), y.cuda(), Tl.cuda(), Ul.cuda(), backend="cuda")
+same = sum(a.frames.tolist() == b.frames.tolist() for a, b in zip(cpu, gpu))
+dbest = max(abs(a.best_log_prob - b.best_log_prob) for a, b in zip(cpu, gpu))
+docc = max(float(abs(a.occupancy - b.occupancy).max()) for a, b in zip(cpu, gpu))
+print(f"align: {same}/6 identical Viterbi paths, max |best log P diff| {dbest:.3g}, "
+      f"max |occupancy diff| {docc:.3g}")
 PY
 
 for dtype in float32 float16; do
