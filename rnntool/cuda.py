@@ -410,7 +410,9 @@ def _as_kernel_array(x: torch.Tensor):
         x = x.view(torch.int16)
     if SIMULATOR:
         return x.detach().numpy()
-    return cuda.as_cuda_array(x.detach())  # pragma: no cover - needs a GPU
+    # sync=False: the kernels run on torch's current stream, after whatever wrote
+    # the tensor; numba's default would synchronise the host with that stream.
+    return cuda.as_cuda_array(x.detach(), sync=False)  # pragma: no cover - needs a GPU
 
 
 def _stream():
