@@ -83,10 +83,24 @@ def test_cuda_align_matches_cpu():
         np.testing.assert_allclose(a.occupancy, b.occupancy, atol=1e-5)
 
 
-def test_fastemit_moves_nothing_in_the_forward():
-    # FastEmit changes gradients only: alignments of the same logits are identical.
+def test_fastemit_training_moves_emissions_earlier():
+    # FastEmit's point, seen through align: the same gradient descent on the same logits
+    # ends with earlier expected emission frames the larger lambda is.
     from rnntool import rnnt_loss
 
-    x, y, t_len, u_len = random_batch(2, 6, 3, 5, seed=21)
-    assert torch.equal(rnnt_loss(x, y, t_len, u_len, fastemit_lambda=0.5),
-                       rnnt_loss(x, y, t_len, u_len))
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 16, 5, 7)
+    y = torch.randint(1, 7, (4, 4))
+    T, U = torch.full((4,), 16), torch.full((4,), 4)
+
+    def mean_expected_frame(lam):
+        x = x0.clone().requires_grad_(True)
+        opt = torch.optim.SGD([x], lr=0.5)
+        for _ in range(30):
+            opt.zero_grad()
+            rnnt_loss(x, y, T, U, fastemit_lambda=lam, reduction="sum").backward()
+            opt.step()
+        return np.mean([a.expected_frames.mean() for a in align(x.detach(), y, T, U)])
+
+    frames = [mean_expected_frame(lam) for lam in (0.0, 0.5, 2.0)]
+    assert frames[0] > frames[1] > frames[2]
