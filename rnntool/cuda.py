@@ -90,6 +90,12 @@ def _load_plain(a, i):
 
 
 @cuda.jit(device=True, inline=True)
+def _load_f16(a, i):
+    """float16 -> float32: lattice math stays float32 for half inputs."""
+    return numba.float32(a[i])
+
+
+@cuda.jit(device=True, inline=True)
 def _load_bf16(a, i):
     """bfloat16 bits (int16) -> float32."""
     return _f32_from_bits(np.uint32(np.uint16(a[i])) << np.uint32(16))
@@ -210,14 +216,17 @@ def cuda_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best):
 
 # --------------------------------------------------------------------------- stages 1 and 3
 @functools.cache
-def row_kernels(bf16: bool):
-    """``(cuda_normalise, cuda_gradient)`` for one storage kind.
+def row_kernels(kind: str):
+    """``(cuda_normalise, cuda_gradient)`` for one storage kind: float32, float64,
+    float16 or bfloat16.
 
-    bfloat16 gets its own compiled twins (bit conversions); every other dtype
-    is read and written as it is. Built once per kind.
+    Each kind gets its own compiled twins: its loads and stores, and its lattice
+    type ``lat`` (float64 for float64, else float32) for every scalar, so that
+    no float32 input pays for double-precision math on the GPU. Built once per kind.
     """
-    _load = _load_bf16 if bf16 else _load_plain
-    _store = _store_bf16 if bf16 else _store_plain
+    _load = {"bfloat16": _load_bf16, "float16": _load_f16}.get(kind, _load_plain)
+    _store = _store_bf16 if kind == "bfloat16" else _store_plain
+    lat = numba.float64 if kind == "float64" else numba.float32
 
     @cuda.jit
     def cuda_normalise(
@@ -231,7 +240,7 @@ def row_kernels(bf16: bool):
         ``(B, T, U1)`` ``blank_lp``, ``emit_lp``
         and the uint8 ``bad_row`` (NaN/+inf in the row, or a label outside [0, V)
         or equal to blank). Launch with a ``(threads_v, rows)`` block and
-        ``2 * threads_v * rows`` float64 of dynamic shared memory.
+        ``2 * threads_v * rows`` lattice floats of dynamic shared memory.
         """
         B, T, U1, V = logits.shape
         # The dummy is (1, 1, 1, 2): checking B alone would write past it when B = 1.
@@ -241,7 +250,7 @@ def row_kernels(bf16: bool):
         ty = cuda.threadIdx.y
         nx = cuda.blockDim.x
         ny = cuda.blockDim.y
-        buf = cuda.shared.array(0, dtype=numba.float64)
+        buf = cuda.shared.array(0, dtype=lat)
         me = ty * nx + tx
         flags = nx * ny  # second half of buf: non-finite flags
         start = np.int64(cuda.blockIdx.x) * ny
@@ -252,14 +261,14 @@ def row_kernels(bf16: bool):
             b, t, u = _node(row, T, U1)
             if row < nodes:
                 valid = t < T_len[b] and u <= U_len[b]
-            m = -math.inf
-            flag = 0.0
+            m = lat(-math.inf)
+            flag = lat(0.0)
             if valid:
                 x_row = logits[b, t, u]
                 for v in range(tx, V, nx):
                     x = _load(x_row, v)
                     if not x < math.inf:  # NaN or +inf
-                        flag = 1.0
+                        flag = lat(1.0)
                     if x > m:
                         m = x
             buf[me] = m
@@ -275,7 +284,7 @@ def row_kernels(bf16: bool):
             m = buf[ty * nx]
             nonfinite = buf[flags + ty * nx] > 0.0 or (fused and m == -math.inf)
             cuda.syncthreads()
-            total = 0.0
+            total = lat(0.0)
             if valid and fused and not nonfinite:
                 x_row = logits[b, t, u]
                 for v in range(tx, V, nx):
@@ -294,10 +303,10 @@ def row_kernels(bf16: bool):
                     emit_lp[b, t, u] = -math.inf
                 else:
                     x_row = logits[b, t, u]
-                    hi = 0.0
-                    lo = 0.0
+                    hi = lat(0.0)
+                    lo = lat(0.0)
                     if nonfinite:
-                        lo = math.nan
+                        lo = lat(math.nan)
                     elif fused:
                         hi = m
                         lo = math.log(buf[ty * nx])
@@ -344,7 +353,7 @@ def row_kernels(bf16: bool):
             Ub = U_len[b]
             if t >= Tb or u > Ub or not abs(ll) < math.inf:
                 for v in range(tx, V, nx):
-                    _store(out, v, 0.0)
+                    _store(out, v, lat(0.0))
                 continue
             x_row = logits[b, t, u]
             a = alpha[b, t, u]
@@ -363,18 +372,22 @@ def row_kernels(bf16: bool):
                 y = labels[b, u]
             hi = lse[b, t, u, 0]
             lo = lse[b, t, u, 1]
-            occ = p_blank + p_emit
-            s = scale[b]
+            # Per-node scalars above may be float64; the loop over V runs in lat.
+            pb = lat(p_blank)
+            pe = lat(p_emit)
+            occ = pb + pe
+            s = lat(scale[b])
+            c = lat(clamp)
             for v in range(tx, V, nx):
-                g = 0.0
+                g = lat(0.0)
                 if fused:
                     g = math.exp((_load(x_row, v) - hi) - lo) * occ
                 if v == blank:
-                    g -= p_blank
+                    g -= pb
                 if v == y:
-                    g -= p_emit
-                if clamp > 0:
-                    g = min(max(g, -clamp), clamp)
+                    g -= pe
+                if c > 0:
+                    g = min(max(g, -c), c)
                 _store(out, v, g * s)
 
 
@@ -457,9 +470,9 @@ def cuda_forward(logits, targets, logit_lengths, target_lengths, blank, fused, n
     bad_row = torch.zeros(B, T, U1, dtype=torch.uint8, device=dev)
     lse = torch.empty((B, T, U1, 2) if need_grad else (1, 1, 1, 2), dtype=lat, device=dev)
     stream = _stream()
-    cuda_normalise, _ = row_kernels(logits.dtype == torch.bfloat16)
+    cuda_normalise, _ = row_kernels(str(logits.dtype).removeprefix("torch."))
     blocks, block = _row_launch(B * T * U1)
-    shared = 2 * block[0] * block[1] * 8
+    shared = 2 * block[0] * block[1] * lse.element_size()
     a = _as_kernel_array
     cuda_normalise[blocks, block, stream, shared](
         a(logits), a(targets), a(t_len), a(u_len), blank, fused,
@@ -506,7 +519,7 @@ def cuda_backward(
     scale = torch.as_tensor(scale).to(dev, lse.dtype)
     blocks, block = _row_launch(B * T * U1)
     a = _as_kernel_array
-    _, cuda_gradient = row_kernels(logits.dtype == torch.bfloat16)
+    _, cuda_gradient = row_kernels(str(logits.dtype).removeprefix("torch."))
     cuda_gradient[blocks, block, _stream()](
         a(logits), a(targets), a(t_len), a(u_len), blank, fused,
         a(lse), a(blank_lp), a(emit_lp), a(alpha), a(beta),
