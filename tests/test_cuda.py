@@ -73,7 +73,9 @@ def test_simulated_cuda_long_label_sequence():
 def test_simulated_cuda_nan_logits_give_nan_loss():
     logits, labels, t_len, u_len = random_batch(2, 3, 2, 5, seed=13, mixed=False)
     logits[1, 1, 1, 2] = float("nan")
-    loss, grad = run_engine(logits, labels, t_len, u_len, backend="cuda")
+    # The simulator's tensors are CPU tensors, so the warning (CPU only) is given.
+    with pytest.warns(RuntimeWarning, match=r"utterance\(s\) \[1\]"):
+        loss, grad = run_engine(logits, labels, t_len, u_len, backend="cuda")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[0])
     assert float(grad[1].abs().max()) == 0.0
 
@@ -86,7 +88,7 @@ def test_simulated_cuda_validates_like_cpu():
         rnnt_loss(logits, labels, t_len, u_len, backend="cuda")
     # Unvalidated (the sync-free CUDA path): bad utterances give NaN, never a bad read.
     t_len[0] = 9
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="validate=False"):
         loss = rnnt_loss(logits, labels, t_len, u_len, backend="cuda", reduction="none",
                          validate=False)
     assert torch.isnan(loss).all()
