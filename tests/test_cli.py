@@ -108,9 +108,22 @@ def test_score_selection_and_blank(dump, tmp_path):
     lst.write_text(f"{ids[0]}\n{ids[5]}\n")
     result = invoke("score", path, "--utt-list", lst, "-f", "tsv", "-q")
     assert [r["utt_id"] for r in rows_of(result.stdout)] == [ids[0], ids[5]]
-    # --blank overrides the file: labels equal to the new blank are bad input.
-    result = invoke("score", path, "--blank", "1", "-f", "tsv", "-q")
-    assert result.exit_code in (0, 2)
+    # --blank overrides the file's: a label equal to the new blank is bad input ...
+    with h5py.File(path, "r") as f:
+        first = int(f[f"utts/{ids[0]}/labels"][0])
+        used = {int(v) for u in ids for v in f[f"utts/{u}/labels"][()]}
+    result = invoke("score", path, "--blank", str(first), "-f", "tsv", "-q")
+    assert result.exit_code == 2 and "equals blank" in result.stderr
+    # ... and an unused token as blank gives the engine's losses with that blank.
+    x = torch.randn(2, 4, 3, 5)
+    y = torch.tensor([[1, 2], [2, 1]])
+    small = tmp_path / "small.h5"
+    with DumpWriter(small) as w:
+        w.add_batch(x, y, torch.tensor([4, 4]), torch.tensor([2, 2]))
+    got = rows_of(invoke("score", small, "--blank", "3", "-f", "tsv", "-q").stdout)
+    want = rnnt_loss(x, y, torch.tensor([4, 4]), torch.tensor([2, 2]), blank=3, reduction="none")
+    assert [float(r["loss"]) for r in got] == pytest.approx(want.tolist(), abs=2e-6)
+    assert used  # the first utterance has labels
 
 
 def test_score_output_file_is_atomic_and_complete(dump, tmp_path):
