@@ -127,6 +127,12 @@ def _resolve_device(device: str) -> str:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise fail("--device cuda: no usable CUDA GPU here (torch.cuda.is_available() "
+                       "is False); use --device cpu")
     return device
 
 

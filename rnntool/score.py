@@ -166,7 +166,7 @@ def _score_batches(reader, groups, device, on_batch):
                 pending = pool.submit(_load_batch, reader, groups[k + 1], stores[(k + 1) % 2])
             x = torch.from_numpy(logits)
             y, T, U = (torch.from_numpy(a) for a in (labels, t_len, u_len))
-            if device == "cuda":
+            if device == "cuda" and torch.cuda.is_available():  # else: the simulator's CPU tensors
                 x, y, T, U = (a.to("cuda", non_blocking=True) for a in (x, y, T, U))
             losses = _engine_losses(reader, x, y, T, U, backend)
             del x, logits

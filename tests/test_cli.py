@@ -296,3 +296,38 @@ def test_zero_copy_and_batched_paths_agree(tmp_path, layout):
     assert mapped == batched
     expected = rnnt_loss(x, y, T, U, reduction="none")
     assert [float(r["loss"]) for r in mapped] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_device_cuda_without_gpu_is_one_line(dump, monkeypatch):
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    path, _, _ = dump
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    one_line_error(invoke("score", path, "--device", "cuda"), "--device cuda: no usable CUDA GPU")
+
+
+def test_score_on_the_simulated_cuda_backend(dump):
+    # conftest turns the simulator on: --device cuda runs the CUDA kernels on CPU tensors.
+    path, ids, (x, y, T, U) = dump
+    from rnntool import cuda as rcuda
+
+    if not rcuda.SIMULATOR:
+        pytest.skip("needs the simulator")
+    with rcuda.config(threads_v=4, rows_per_block=2, threads_diag=2):
+        rows = rows_of(invoke("score", path, "--device", "cuda", "-f", "tsv", "-q",
+                              "--utt", ids[0], "--utt", ids[1]).stdout)
+    want = rnnt_loss(x[:2], y[:2], T[:2], U[:2], reduction="none")
+    assert [float(r["loss"]) for r in rows] == pytest.approx(want.tolist(), abs=2e-5)
+
+
+def test_log_probs_dump_scores_like_logits(tmp_path):
+    x, y, T, U = random_batch(3, 6, 3, 5, seed=51)
+    a, b = tmp_path / "logits.h5", tmp_path / "logp.h5"
+    with DumpWriter(a) as w:
+        w.add_batch(x, y, T, U)
+    with DumpWriter(b, input_kind="log_probs") as w:
+        w.add_batch(torch.log_softmax(x, -1), y, T, U)
+    ra = rows_of(invoke("score", a, "-f", "tsv", "-q").stdout)
+    rb = rows_of(invoke("score", b, "-f", "tsv", "-q").stdout)
+    assert [float(r["loss"]) for r in ra] == pytest.approx([float(r["loss"]) for r in rb],
+                                                           abs=2e-5)
