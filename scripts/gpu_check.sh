@@ -9,6 +9,7 @@
 # and benchmarks rnntool against torchaudio's CUDA rnnt_loss and warprnnt_numba
 # at B32 T400 U100 V1024 and B16 T1000 U300 V128 in float32 and float16.
 # Everything it prints is also written to $OUT/gpu_check.log when OUT is set.
+# Worst case about 510 s (every step at its timeout); run it with timeout_s=560.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${OUT:-/tmp}/gpu_check.log
@@ -22,10 +23,10 @@ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,no
 python3 -c "import torch, numba; print('torch', torch.__version__, 'numba', numba.__version__)"
 
 echo "== cuda-marked tests"
-timeout 240 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider || echo "TESTS FAILED"
+timeout 120 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider || echo "TESTS FAILED"
 
 echo "== CUDA vs CPU on random batches"
-timeout 180 python3 - <<'PY' || echo "COMPARE FAILED"
+timeout 90 python3 - <<'PY' || echo "COMPARE FAILED"
 import torch, rnntool
 torch.manual_seed(0)
 for B, T, U, V, dt in [(4, 50, 20, 40, torch.float32), (3, 33, 17, 129, torch.float16),
@@ -57,6 +58,6 @@ PY
 
 for dtype in float32 float16; do
   echo "== benchmark $dtype"
-  timeout 200 python3 benchmarks/bench_loss.py --device cuda --dtype $dtype --repeats 10 \
+  timeout 150 python3 benchmarks/bench_loss.py --device cuda --dtype $dtype --repeats 10 \
     --shapes 32,400,100,1024 16,1000,300,128 || echo "BENCH FAILED ($dtype)"
 done

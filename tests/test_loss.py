@@ -255,3 +255,17 @@ def test_zero_length_targets_is_the_all_blank_path():
                      torch.tensor([0]), reduction="none")
     expected = -torch.log_softmax(logits.double(), -1)[0, :, 0, 0].sum()
     assert abs(float(loss) - float(expected)) < 1e-5
+
+
+def test_no_size_limits_on_the_cpu():
+    # The kernels this replaces cap U+1 and B at 1024; nothing here does.
+    logits, labels, t_len, u_len = random_batch(1, 2, 1999, 3, seed=53, mixed=False)
+    assert logits.shape[2] == 2000
+    assert_matches_reference(logits.double(), labels, t_len, u_len)
+    # float32: alpha, beta and log P near -3000 keep ~4 digits of exp(alpha + beta - log P).
+    assert_matches_reference(logits, labels, t_len, u_len, grad_rtol=1e-2)
+    logits, labels, t_len, u_len = random_batch(2048, 2, 1, 3, seed=59)
+    loss, _ = run_engine(logits, labels, t_len, u_len)
+    ref = reference_loss_and_grad(logits[:64].double(), labels[:64], t_len[:64], u_len[:64])[0]
+    torch.testing.assert_close(loss[:64].double(), ref, atol=1e-5, rtol=1e-6)
+    assert torch.isfinite(loss).all() and loss.shape == (2048,)
