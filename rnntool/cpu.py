@@ -27,6 +27,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from . import lattice
+
 # error_model="numpy": IEEE results for x/0 rather than exceptions (and no checks in hot loops).
 _PAR = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
 
@@ -266,12 +268,8 @@ def _key16(bits: int) -> np.int16:
     return np.int16(b ^ ((b >> 15) & 0x7FFF))
 
 
-_KEY16 = {  # (+inf key, -inf key) of float16 and bfloat16
-    "f16": (_key16(0x7C00), _key16(0xFC00)),
-    "bf16": (_key16(0x7F80), _key16(0xFF80)),
-}
-_F16_POS_INF, _F16_NEG_INF = _KEY16["f16"]
-_BF16_POS_INF, _BF16_NEG_INF = _KEY16["bf16"]
+_F16_POS_INF, _F16_NEG_INF = _key16(0x7C00), _key16(0xFC00)
+_BF16_POS_INF, _BF16_NEG_INF = _key16(0x7F80), _key16(0xFF80)
 
 
 @njit(cache=True, error_model="numpy")
@@ -347,18 +345,8 @@ def _sum_exp(row, m, zero):
     return s
 
 
-
-
-@njit(cache=True)
-def _logaddexp(a, b):
-    """log(exp(a) + exp(b)) that is exact when either side is -inf."""
-    if a == -np.inf:
-        return b
-    if b == -np.inf:
-        return a
-    if a > b:
-        return a + math.log1p(math.exp(b - a))
-    return b + math.log1p(math.exp(a - b))
+_logaddexp = njit(cache=True)(lattice.logaddexp)
+_emission_wins = njit(cache=True)(lattice.emission_wins)
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -502,7 +490,7 @@ def cpu_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best):
                     a = delta[b, t - 1, u] + blank_lp[b, t - 1, u]
                 if u > 0:
                     e = delta[b, t, u - 1] + emit_lp[b, t, u - 1]
-                if u > 0 and (t == 0 or e > a):
+                if _emission_wins(a, e, t, u):
                     delta[b, t, u] = e
                     from_emit[b, t, u] = 1
                 else:

@@ -33,6 +33,8 @@ import torch
 from numba import config as numba_config
 from numba import cuda
 
+from . import lattice
+
 SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
 
 # Tunables, in one place. Tests shrink them so that multi-chunk paths run.
@@ -117,16 +119,8 @@ def _store_bf16(a, i, x):
     a[i] = np.int16(np.int32(r) - 65536 if r >= np.uint32(0x8000) else np.int32(r))
 
 
-@cuda.jit(device=True, inline=True)
-def _logaddexp(a, b):
-    """log(exp(a) + exp(b)) that is exact when either side is -inf."""
-    if a == -math.inf:
-        return b
-    if b == -math.inf:
-        return a
-    if a > b:
-        return a + math.log1p(math.exp(b - a))
-    return b + math.log1p(math.exp(a - b))
+_logaddexp = cuda.jit(device=True, inline=True)(lattice.logaddexp)
+_emission_wins = cuda.jit(device=True, inline=True)(lattice.emission_wins)
 
 
 @cuda.jit(device=True, inline=True)
@@ -202,7 +196,7 @@ def cuda_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best):
                     a = delta[b, t - 1, u] + blank_lp[b, t - 1, u]
                 if u > 0:
                     e = delta[b, t, u - 1] + emit_lp[b, t, u - 1]
-                if u > 0 and (t == 0 or e > a):
+                if _emission_wins(a, e, t, u):
                     delta[b, t, u] = e
                     from_emit[b, t, u] = 1
                 else:
