@@ -121,6 +121,11 @@ def check_inputs(
     return blank, y, t_len, u_len
 
 
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+
+
 def reduction_weights(
     reduction: str, logit_lengths: torch.Tensor, target_lengths: torch.Tensor
 ) -> torch.Tensor:
@@ -132,10 +137,9 @@ def reduction_weights(
         return torch.full((B,), 1.0 / B, dtype=torch.float64)
     if reduction == "mean_frames":
         return 1.0 / (B * logit_lengths.to(torch.float64))
-    if reduction == "mean_tokens":
-        tokens = target_lengths.clamp(min=1).sum().to(torch.float64)
-        return torch.full((B,), 1.0, dtype=torch.float64) / tokens
-    raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    _check_reduction(reduction)
+    tokens = target_lengths.clamp(min=1).sum().to(torch.float64)  # mean_tokens
+    return torch.full((B,), 1.0, dtype=torch.float64) / tokens
 
 
 def _reduce(losses: torch.Tensor, reduction: str, weights: torch.Tensor) -> torch.Tensor:
@@ -146,11 +150,17 @@ def _reduce(losses: torch.Tensor, reduction: str, weights: torch.Tensor) -> torc
 
 # --------------------------------------------------------------------------- backends
 class Engine(NamedTuple):
-    """A backend's host functions: stages 1-2, stage 3, and the Viterbi twin of stage 2."""
+    """A backend's host functions: stages 1-2, stage 3, and the Viterbi twin of stage 2.
+
+    ``guards_indices``: whether its kernels survive unchecked label values and
+    lengths (CUDA: such an utterance gets a NaN loss). The CPU kernels do not,
+    so ``rnnt_loss`` always validates for them.
+    """
 
     forward: Callable
     backward: Callable
     best_path: Callable
+    guards_indices: bool
 
 
 def engine_for(backend: str, logits: torch.Tensor) -> Engine:
@@ -164,11 +174,11 @@ def engine_for(backend: str, logits: torch.Tensor) -> Engine:
             raise ValueError(f"backend='cpu' needs CPU tensors; logits are on {logits.device}")
         from . import cpu
 
-        return Engine(cpu.cpu_forward, cpu.cpu_backward, cpu.cpu_best_path)
+        return Engine(cpu.cpu_forward, cpu.cpu_backward, cpu.cpu_best_path, False)
     from . import cuda
 
     cuda.device_check(logits)
-    return Engine(cuda.cuda_forward, cuda.cuda_backward, cuda.cuda_best_path)
+    return Engine(cuda.cuda_forward, cuda.cuda_backward, cuda.cuda_best_path, True)
 
 
 def _warn_nonfinite(log_like: torch.Tensor, bad: torch.Tensor) -> None:
@@ -190,21 +200,28 @@ def _warn_nonfinite(log_like: torch.Tensor, bad: torch.Tensor) -> None:
         )
 
 
+def _losses(opts, logits, targets, logit_lengths, target_lengths, need_grad):
+    """Stages 1-2 on the chosen engine: ``(per-utterance losses (B,), log_like, saved)``.
+
+    Warns about non-finite losses on the CPU (on CUDA that would need a host sync).
+    """
+    log_like, bad, saved = opts["engine"].forward(
+        logits, targets, logit_lengths, target_lengths, opts["blank"], opts["fused"], need_grad
+    )
+    log_like_t = torch.as_tensor(log_like)
+    if not log_like_t.is_cuda:
+        _warn_nonfinite(log_like_t, torch.as_tensor(bad))
+    return -log_like_t, log_like, saved
+
+
 class _RNNTLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, logit_lengths, target_lengths, opts):
-        log_like, bad, saved = opts["engine"].forward(
-            logits, targets, logit_lengths, target_lengths,
-            opts["blank"], opts["fused"], True,
+        losses, ctx.log_like, ctx.saved = _losses(
+            opts, logits, targets, logit_lengths, target_lengths, True
         )
         ctx.opts = opts
-        ctx.saved = saved
-        ctx.log_like = log_like
         ctx.save_for_backward(logits, targets, logit_lengths, target_lengths)
-        losses = -torch.as_tensor(log_like)
-        if not losses.is_cuda:
-            _warn_nonfinite(torch.as_tensor(log_like), torch.as_tensor(bad))
-        ctx.loss_dtype = losses.dtype
         return _reduce(losses, opts["reduction"], opts["weights"])
 
     @staticmethod
@@ -275,16 +292,12 @@ def rnnt_loss(
     Raises:
         TypeError, ValueError: bad input, with one line naming the utterance and values.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    _check_reduction(reduction)
     engine = engine_for(backend, logits if isinstance(logits, torch.Tensor) else torch.empty(0))
     index = (targets, logit_lengths, target_lengths)
     if validate is None:
         validate = not any(isinstance(x, torch.Tensor) and x.is_cuda for x in index)
-    from .cpu import cpu_forward
-
-    validate = validate or engine.forward is cpu_forward  # CPU kernels trust their indices
-    if validate:
+    if validate or not engine.guards_indices:
         blank, y, t_len, u_len = check_inputs(logits, *index, blank)
     else:
         blank = check_meta(logits, *index, blank)
@@ -300,11 +313,8 @@ def rnnt_loss(
     }
     if torch.is_grad_enabled() and logits.requires_grad:
         return _RNNTLossFunction.apply(logits, y, t_len, u_len, opts)
-    log_like, bad, _ = engine.forward(logits, y, t_len, u_len, blank, opts["fused"], False)
-    log_like = torch.as_tensor(log_like)
-    if not log_like.is_cuda:
-        _warn_nonfinite(log_like, torch.as_tensor(bad))
-    return _reduce(-log_like, reduction, opts["weights"])
+    losses, _, _ = _losses(opts, logits, y, t_len, u_len, False)
+    return _reduce(losses, reduction, opts["weights"])
 
 
 class TransducerLoss(torch.nn.Module):
@@ -327,10 +337,7 @@ class TransducerLoss(torch.nn.Module):
         validate: bool | None = None,
     ) -> None:
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(
-                f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}"
-            )
+        _check_reduction(reduction)
         self.blank = blank
         self.reduction = reduction
         self.fused_log_softmax = fused_log_softmax
