@@ -520,34 +520,44 @@ class DumpReader:
             grads = self._f["utts"][utt_id]["grads"][()]
         return Utterance(info, x, y, grads)
 
-    def batches(
-        self, utt_ids: Sequence[str], budget_bytes: int
-    ) -> Iterator[list[tuple[UttInfo, np.ndarray]]]:
-        """Group utterances for the engine: sorted by size so padding is small, each group's
-        padded logits within ``budget_bytes`` (a larger utterance goes alone), same dtype.
-
-        Yields lists of ``(info, labels)``; everything is validated before it is yielded.
-        """
+    def checked(self, utt_ids: Sequence[str]) -> list[tuple[UttInfo, np.ndarray]]:
+        """``(info, labels)`` of every utterance, all validated, in the order given."""
         items = []
         for u in utt_ids:
             info = self.info(u)
             items.append((info, self.labels(u, info)))
-        items.sort(key=lambda it: (it[0].dtype.str, it[0].T * (it[0].U + 1), it[0].utt_id))
-        group: list[tuple[UttInfo, np.ndarray]] = []
-        for it in items:
-            cand = [*group, it]
-            if group and (
-                padded_bytes([c[0] for c in cand]) > budget_bytes
-                or it[0].dtype != group[0][0].dtype
-            ):
-                yield group
-                cand = [it]
-            group = cand
-        if group:
-            yield group
+        return items
+
+    def batches(
+        self, utt_ids: Sequence[str], budget_bytes: int
+    ) -> Iterator[list[tuple[UttInfo, np.ndarray]]]:
+        """``group_by_budget`` of the utterances, every one validated before any is yielded."""
+        return group_by_budget(self.checked(utt_ids), budget_bytes)
 
     def file_size(self) -> int:
         return os.path.getsize(self.path)
+
+
+def group_by_budget(
+    items: Sequence[tuple[UttInfo, np.ndarray]], budget_bytes: int
+) -> Iterator[list[tuple[UttInfo, np.ndarray]]]:
+    """Group ``(info, labels)`` items for the engine: sorted by size so padding is small,
+    each group of one dtype with padded logits within ``budget_bytes`` (a larger
+    utterance goes alone)."""
+    order = sorted(items, key=lambda it: (it[0].dtype.str, it[0].T * (it[0].U + 1), it[0].utt_id))
+    group: list[tuple[UttInfo, np.ndarray]] = []
+    T = U1 = 0
+    for it in order:
+        info = it[0]
+        t, u1 = max(T, info.T), max(U1, info.U + 1)
+        grown = (len(group) + 1) * t * u1 * info.V * info.dtype.itemsize
+        if group and (grown > budget_bytes or info.dtype != group[0][0].dtype):
+            yield group
+            group, t, u1 = [], info.T, info.U + 1
+        group.append(it)
+        T, U1 = t, u1
+    if group:
+        yield group
 
 
 def padded_bytes(infos: Sequence[UttInfo]) -> int:

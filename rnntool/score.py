@@ -1,9 +1,11 @@
 """Scoring dumps: stream utterances from a ``DumpReader`` through the loss engine.
 
-Utterances are batched by size within a memory budget, read straight into the
-padded batch buffer, and scored by ``rnnt_loss(reduction="none")`` without
-gradients. The next batch is read on a helper thread while the engine runs on
-the current one (the CPU kernels release the GIL).
+Two paths, both without gradients. On the CPU, an utterance stored raw is
+scored straight from the file's mapped pages by the CPU engine's stages.
+Otherwise utterances are batched by size within a memory budget, read straight
+into a padded batch buffer and scored by ``rnnt_loss(reduction="none")``. Either
+way the next utterance or batch is prepared on a helper thread while the engine
+runs (the CPU kernels release the GIL).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numba import njit
 
-from .dump import DumpReader, UttInfo, padded_bytes
+from .dump import DumpReader, UttInfo, group_by_budget, padded_bytes
 
 SCORE_FIELDS = ["utt_id", "T", "U", "loss", "loss_per_frame", "loss_per_token"]
 STORED_FIELDS = ["stored_loss", "loss_diff"]
@@ -62,32 +65,19 @@ def score_reader(
     are read into padded batches within ``budget_bytes``, the next batch read
     while the engine scores one.
     """
-    groups = list(reader.batches(utt_ids, budget_bytes))  # validates every utterance first
+    items = reader.checked(utt_ids)  # validates every utterance before scoring any
     if device == "cpu" and zero_copy:
-        rest = []
-        mapped = []
-        for group in groups:
-            for info, y in group:
-                region = reader.raw_region(info)
-                if region is None:
-                    rest.append((info, y))
-                else:
-                    mapped.append((info, y, region))
+        rest, mapped = [], []
+        for info, y in items:
+            region = reader.raw_region(info)
+            if region is None:
+                rest.append((info, y))
+            else:
+                mapped.append((info, y, region))
         yield from _score_mapped(reader, mapped, on_batch)
-        groups = list(_regroup(rest, budget_bytes))
-    yield from _score_batches(reader, groups, device, on_batch)
-
-
-def _regroup(items, budget_bytes):
-    group = []
-    for it in items:
-        if group and (padded_bytes([i for i, _ in [*group, it]]) > budget_bytes
-                      or it[0].dtype != group[0][0].dtype):
-            yield group
-            group = []
-        group.append(it)
-    if group:
-        yield group
+        items = rest
+    yield from _score_batches(reader, list(group_by_budget(items, budget_bytes)), device,
+                              on_batch)
 
 
 def _engine_losses(reader, x, y, t_len, u_len, backend):
@@ -102,27 +92,21 @@ def _engine_losses(reader, x, y, t_len, u_len, backend):
         ).double().cpu().numpy()
 
 
+@njit(nogil=True, cache=True)
+def _fault_in(buf):
+    """Touch one byte per page of ``buf`` (uint8), so its page faults happen here."""
+    s = 0
+    for i in range(0, buf.shape[0], 4096):
+        s += buf[i]
+    return s
+
+
 def _map_and_fault_in(reader, info, region):
     """Map an utterance's logits and touch every page, off the GIL (helper thread)."""
-    from numba import njit
-
-    global _fault_in
-    if _fault_in is None:
-
-        @njit(nogil=True, cache=True)
-        def _fault_in(buf):
-            s = 0
-            for i in range(0, buf.shape[0], 4096):
-                s += buf[i]
-            return s
-
     view, close = reader.map_logits(info, region)
     whole = view if view.flags.c_contiguous else view.base  # the mapped slab, padding too
     _fault_in(whole.reshape(-1).view(np.uint8))
     return view, close
-
-
-_fault_in = None
 
 
 def _score_mapped(reader, items, on_batch):
