@@ -8,6 +8,7 @@ that ``--help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -149,10 +150,16 @@ def _wanted(utts: list[str] | None, utt_list: str | None) -> list[str] | None:
     return wanted
 
 
-def _open_all(inputs: list[Path], blank: int | None, wanted: list[str] | None):
-    """Open every input; pair each with its selected ids. Unknown ids are an error."""
+@contextlib.contextmanager
+def _selection(inputs: list[Path], blank: int | None, utts: list[str] | None,
+               utt_list: str | None):
+    """Open every input and yield ``[(reader, selected ids)]``; close them all after.
+
+    An id asked for with --utt/--utt-list that no input holds is an error.
+    """
     from .dump import DumpReader
 
+    wanted = _wanted(utts, utt_list)
     readers = []
     try:
         for p in inputs:
@@ -169,11 +176,19 @@ def _open_all(inputs: list[Path], blank: int | None, wanted: list[str] | None):
                 where = inputs[0] if len(inputs) == 1 else "any input"
                 raise fail(f"{where}: no utterance {missing[0]!r}"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        return selected
-    except BaseException:
+        yield selected
+    finally:
         for r in readers:
             r.close()
-        raise
+
+
+def _output_format(fmt: str | None, output: str | None) -> str:
+    """The --format to use, after checking it and that -o can be written (before any work)."""
+    from .output import check_writable
+
+    fmt = _check_format(fmt, output)
+    check_writable(output)
+    return fmt
 
 
 def _progress(total: int, quiet: bool):
@@ -211,15 +226,13 @@ def score(
     carries the trainer's own loss. A summary goes to stderr. Exit 1 if any loss
     is not finite (those utterances are named on stderr; the rest are still written).
     """
-    from .output import check_writable, open_output, render
+    from .output import open_output, render
     from .score import SCORE_FIELDS, STORED_FIELDS, score_reader, summarize
 
-    fmt = _check_format(fmt, output)
-    check_writable(output)
+    fmt = _output_format(fmt, output)
     dev = _resolve_device(device)
-    selected = _open_all(inputs, blank, _wanted(utt, utt_list))
     rows = []
-    try:
+    with _selection(inputs, blank, utt, utt_list) as selected:
         total = sum(len(ids) for _, ids in selected)
         with _progress(total, quiet) as bar:
             task = bar.add_task("scoring", total=total)
@@ -232,9 +245,6 @@ def score(
                 for r in got:
                     r["_file"] = str(reader.path)
                 rows += got
-    finally:
-        for reader, _ in selected:
-            reader.close()
     fields = SCORE_FIELDS + (STORED_FIELDS if any("stored_loss" in r for r in rows) else [])
     with open_output(output) as out:
         render(rows, fields, fmt, out, title="RNN-T loss per utterance")
@@ -339,11 +349,6 @@ def _utterances(selected, with_grads: bool = False):
             yield reader, reader.read(u, with_grads=with_grads)
 
 
-def _close_all(selected) -> None:
-    for reader, _ in selected:
-        reader.close()
-
-
 def _tensors(utt, device: str):
     import torch
 
@@ -378,14 +383,12 @@ def align_cmd(
     full loss go to stderr.
     """
     from .align import align
-    from .output import check_writable, open_output, render
+    from .output import open_output, render
 
-    fmt = _check_format(fmt, output)
-    check_writable(output)
+    fmt = _output_format(fmt, output)
     dev = _resolve_device(device)
-    selected = _open_all(inputs, blank, _wanted(utt, utt_list))
     rows, summary = [], []
-    try:
+    with _selection(inputs, blank, utt, utt_list) as selected:
         for reader, u in _utterances(selected):
             (al,) = align(*_tensors(u, dev), blank=reader.blank,
                           fused_log_softmax=reader.input_kind == "logits", backend=dev)
@@ -399,8 +402,6 @@ def align_cmd(
                     "expected_frame": float(al.expected_frames[pos]),
                     "frame_posterior": float(al.frame_posteriors[pos]),
                 })
-    finally:
-        _close_all(selected)
     with open_output(output) as out:
         render(rows, ALIGN_FIELDS, fmt, out, title="Token emission frames")
     if fmt == "table" and not quiet:
@@ -436,8 +437,7 @@ def plot(
     if out_dir.exists() and not out_dir.is_dir():
         raise fail(f"{out_dir}: exists and is not a directory")
     dev = _resolve_device(device)
-    selected = _open_all(inputs, blank, _wanted(utt, utt_list))
-    try:
+    with _selection(inputs, blank, utt, utt_list) as selected:
         out_dir.mkdir(parents=True, exist_ok=True)
         n = 0
         for reader, u in _utterances(selected):
@@ -457,8 +457,6 @@ def plot(
             umask_perms(str(tmp))
             tmp.replace(dest)
             n += 1
-    finally:
-        _close_all(selected)
     if not quiet:
         _stderr().print(f"wrote {n} PNGs to {out_dir}", markup=False)
 
@@ -492,16 +490,14 @@ def grad_check(
     |a - b| <= atol + rtol * |b| everywhere. Exit 1 if any fails.
     """
     from .gradcheck import cuda_usable, grad_check_utterance
-    from .output import check_writable, open_output, render
+    from .output import open_output, render
 
-    fmt = _check_format(fmt, output)
-    check_writable(output)
+    fmt = _output_format(fmt, output)
     if samples < 0 or rtol < 0 or atol < 0:
         raise fail("--samples, --rtol and --atol must not be negative")
     dev = _resolve_device(device)
-    selected = _open_all(inputs, blank, _wanted(utt, utt_list))
     rows = []
-    try:
+    with _selection(inputs, blank, utt, utt_list) as selected:
         both = dev == "cpu" and cuda_usable()
         for reader, u in _utterances(selected, with_grads=True):
             for c in grad_check_utterance(
@@ -512,8 +508,6 @@ def grad_check(
                 rows.append({"utt_id": u.info.utt_id, "check": c.check,
                              "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err,
                              "atol": atol, "rtol": rtol, "result": "PASS" if c.passed else "FAIL"})
-    finally:
-        _close_all(selected)
     with open_output(output) as out:
         render(rows, GRADCHECK_FIELDS, fmt, out,
                title=f"Gradient checks (atol {atol:g}, rtol {rtol:g})",
