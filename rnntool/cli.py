@@ -191,7 +191,7 @@ def _output_format(fmt: str | None, output: str | None) -> str:
     return fmt
 
 
-def _progress(total: int, quiet: bool):
+def _progress(quiet: bool):
     """A rich progress bar on stderr (only on a terminal and without -q)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -234,7 +234,7 @@ def score(
     rows = []
     with _selection(inputs, blank, utt, utt_list) as selected:
         total = sum(len(ids) for _, ids in selected)
-        with _progress(total, quiet) as bar:
+        with _progress(quiet) as bar:
             task = bar.add_task("scoring", total=total)
             for reader, ids in selected:
                 order = {u: i for i, u in enumerate(ids)}

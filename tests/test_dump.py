@@ -1,6 +1,7 @@
 """The HDF5 dump format: writer -> reader round trips, both layouts, validation."""
 
 import os
+import re
 
 import h5py
 import numpy as np
@@ -121,7 +122,20 @@ def test_batches_sorted_and_within_budget(tmp_path):
             assert len(g) == 1 or padded <= budget
 
 
-def corrupt(path, how):
+BAD_DUMPS = [  # (how the dump is broken, what the one-line error says)
+    ("label", "utterance u1: labels[0] = 99 is outside [0, 5)"),
+    ("blank_label", "utterance u1: labels[0] = 0 equals blank"),
+    ("missing", "utterance u1: missing dataset labels"),
+    ("dims", "utterance u1: logits must be (T, U+1, V)"),
+    ("T0", "utterance u1: T = 0"),
+]
+
+
+def bad_dump(path, how):
+    """A two-utterance dump whose second utterance is broken as ``how`` says."""
+    with DumpWriter(path) as w:
+        w.add("u0", np.zeros((3, 3, 5), np.float32), [1, 2])
+        w.add("u1", np.zeros((3, 3, 5), np.float32), [1, 2])
     with h5py.File(path, "r+") as f:
         if how == "label":
             f["utts/u1/labels"][0] = 99
@@ -137,22 +151,13 @@ def corrupt(path, how):
             f["utts/u1/logits"] = np.zeros((0, 3, 5), np.float32)
             del f["utts/u1/labels"]
             f["utts/u1/labels"] = np.array([1, 2])
+    return path
 
 
-@pytest.mark.parametrize("how, match", [
-    ("label", r"utterance u1: labels\[0\] = 99 is outside \[0, 5\)"),
-    ("blank_label", r"utterance u1: labels\[0\] = 0 equals blank"),
-    ("missing", "utterance u1: missing dataset labels"),
-    ("dims", r"utterance u1: logits must be \(T, U\+1, V\)"),
-    ("T0", "utterance u1: T = 0"),
-])
-def test_reader_names_file_and_utterance(tmp_path, how, match):
-    path = tmp_path / "d.h5"
-    with DumpWriter(path) as w:
-        w.add("u0", np.zeros((3, 3, 5), np.float32), [1, 2])
-        w.add("u1", np.zeros((3, 3, 5), np.float32), [1, 2])
-    corrupt(path, how)
-    with DumpReader(path) as r, pytest.raises(DumpError, match=str(path) + ": " + match):
+@pytest.mark.parametrize("how, message", BAD_DUMPS)
+def test_reader_names_file_and_utterance(tmp_path, how, message):
+    path = bad_dump(tmp_path / "d.h5", how)
+    with DumpReader(path) as r, pytest.raises(DumpError, match=re.escape(f"{path}: {message}")):
         list(r.batches(r.utt_ids, 1 << 20))
 
 
