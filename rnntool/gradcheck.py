@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .loss import rnnt_loss
-from .reference import reference_gradients
+from .reference import reference_gradients, reference_loss_value
 
 
 @dataclass
@@ -36,25 +36,6 @@ def compare(name: str, got: np.ndarray, expected: np.ndarray, rtol: float, atol:
     rel = err / np.maximum(np.abs(expected), atol)
     ok = bool(finite and (err <= atol + rtol * np.abs(expected)).all())
     return Check(name, float(err.max(initial=0.0)), float(rel.max(initial=0.0)), ok, got.size)
-
-
-def reference_loss_value(logits: np.ndarray, labels: np.ndarray, blank: int, fused: bool) -> float:
-    """``-log P(y|x)`` of one utterance in float64, plain loops (for finite differences)."""
-    x = np.asarray(logits, np.float64)
-    if fused:
-        m = x.max(-1, keepdims=True)
-        x = x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
-    T, U1, _ = x.shape
-    alpha = np.full((T, U1), -np.inf)
-    for t in range(T):
-        for u in range(U1):
-            if t == 0 and u == 0:
-                alpha[0, 0] = 0.0
-                continue
-            a = alpha[t - 1, u] + x[t - 1, u, blank] if t > 0 else -np.inf
-            e = alpha[t, u - 1] + x[t, u - 1, labels[u - 1]] if u > 0 else -np.inf
-            alpha[t, u] = np.logaddexp(a, e)
-    return -(alpha[T - 1, U1 - 1] + x[T - 1, U1 - 1, blank])
 
 
 def finite_difference_indices(grad: np.ndarray, samples: int, seed: int = 0) -> np.ndarray:

@@ -3,11 +3,14 @@
 This is the oracle the tests compare every backend with, and the one
 ``grad-check`` trusts. It follows Graves (2012) literally: a double loop over the
 T x (U+1) lattice in float64 torch scalars, differentiated by torch autograd.
-Nothing here is fast; nothing here shares code with ``cpu.py`` or ``cuda.py``.
+``reference_loss_value`` spells the same loss again in numpy, without autograd,
+for finite differences. Nothing here is fast; nothing here shares code with
+``cpu.py``, ``cuda.py`` or ``lattice.py``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _NEG_INF = float("-inf")
@@ -158,3 +161,27 @@ def reference_viterbi(
         else:
             t -= 1
     return best, frames
+
+
+def reference_loss_value(logits: np.ndarray, labels: np.ndarray, blank: int, fused: bool) -> float:
+    """``-log P(y|x)`` of one utterance in float64 numpy, plain loops, no autograd.
+
+    logits ``(T, U+1, V)``, labels ``(U,)``. A second, independent spelling of
+    ``reference_utterance_loss``, fast enough to be called twice per probe by
+    ``grad-check``'s central finite differences.
+    """
+    x = np.asarray(logits, np.float64)
+    if fused:
+        m = x.max(-1, keepdims=True)
+        x = x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+    T, U1, _ = x.shape
+    alpha = np.full((T, U1), -np.inf)
+    for t in range(T):
+        for u in range(U1):
+            if t == 0 and u == 0:
+                alpha[0, 0] = 0.0
+                continue
+            a = alpha[t - 1, u] + x[t - 1, u, blank] if t > 0 else -np.inf
+            e = alpha[t, u - 1] + x[t, u - 1, labels[u - 1]] if u > 0 else -np.inf
+            alpha[t, u] = np.logaddexp(a, e)
+    return -(alpha[T - 1, U1 - 1] + x[T - 1, U1 - 1, blank])

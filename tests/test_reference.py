@@ -64,3 +64,17 @@ def test_gradient_is_autograd_of_value():
     _, grad = reference_gradients(x, y, *lens)
     (expected,) = torch.autograd.grad(f(x), x)
     assert torch.allclose(grad, expected)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_numpy_value_agrees_with_autograd_reference(fused):
+    from rnntool.reference import reference_loss_value
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, 7, generator=g, dtype=torch.float64) * 2
+    if not fused:
+        x = torch.log_softmax(x, -1)
+    labels = torch.tensor([3, 1, 6])
+    want = float(reference_utterance_loss(x, labels, blank=0, fused_log_softmax=fused))
+    got = reference_loss_value(x.numpy(), labels.numpy(), 0, fused)
+    assert abs(got - want) < 1e-12
