@@ -28,6 +28,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import lattice
+from .threads import kernel_lock, select_layer
+
+select_layer()
 
 # error_model="numpy": IEEE results for x/0 rather than exceptions (and no checks in hot loops).
 _PAR = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
@@ -585,7 +588,8 @@ def cpu_best_path(saved, logit_lengths, target_lengths):
     delta = np.empty_like(blank_lp)
     from_emit = np.zeros(blank_lp.shape, np.uint8)
     best = np.empty(blank_lp.shape[0], blank_lp.dtype)
-    cpu_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best)
+    with kernel_lock():
+        cpu_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best)
     return best, from_emit
 
 
@@ -624,16 +628,17 @@ def cpu_forward(logits, targets, logit_lengths, target_lengths, blank, fused, ne
     emit_lp = np.empty((B, T, U1), lat)
     bad_row = np.zeros((B, T, U1), np.bool_)
     lse = np.empty((B, T, U1, 2) if need_grad else (1, 1, 1, 2), lat)
-    cpu_normalise(x, y, T_len, U_len, blank, fused, lse, blank_lp, emit_lp, bad_row)
     log_like = np.empty(B, lat)
     saved = None
-    if need_grad:
-        alpha = np.empty((B, T, U1), lat)
-        beta = np.empty((B, T, U1), lat)
-        cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like)
-        saved = (lse, blank_lp, emit_lp, alpha, beta)
-    else:
-        cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like)
+    with kernel_lock():
+        cpu_normalise(x, y, T_len, U_len, blank, fused, lse, blank_lp, emit_lp, bad_row)
+        if need_grad:
+            alpha = np.empty((B, T, U1), lat)
+            beta = np.empty((B, T, U1), lat)
+            cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like)
+            saved = (lse, blank_lp, emit_lp, alpha, beta)
+        else:
+            cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like)
     bad = bad_row.reshape(B, -1).any(axis=1)
     log_like[bad] = np.nan
     return log_like, bad, saved
@@ -651,10 +656,11 @@ def cpu_backward(
 
     grad = torch.empty(logits.shape, dtype=logits.dtype)
     lse, blank_lp, emit_lp, alpha, beta = saved
-    cpu_gradient(
-        storage_view(logits), targets.numpy(), logit_lengths.numpy(), target_lengths.numpy(),
-        blank, fused, lse, blank_lp, emit_lp, alpha, beta, log_like,
-        np.ascontiguousarray(np.asarray(scale), dtype=lse.dtype), float(fastemit_lambda),
-        float(clamp), storage_view(grad),
-    )
+    with kernel_lock():
+        cpu_gradient(
+            storage_view(logits), targets.numpy(), logit_lengths.numpy(), target_lengths.numpy(),
+            blank, fused, lse, blank_lp, emit_lp, alpha, beta, log_like,
+            np.ascontiguousarray(np.asarray(scale), dtype=lse.dtype), float(fastemit_lambda),
+            float(clamp), storage_view(grad),
+        )
     return grad
