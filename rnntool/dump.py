@@ -52,6 +52,69 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _integer(name: str, v) -> int:
+    """A Python int from an int, numpy integer, or 0-d / one-element integer array or tensor."""
+    a = _np(v)
+    if a.size != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer, got {v!r}")
+    return int(a.reshape(()))
+
+
+def _number(name: str, v) -> float:
+    """A Python float from a real number, numpy scalar, or 0-d / one-element array or tensor
+    (one that requires grad, or lives on a GPU, included)."""
+    a = _np(v)
+    if a.size != 1 or a.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be a real number, got {v!r}")
+    return float(a.reshape(()))
+
+
+def _lengths(name: str, v) -> np.ndarray:
+    """``(B,)`` int64 lengths from any integer sequence, array or tensor."""
+    if isinstance(v, list | tuple):
+        return np.array([_integer(f"{name} entry", e) for e in v], np.int64)
+    a = _np(v)
+    if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+        raise ValueError(f"{name} must be a 1-D integer array, got {a.dtype} of shape "
+                         f"{a.shape}")
+    return a.astype(np.int64)
+
+
+def _utt_id(v) -> str:
+    if hasattr(v, "detach") or isinstance(v, np.ndarray):
+        v = _np(v).item()
+    if isinstance(v, bytes):
+        v = v.decode("utf-8")
+    return str(v)
+
+
+def _attr_for_hdf5(utt_id: str, key: str, value):
+    """Convert one per-utterance attribute to what HDF5 stores (no file access)."""
+    if key == "loss":
+        return _number(f"utterance {utt_id!r}: loss", value)
+    if key == "text":
+        if not isinstance(value, str):
+            raise TypeError(f"utterance {utt_id!r}: text must be a str, got {type(value)}")
+        return value
+    if isinstance(value, str | bytes):
+        return value
+    a = _np(value)
+    if a.dtype.kind not in "biufSU":
+        raise TypeError(f"utterance {utt_id!r}: attribute {key}={value!r} cannot be stored")
+    return a.reshape(()).item() if a.ndim == 0 else a
+
+
+@dataclass
+class _Pending:
+    """One utterance validated and converted, not yet written."""
+
+    utt_id: str
+    x: np.ndarray
+    y: np.ndarray
+    grads: np.ndarray | None
+    attrs: dict
+
+
 # --------------------------------------------------------------------------- writer
 class DumpWriter:
     """Write a keyed dump. Use as a context manager; the file appears only on success.
@@ -74,10 +137,11 @@ class DumpWriter:
             raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {input_kind!r}")
         if compression not in (None, "lzf", "gzip"):
             raise ValueError(f"compression must be None, 'lzf' or 'gzip', got {compression!r}")
-        if not isinstance(blank, int | np.integer):
+        if isinstance(blank, bool):
             raise TypeError(f"blank must be an int, got {blank!r}")
+        blank = _integer("blank", blank)
         self.path = os.fspath(path)
-        self.blank = int(blank)
+        self.blank = blank
         self.vocab = None if vocab is None else [str(t) for t in vocab]
         self.input_kind = input_kind
         self.compression = compression
@@ -106,12 +170,13 @@ class DumpWriter:
             name, data=data, chunks=(chunk_t, *data.shape[1:]), compression=self.compression
         )
 
-    def add(self, utt_id: str, logits, labels, *, grads=None, **attrs) -> None:
-        """One utterance: ``logits`` ``(T, U+1, V)``, ``labels`` ``(U,)``; attrs text=, loss=."""
-        utt_id = str(utt_id)
+    def _prepare(self, utt_id, logits, labels, grads, attrs: dict, vocab_size: int | None,
+                 taken) -> _Pending:
+        """Validate and convert one utterance; touches nothing in the file."""
+        utt_id = _utt_id(utt_id)
         if not utt_id or "/" in utt_id:
             raise ValueError(f"utterance id {utt_id!r} is empty or contains '/'")
-        if utt_id in self._utts:
+        if utt_id in self._utts or utt_id in taken:
             raise ValueError(f"utterance {utt_id!r} was already added")
         x = _np(logits)
         y = _np(labels)
@@ -122,37 +187,69 @@ class DumpWriter:
         T, U1, V = x.shape
         if T == 0:
             raise ValueError(f"utterance {utt_id!r}: T = 0")
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
             raise ValueError(f"utterance {utt_id!r}: labels must be a 1-D integer array")
+        y = y.astype(np.int64, copy=False) if y.size == 0 else y
         if y.shape[0] != U1 - 1:
             raise ValueError(
                 f"utterance {utt_id!r}: {y.shape[0]} labels but logits have U+1 = {U1}"
             )
-        if self.vocab_size is None:
-            self.vocab_size = V
-        elif self.vocab_size != V:
+        if vocab_size is not None and vocab_size != V:
             raise ValueError(f"utterance {utt_id!r}: V = {V}, the dump's vocab size is "
-                             f"{self.vocab_size}")
-        blank = self.blank % V if -V <= self.blank < V else None
-        if blank is None:
+                             f"{vocab_size}")
+        if not -V <= self.blank < V:
             raise ValueError(f"blank={self.blank} is outside [-V, V) for V={V}")
+        blank = self.blank % V
         bad = (y < 0) | (y >= V) | (y == blank)
         if bad.any():
             u = int(np.argmax(bad))
             raise ValueError(f"utterance {utt_id!r}: labels[{u}] = {int(y[u])} is out of range "
                              f"or blank (V={V}, blank={blank})")
-        g = self._utts.create_group(utt_id)
-        self._dataset(g, "logits", x)
-        g.create_dataset("labels", data=y)
+        gx = None
         if grads is not None:
             gx = _np(grads)
             if gx.shape != x.shape:
                 raise ValueError(f"utterance {utt_id!r}: grads shape {gx.shape} != logits "
                                  f"shape {x.shape}")
-            self._dataset(g, "grads", gx)
+            if gx.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"utterance {utt_id!r}: grads dtype {gx.dtype} is not "
+                                "float16/32/64")
+        converted = {}
         for key, value in attrs.items():
             if value is not None:
-                g.attrs[key] = value
+                converted[str(key)] = _attr_for_hdf5(utt_id, str(key), value)
+        return _Pending(utt_id, x, y, gx, converted)
+
+    def _write(self, items: Sequence[_Pending]) -> None:
+        """Create every prepared utterance, or (on any exception) none of them."""
+        done = []
+        try:
+            for it in items:
+                g = self._utts.create_group(it.utt_id)
+                done.append(it.utt_id)
+                self._dataset(g, "logits", it.x)
+                g.create_dataset("labels", data=it.y)
+                if it.grads is not None:
+                    self._dataset(g, "grads", it.grads)
+                for key, value in it.attrs.items():
+                    g.attrs[key] = value
+        except BaseException:
+            for u in done:
+                with contextlib.suppress(Exception):
+                    del self._utts[u]
+            raise
+        if items and self.vocab_size is None:
+            self.vocab_size = int(items[0].x.shape[2])
+
+    def add(self, utt_id: str, logits, labels, *, grads=None, **attrs) -> None:
+        """One utterance: ``logits`` ``(T, U+1, V)``, ``labels`` ``(U,)``; attrs text=, loss=.
+
+        All or nothing: everything is validated and converted before anything is
+        written, and a failed write leaves no trace of the utterance. Tensors may
+        require grad and live on any device; numbers may be Python, numpy or 0-d
+        array/tensor scalars.
+        """
+        self._write([self._prepare(utt_id, logits, labels, grads, attrs, self.vocab_size, ())])
 
     def add_batch(self, logits, labels, logit_lengths, label_lengths, utt_ids=None,
                   *, grads=None, losses=None, texts=None) -> list[str]:
@@ -160,30 +257,57 @@ class DumpWriter:
 
         ``utt_ids`` default to ``"<n>"`` counting from the utterances already
         written; ``losses`` ``(B,)`` and ``texts`` become per-utterance attrs.
+        All or nothing: the whole batch is validated before any utterance is
+        written, and a failure while writing removes the ones already written.
         """
         x = _np(logits)
         y = _np(labels)
-        t_len = _np(logit_lengths).astype(np.int64)
-        u_len = _np(label_lengths).astype(np.int64)
-        gx = None if grads is None else _np(grads)
+        if x.ndim != 4:
+            raise ValueError(f"logits must be (B, T, U+1, V), got {x.shape}")
+        if y.ndim != 2:
+            raise ValueError(f"labels must be (B, S), got {y.shape}")
+        t_len = _lengths("logit_lengths", logit_lengths)
+        u_len = _lengths("label_lengths", label_lengths)
         B = x.shape[0]
         if utt_ids is None:
             n0 = len(self._utts)
             utt_ids = [str(n0 + b) for b in range(B)]
+        else:
+            utt_ids = [_utt_id(u) for u in (_np(utt_ids).tolist() if hasattr(utt_ids, "detach")
+                                            else utt_ids)]
+        loss_values = None
+        if losses is not None:
+            lv = list(losses) if isinstance(losses, list | tuple) else _np(losses)
+            if len(lv) != B or (isinstance(lv, np.ndarray) and lv.ndim != 1):
+                raise ValueError(f"losses must be (B,) = ({B},), got {np.shape(lv)}")
+            loss_values = [_number("losses entry", v) for v in lv]
+        if texts is not None:
+            texts = list(texts)
+            if len(texts) != B:
+                raise ValueError(f"texts has {len(texts)} entries, the batch {B}")
+        gx = None
+        if grads is not None:
+            gx = _np(grads)
+            if gx.shape != x.shape:
+                raise ValueError(f"grads shape {gx.shape} != logits shape {x.shape}")
         if not (len(utt_ids) == y.shape[0] == t_len.shape[0] == u_len.shape[0] == B):
             raise ValueError("batch sizes of logits, labels, lengths and utt_ids disagree")
+        pending: list[_Pending] = []
+        taken: set[str] = set()
         for b in range(B):
             T_b, U_b = int(t_len[b]), int(u_len[b])
             if not (0 < T_b <= x.shape[1] and 0 <= U_b < x.shape[2] and U_b <= y.shape[1]):
                 raise ValueError(f"utterance {utt_ids[b]!r}: lengths T={T_b}, U={U_b} do not "
                                  f"fit the padded shape {tuple(x.shape)}")
-            self.add(
-                utt_ids[b], x[b, :T_b, : U_b + 1], y[b, :U_b],
-                grads=None if gx is None else gx[b, :T_b, : U_b + 1],
-                loss=None if losses is None else float(_np(losses)[b]),
-                text=None if texts is None else texts[b],
-            )
-        return [str(u) for u in utt_ids]
+            attrs = {"loss": None if loss_values is None else loss_values[b],
+                     "text": None if texts is None else texts[b]}
+            it = self._prepare(utt_ids[b], x[b, :T_b, : U_b + 1], y[b, :U_b],
+                               None if gx is None else gx[b, :T_b, : U_b + 1], attrs,
+                               self.vocab_size, taken)
+            taken.add(it.utt_id)
+            pending.append(it)
+        self._write(pending)
+        return [it.utt_id for it in pending]
 
     def close(self) -> None:
         """Write the root attributes and move the file into place."""
