@@ -28,6 +28,10 @@ class Alignment:
     - ``frame_posteriors`` ``(U,)``: P(label u emitted at its Viterbi frame).
     - ``emit_posteriors`` ``(T, U)``: P(label u emitted at t); each column sums to 1.
     - ``occupancy`` ``(T, U+1)``: P(the alignment passes through (t, u)).
+
+    Posteriors and occupancy are always within [0, 1] and expected frames within
+    [0, T-1] (float rounding clipped away); a non-finite utterance (``loss`` NaN
+    or inf) has NaN there instead.
     """
 
     T: int
@@ -96,14 +100,20 @@ def align(
         T, U = int(t_len[b]), int(u_len[b])
         ll = log_like[b]
         a, be = alpha[b, :T, : U + 1], beta[b, :T, : U + 1]
-        occupancy = np.exp(a + be - ll)
+        # Probabilities, so in [0, 1]; but alpha + beta - log P carries the lattice's
+        # float32 rounding, and exp() of a rounded 0 can come out as 1 + 1e-6 (the
+        # CUDA kernels) or 1 + 1e-14: clip, so that no posterior ever reads above 1.
+        # np.clip keeps NaN (a non-finite utterance stays visibly non-finite).
+        occupancy = np.clip(np.exp(a + be - ll), 0.0, 1.0)
         # P(emit label u at t) = alpha(t, u) * p(y_u | t, u) * beta(t, u+1) / P.
-        emit_post = np.exp(a[:, :U] + emit_lp[b, :T, :U] + be[:, 1:] - ll)
+        emit_post = np.clip(np.exp(a[:, :U] + emit_lp[b, :T, :U] + be[:, 1:] - ll), 0.0, 1.0)
         frames, path = _backtrack(from_emit[b], T, U)
+        # A mean over frames 0..T-1, so within [0, T-1]; the same rounding (columns
+        # summing to 1 + eps) could put it a hair outside.
+        expected = np.clip((np.arange(T)[:, None] * emit_post).sum(0), 0.0, T - 1.0)
         out.append(Alignment(
             T=T, U=U, loss=-ll, best_log_prob=float(best[b]), frames=frames, path=path,
-            expected_frames=(np.arange(T)[:, None] * emit_post).sum(0),
-            frame_posteriors=emit_post[frames, np.arange(U)],
+            expected_frames=expected, frame_posteriors=emit_post[frames, np.arange(U)],
             emit_posteriors=emit_post, occupancy=occupancy,
         ))
     return out
