@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -44,31 +45,94 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def command(fn):
-    """Turn bad input into one line and exit code 2, Ctrl-C into 130, a closed pipe into quiet."""
+    """Wrap a command: Python warnings become one-line notes; bad input one line and exit
+    code 2, Ctrl-C 130, a closed pipe quiet (``_run``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .dump import DumpError
-        from .output import OutputError
-
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except BrokenPipeError:
-            # `rnntool score f.h5 | head`: the reader left; say nothing.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            raise typer.Exit(0) from None
-        except KeyboardInterrupt:
-            print("rnntool: interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None
-        except (DumpError, OutputError, ValueError, TypeError, OSError, RuntimeError) as e:
-            if os.environ.get("RNNTOOL_DEBUG"):
-                raise
-            raise fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+        if os.environ.get("RNNTOOL_DEBUG"):
+            return _run(fn, args, kwargs)  # raw warnings and tracebacks
+        # No raw Python warning (source line and all) reaches a user: those raised
+        # while one utterance is processed are turned into lines naming it
+        # (_Utterance); any other becomes one "rnntool: warning:" line.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return _run(fn, args, kwargs)
+            finally:
+                for message in _unique(caught):
+                    print(f"rnntool: warning: {message}", file=sys.stderr)
 
     return wrapper
+
+
+def _unique(caught) -> list[str]:
+    """First lines of the recorded warnings' messages, each once, in order."""
+    seen: dict[str, None] = {}
+    for w in caught:
+        text = str(w.message).strip()
+        seen.setdefault(text.splitlines()[0] if text else w.category.__name__, None)
+    return list(seen)
+
+
+def _run(fn, args, kwargs):
+    """Turn bad input into one line and exit code 2, Ctrl-C into 130, a closed pipe into quiet."""
+    from .dump import DumpError
+    from .output import OutputError
+
+    try:
+        return fn(*args, **kwargs)
+    except (typer.Exit, typer.Abort):
+        raise
+    except BrokenPipeError:
+        # `rnntool score f.h5 | head`: the reader left; say nothing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except KeyboardInterrupt:
+        print("rnntool: interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except (DumpError, OutputError, ValueError, TypeError, OSError, RuntimeError) as e:
+        if os.environ.get("RNNTOOL_DEBUG"):
+            raise
+        raise fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+
+
+class _Utterance:
+    """Processing one utterance: its warnings are recorded, and its problems reported.
+
+    ``check(loss, ...)`` prints one line naming file and utterance when the loss
+    cannot be true (``score.loss_problem``) and says whether the utterance's
+    results mean anything (False for a non-finite loss). On leaving, warnings of
+    an utterance with a problem are dropped (consequences of it); the engine's
+    own ``rnnt_loss:`` warnings too (they name a batch index, and the CLI checks
+    the same values itself); any other becomes one line naming the utterance.
+    """
+
+    def __init__(self, path, utt_id: str) -> None:
+        self.where = f"{path}: utterance {utt_id}"
+        self.problem: str | None = None
+
+    def __enter__(self) -> _Utterance:
+        self._cm = warnings.catch_warnings(record=True)
+        self._caught = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._cm.__exit__(exc_type, exc, tb)
+        if exc_type is None and self.problem is None:
+            for message in _unique(w for w in self._caught
+                                   if not str(w.message).startswith("rnnt_loss: ")):
+                print(f"rnntool: {self.where}: warning: {message}", file=sys.stderr)
+
+    def check(self, loss: float, T: int, U: int, float64: bool = False) -> bool:
+        from .score import loss_problem
+
+        self.problem = loss_problem(loss, T, U, float64)
+        if self.problem is not None:
+            print(f"rnntool: {self.where}: {self.problem}", file=sys.stderr)
+        return math.isfinite(loss)
 
 
 def _version(value: bool) -> None:
@@ -224,10 +288,12 @@ def score(
     One row per utterance: utt_id, T, U, loss (-log P(y|x), nats), loss_per_frame,
     loss_per_token (loss / max(U, 1)); and stored_loss, loss_diff when the dump
     carries the trainer's own loss. A summary goes to stderr. Exit 1 if any loss
-    is not finite (those utterances are named on stderr; the rest are still written).
+    cannot be true: NaN or inf, or below 0 by more than float rounding
+    (8 float32 ulps per lattice arc, at least 1e-6 nats); those utterances are
+    named on stderr, one line each, and their rows are still written as computed.
     """
     from .output import open_output, render
-    from .score import SCORE_FIELDS, STORED_FIELDS, score_reader, summarize
+    from .score import SCORE_FIELDS, STORED_FIELDS, loss_problem, score_reader, summarize
 
     fmt = _output_format(fmt, output)
     dev = _resolve_device(device)
@@ -250,19 +316,19 @@ def score(
         render(rows, fields, fmt, out, title="RNN-T loss per utterance")
     summary = summarize(rows)
     err = _stderr()
+    problems = 0
     for r in rows:
-        if not math.isfinite(r["loss"]):
-            why = ("NaN or +inf in its logits" if math.isnan(r["loss"])
-                   else "no alignment has non-zero probability")
-            err.print(f"rnntool: {r['_file']}: utterance {r['utt_id']}: loss is "
-                      f"{r['loss']} ({why})", markup=False)
+        why = loss_problem(r["loss"], r["T"], r["U"], r["_float64"])
+        if why is not None:
+            problems += 1
+            err.print(f"rnntool: {r['_file']}: utterance {r['utt_id']}: {why}", markup=False)
     if not quiet:
         err.print(f"{summary['count']} utterances, mean loss {summary['mean']:.4f}, "
                   f"total {summary['total']:.4f} nats ({summary['finite']} finite)", markup=False)
         if summary["worst"]:
             err.print("worst: " + ", ".join(f"{r['utt_id']} {r['loss']:.3f}"
                                             for r in summary["worst"]), markup=False)
-    if summary["nonfinite"]:
+    if problems:
         raise typer.Exit(1)
 
 
@@ -277,23 +343,29 @@ def inspect(
     """What a dump holds, and every problem in it.
 
     Prints layout, blank, vocab, input kind, number of utterances, T/U/V ranges,
-    dtypes and size; every validation problem found (labels, lengths, shapes,
-    NaN/+inf logits) goes to stderr, one line each with the utterance id, and
-    makes the exit code 1.
+    dtypes and size. Every problem found goes to stderr, one line each naming
+    the file and utterance, and makes the exit code 1: bad labels, lengths or
+    shapes; NaN/+inf logits; a loss that is +inf or below 0 beyond rounding (as
+    score says); and for input_kind=log_probs, rows that do not normalise:
+    |logsumexp over V| above 4 * eps * max(1, ln V), eps that of the precision
+    the values carry (float16 9.8e-4, bfloat16 7.8e-3, float32 1.2e-7, float64
+    2.2e-16), 8 times what rounding can do.
     """
     import json
 
     import numpy as np
 
-    from .dump import DumpError, DumpReader
+    from .dump import DumpError, DumpReader, log_prob_problem
+    from .score import loss_problem, score_reader
 
     fmt = fmt or "text"
     if fmt not in ("text", "json"):
         raise fail(f"--format {fmt!r} is not one of text, json")
-    problems: list[str] = []
+    found: dict[str, list[str]] = {}  # utterance -> its problems, in file order
     with DumpReader(input, blank=blank) as r:
         infos = []
         for u in r.utt_ids:
+            found[u] = []
             try:
                 info = r.info(u)
                 r.labels(u, info)
@@ -301,10 +373,21 @@ def inspect(
                 r.read_logits_into(u, info, x)
                 n_bad = int(np.count_nonzero(np.isnan(x) | np.isposinf(x)))
                 if n_bad:
-                    problems.append(f"{input}: utterance {u}: {n_bad} NaN or +inf logits")
+                    found[u].append(f"{input}: utterance {u}: {n_bad} NaN or +inf logits")
+                if r.input_kind == "log_probs":
+                    why = log_prob_problem(x)
+                    if why is not None:
+                        found[u].append(f"{input}: utterance {u}: {why}")
                 infos.append(info)
             except DumpError as e:
-                problems.append(str(e))
+                found[u].append(str(e))
+        # Losses that cannot be true: +inf (no alignment possible) or negative (NaN
+        # losses come from the NaN/+inf logits already reported).
+        for row in score_reader(r, [i.utt_id for i in infos], device="cpu"):
+            why = loss_problem(row["loss"], row["T"], row["U"], row["_float64"])
+            if why is not None and not math.isnan(row["loss"]):
+                found[row["utt_id"]].append(f"{input}: utterance {row['utt_id']}: {why}")
+        problems = [p for ps in found.values() for p in ps]
 
         def span(vals):
             return [min(vals), max(vals)] if vals else None
@@ -336,7 +419,7 @@ def inspect(
                 k, v = "size", f"{v / 2**20:.2f} MiB ({v} bytes)"
             print(f"{k}\t{v}")
     for p in problems:
-        print(p, file=sys.stderr)
+        print(f"rnntool: {p}", file=sys.stderr)
     if problems:
         raise typer.Exit(1)
 
@@ -380,18 +463,28 @@ def align_cmd(
     dump's vocab), frame (Viterbi emission frame), expected_frame (posterior
     mean over all alignments), frame_posterior (probability of emitting the token
     at that frame). In table mode each utterance's best-path log-probability and
-    full loss go to stderr.
+    full loss go to stderr. An utterance whose loss is not finite (NaN or +inf
+    logits, or no possible alignment) gets no rows: one line on stderr names it,
+    the others are still aligned, and the exit code is 1 (also for a loss below
+    0 beyond rounding, whose rows are written). Posteriors are within [0, 1].
     """
+    import numpy as np
+
     from .align import align
     from .output import open_output, render
 
     fmt = _output_format(fmt, output)
     dev = _resolve_device(device)
-    rows, summary = [], []
+    rows, summary, problems = [], [], 0
     with _selection(inputs, blank, utt, utt_list) as selected:
         for reader, u in _utterances(selected):
-            (al,) = align(*_tensors(u, dev), blank=reader.blank,
-                          fused_log_softmax=reader.input_kind == "logits", backend=dev)
+            with _Utterance(reader.path, u.info.utt_id) as one:
+                (al,) = align(*_tensors(u, dev), blank=reader.blank,
+                              fused_log_softmax=reader.input_kind == "logits", backend=dev)
+                usable = one.check(al.loss, al.T, al.U, u.logits.dtype == np.float64)
+            problems += one.problem is not None
+            if not usable:
+                continue
             summary.append((u.info.utt_id, al.best_log_prob, al.loss))
             for pos in range(al.U):
                 tok = int(u.labels[pos])
@@ -410,6 +503,8 @@ def align_cmd(
             err.print(f"{utt_id}: best path log P = {best:.4f}, all paths log P = {-loss:.4f} "
                       f"(loss {loss:.4f}); best path holds {math.exp(best + loss):.1%} of the "
                       "probability", markup=False)
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -427,8 +522,12 @@ def plot(
 
     Two panels: log node occupancy with the Viterbi path over it, and the
     per-node gradient norm ||d loss / d logits[t, u, :]||. Long utterances are
-    reduced by block maxima (the figure says so).
+    reduced by block maxima (the figure says so). An utterance whose loss is not
+    finite gets no PNG: one line on stderr names it, the others are still drawn,
+    and the exit code is 1 (also for a loss below 0 beyond rounding, drawn).
     """
+    import numpy as np
+
     from .align import align
     from .loss import rnnt_loss
     from .output import umask_perms
@@ -439,26 +538,32 @@ def plot(
     dev = _resolve_device(device)
     with _selection(inputs, blank, utt, utt_list) as selected:
         out_dir.mkdir(parents=True, exist_ok=True)
-        n = 0
+        n = problems = 0
         for reader, u in _utterances(selected):
-            x, y, T, U = _tensors(u, dev)
-            fused = reader.input_kind == "logits"
-            (al,) = align(x, y, T, U, blank=reader.blank, fused_log_softmax=fused, backend=dev)
-            xg = x.clone().requires_grad_(True)
-            rnnt_loss(xg, y, T, U, blank=reader.blank, reduction="sum",
-                      fused_log_softmax=fused, backend=dev).backward()
-            gnorm = xg.grad[0].double().norm(dim=-1).cpu().numpy()
-            tokens = [reader.vocab[int(t)] for t in u.labels] if reader.vocab else None
-            dest = out_dir / f"{u.info.utt_id}.png"
-            tmp = out_dir / f".{u.info.utt_id}.png.part"
-            plot_utterance(str(tmp), utt_id=u.info.utt_id, loss=al.loss,
-                           best_log_prob=al.best_log_prob, occupancy=al.occupancy,
-                           best_path=al.path, grad_norm=gnorm, tokens=tokens)
-            umask_perms(str(tmp))
-            tmp.replace(dest)
-            n += 1
+            with _Utterance(reader.path, u.info.utt_id) as one:
+                x, y, T, U = _tensors(u, dev)
+                fused = reader.input_kind == "logits"
+                (al,) = align(x, y, T, U, blank=reader.blank, fused_log_softmax=fused,
+                              backend=dev)
+                if one.check(al.loss, al.T, al.U, u.logits.dtype == np.float64):
+                    xg = x.clone().requires_grad_(True)
+                    rnnt_loss(xg, y, T, U, blank=reader.blank, reduction="sum",
+                              fused_log_softmax=fused, backend=dev).backward()
+                    gnorm = xg.grad[0].double().norm(dim=-1).cpu().numpy()
+                    tokens = [reader.vocab[int(t)] for t in u.labels] if reader.vocab else None
+                    dest = out_dir / f"{u.info.utt_id}.png"
+                    tmp = out_dir / f".{u.info.utt_id}.png.part"
+                    plot_utterance(str(tmp), utt_id=u.info.utt_id, loss=al.loss,
+                                   best_log_prob=al.best_log_prob, occupancy=al.occupancy,
+                                   best_path=al.path, grad_norm=gnorm, tokens=tokens)
+                    umask_perms(str(tmp))
+                    tmp.replace(dest)
+                    n += 1
+            problems += one.problem is not None
     if not quiet:
         _stderr().print(f"wrote {n} PNGs to {out_dir}", markup=False)
+    if problems:
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------- grad-check
@@ -487,7 +592,10 @@ def grad_check(
     reference against central finite differences (--samples entries); the dump's
     stored `grads` (a trainer's gradient of that utterance's loss) against the
     reference; and CPU against CUDA when both run here. A check passes when
-    |a - b| <= atol + rtol * |b| everywhere. Exit 1 if any fails.
+    |a - b| <= atol + rtol * |b| everywhere. Exit 1 if any fails. An utterance
+    whose loss is not finite is not checked (no rows): one line on stderr names
+    it, the others are still checked, and the exit code is 1 (also for a loss
+    below 0 beyond rounding, whose checks are written).
     """
     from .gradcheck import cuda_usable, grad_check_utterance
     from .output import open_output, render
@@ -496,15 +604,19 @@ def grad_check(
     if samples < 0 or rtol < 0 or atol < 0:
         raise fail("--samples, --rtol and --atol must not be negative")
     dev = _resolve_device(device)
-    rows = []
+    rows, problems = [], 0
     with _selection(inputs, blank, utt, utt_list) as selected:
         both = dev == "cpu" and cuda_usable()
         for reader, u in _utterances(selected, with_grads=True):
-            for c in grad_check_utterance(
-                u.logits, u.labels, blank=reader.blank,
-                fused=reader.input_kind == "logits", backend=dev, samples=samples,
-                rtol=rtol, atol=atol, stored=u.grads, compare_cuda=both,
-            ):
+            with _Utterance(reader.path, u.info.utt_id) as one:
+                checks = grad_check_utterance(
+                    u.logits, u.labels, blank=reader.blank,
+                    fused=reader.input_kind == "logits", backend=dev, samples=samples,
+                    rtol=rtol, atol=atol, stored=u.grads, compare_cuda=both,
+                )
+                one.check(checks.loss, u.info.T, u.info.U, float64=True)
+            problems += one.problem is not None
+            for c in checks:
                 rows.append({"utt_id": u.info.utt_id, "check": c.check,
                              "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err,
                              "atol": atol, "rtol": rtol, "result": "PASS" if c.passed else "FAIL"})
@@ -520,7 +632,7 @@ def grad_check(
     for r in failed:
         print(f"rnntool: FAIL {r['utt_id']}: {r['check']}: max abs err {r['max_abs_err']:.3g}, "
               f"max rel err {r['max_rel_err']:.3g}", file=sys.stderr)
-    if failed:
+    if failed or problems:
         raise typer.Exit(1)
 
 

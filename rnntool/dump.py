@@ -21,6 +21,7 @@ straight into the padded batch buffer the engine consumes.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -682,6 +683,71 @@ def group_by_budget(
         T, U1 = t, u1
     if group:
         yield group
+
+
+_BF16_EPS = 2.0**-7
+
+
+def carried_eps(x: np.ndarray) -> float:
+    """Machine epsilon of the precision ``x``'s values actually carry: its dtype's,
+    or a coarser one's when every value is exact in it (log-probs computed in
+    bfloat16 and stored as float32, as ``DumpWriter`` must; float32 stored as float64)."""
+    x = x[np.isfinite(x)]
+    with np.errstate(all="ignore"):
+        if x.dtype == np.float64:
+            if not np.array_equal(x.astype(np.float32).astype(np.float64), x):
+                return float(np.finfo(np.float64).eps)
+            x = x.astype(np.float32)
+        if x.dtype == np.float32:
+            if not (x.view(np.uint32) & 0xFFFF).any():
+                return _BF16_EPS
+            if not np.array_equal(x.astype(np.float16).astype(np.float32), x):
+                return float(np.finfo(np.float32).eps)
+    return float(np.finfo(np.float16).eps)
+
+
+def log_prob_tolerance(eps: float, V: int) -> float:
+    """How far from 0 rounding can put the logsumexp of a row of log-probs rounded
+    with machine epsilon ``eps``.
+
+    Each log-prob carries a relative error of at most eps/2, so the row's
+    logsumexp moves by at most eps/2 times the row's entropy, itself at most
+    ln V: allow 4 * eps * max(1, ln V), 8 times that bound (V = 512: float16
+    0.024, bfloat16 0.19, float32 3.0e-6, float64 5.5e-15).
+    """
+    return 4 * eps * max(1.0, math.log(max(V, 1)))
+
+
+def log_prob_problem(x: np.ndarray) -> str | None:
+    """Whether ``(T, U+1, V)`` log-probs normalise: logsumexp over V within
+    ``log_prob_tolerance(carried_eps(x), V)`` of 0 on every row; a sentence
+    saying how not, or None.
+
+    Rows holding NaN or +inf are skipped (reported as such elsewhere); a row of
+    only -inf does not normalise.
+    """
+    eps = carried_eps(x)
+    tol = log_prob_tolerance(eps, x.shape[-1])
+    n_rows = n_bad = 0
+    worst = 0.0
+    step = max(1, (1 << 22) // max(1, x[0:1].size))  # about 32 MiB of float64 at a time
+    with np.errstate(all="ignore"):
+        for t0 in range(0, x.shape[0], step):
+            c = x[t0 : t0 + step].astype(np.float64).reshape(-1, x.shape[-1])
+            c = c[~(np.isnan(c) | np.isposinf(c)).any(axis=1)]
+            m = c.max(axis=1, initial=-np.inf)
+            finite = np.isfinite(m)
+            lse = np.full(m.shape, -np.inf)
+            lse[finite] = m[finite] + np.log(np.exp(c[finite] - m[finite, None]).sum(axis=1))
+            off = np.abs(lse)
+            n_rows += off.size
+            bad = off > tol
+            n_bad += int(bad.sum())
+            worst = max(worst, float(off.max(initial=0.0)))
+    if not n_bad:
+        return None
+    return (f"{n_bad} of {n_rows} log-prob rows do not normalise: |logsumexp| up to "
+            f"{worst:.3g}, tolerance {tol:.2g} (values carry eps {eps:.3g}, V={x.shape[-1]})")
 
 
 def padded_bytes(infos: Sequence[UttInfo]) -> int:

@@ -27,6 +27,14 @@ class Check:
     n: int  # entries compared
 
 
+class Checks(list):
+    """The ``Check``s of one utterance, and its float64 reference ``loss``."""
+
+    def __init__(self, loss: float, checks=()) -> None:
+        super().__init__(checks)
+        self.loss = loss
+
+
 def compare(name: str, got: np.ndarray, expected: np.ndarray, rtol: float, atol: float) -> Check:
     """Pass when every entry has ``|got - expected| <= atol + rtol * |expected|``."""
     got = np.asarray(got, np.float64).ravel()
@@ -66,21 +74,27 @@ def grad_check_utterance(
     logits: np.ndarray, labels: np.ndarray, *, blank: int, fused: bool = True,
     backend: str = "cpu", samples: int = 20, rtol: float = 1e-3, atol: float = 1e-5,
     stored: np.ndarray | None = None, compare_cuda: bool = False, fd_step: float = 1e-5,
-) -> list[Check]:
+) -> Checks:
     """Every check that applies to one utterance, in a fixed order.
 
     ``logits`` ``(T, U+1, V)``; ``stored`` a gradient the user's trainer wrote;
     ``compare_cuda``: also CPU against CUDA (when both backends run here).
+    The result's ``loss`` is the float64 reference loss; when it is not finite
+    (NaN or +inf logits, no possible alignment) no gradient exists to check
+    and the result is empty.
     """
     V = logits.shape[-1]
     blank = blank % V
     x64 = torch.from_numpy(np.asarray(logits, np.float64))[None]
     y = torch.from_numpy(np.asarray(labels, np.int64))[None]
     T, U1 = logits.shape[:2]
-    _, ref = reference_gradients(x64, y, torch.tensor([T]), torch.tensor([U1 - 1]),
-                                 blank=blank, fused_log_softmax=fused)
+    with np.errstate(all="ignore"):
+        losses, ref = reference_gradients(x64, y, torch.tensor([T]), torch.tensor([U1 - 1]),
+                                          blank=blank, fused_log_softmax=fused)
+    checks = Checks(float(losses[0]))
+    if not np.isfinite(checks.loss):
+        return checks
     ref = ref[0].numpy()
-    checks = []
     got = engine_gradient(logits, labels, blank, fused, backend)
     checks.append(compare(f"{backend}-vs-reference", got, ref, rtol, atol))
 

@@ -128,7 +128,10 @@ def _score_mapped(reader, items, on_batch):
             )
             del view
             close()
-            yield _row(info, -float(log_like[0]))
+            # Rounded as rnnt_loss rounds its losses (float32 unless the logits are
+            # float64), so this path and the batched one give the same bits.
+            loss = -float(log_like[0])
+            yield _row(info, loss if info.dtype == np.float64 else float(np.float32(loss)))
             if on_batch is not None:
                 on_batch(1)
 
@@ -160,6 +163,35 @@ def _score_batches(reader, groups, device, on_batch):
                 on_batch(len(group))
 
 
+def negative_loss_tolerance(T: int, U: int, float64: bool = False) -> float:
+    """How far below 0 rounding can put a computed ``-log P(y|x)`` (nats).
+
+    log P sums the T + U log-probs of a path, each rounded in the lattice's
+    float32 (float64 for float64 logits): allow 8 units of roundoff per arc, and
+    at least 1e-6 nats. A loss below ``-tolerance`` is impossible: the input was
+    not normalised log-probs (or the engine is wrong).
+    """
+    eps = float(np.finfo(np.float64 if float64 else np.float32).eps)
+    return max(8 * eps * (T + U), 1e-6)
+
+
+def loss_problem(loss: float, T: int, U: int, float64: bool = False) -> str | None:
+    """Why an utterance's loss cannot be a true ``-log P(y|x)``, in words; None if it can.
+
+    NaN (NaN or +inf in the logits), +inf (no alignment has non-zero
+    probability), or negative beyond rounding (``negative_loss_tolerance``).
+    """
+    if math.isnan(loss):
+        return "loss is nan (NaN or +inf in its logits)"
+    if math.isinf(loss):
+        return f"loss is {loss} (no alignment has non-zero probability)"
+    tol = negative_loss_tolerance(T, U, float64)
+    if loss < -tol:
+        return (f"loss is {loss:.6g}, below 0 beyond rounding (tolerance {tol:.2g} nats), which "
+                "-log P(y|x) cannot be: are its log-probs normalised? (rnntool inspect checks)")
+    return None
+
+
 def _row(info: UttInfo, loss: float) -> dict:
     row = {
         "utt_id": info.utt_id,
@@ -168,6 +200,7 @@ def _row(info: UttInfo, loss: float) -> dict:
         "loss": loss,
         "loss_per_frame": loss / info.T,
         "loss_per_token": loss / max(info.U, 1),
+        "_float64": info.dtype == np.float64,
     }
     if "loss" in info.attrs:
         stored = float(info.attrs["loss"])
@@ -177,8 +210,8 @@ def _row(info: UttInfo, loss: float) -> dict:
 
 
 class _quiet_nonfinite:
-    """The CLI reports non-finite losses itself, by utterance id, not by batch index;
-    and torch's note that mapped file pages are read-only is expected here."""
+    """The CLI reports non-finite and negative losses itself, by utterance id, not by
+    batch index; and torch's note that mapped file pages are read-only is expected here."""
 
     def __enter__(self):
         import warnings
