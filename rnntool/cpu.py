@@ -12,10 +12,13 @@ Shapes: ``B`` utterances, padded to ``T`` frames and ``U1 = U+1`` label
 positions, vocabulary ``V``. Logits arrive in their *storage* type:
 float32 or float64 as they are, float16 as its bits in a ``uint16`` array and
 bfloat16 as its bits in an ``int16`` array (numba has no half types on the CPU).
-Lattice math is float64 for float64 input and float32 otherwise.
+Stages 1 and 3 compute in float64 for float64 input and float32 otherwise; stage 2
+(alpha, beta, log P) always in float64.
 
 ``-inf`` logits (masked tokens) are legal, so no fastmath flag that assumes
-finite values is used; only re-association, which lets LLVM vectorise the sums.
+finite values is used, and none that re-associates: every sum runs in an order
+fixed by the shapes alone, so an utterance's bits do not depend on the CPU's
+vector width, the arrays' strides, the batch it shares or the thread count.
 """
 
 from __future__ import annotations
@@ -155,21 +158,30 @@ def _like_impl(x, c):
     return lambda x, c: np.float64(c)
 
 
-def _host_converts_half() -> bool:
-    """Whether this CPU converts float16 in hardware (x86 F16C, or any aarch64)."""
+def _target_converts_half() -> bool:
+    """Whether the CPU the kernels are compiled for converts float16 in hardware
+    (x86 F16C, or any aarch64).
+
+    That is the host, unless ``NUMBA_CPU_NAME`` names another CPU: then only an
+    explicit ``+f16c`` in ``NUMBA_CPU_FEATURES`` counts (a target without it would
+    need a runtime library call that numba cannot link). Both paths give the same bits.
+    """
     import platform
 
     import llvmlite.binding as llvm
+    from numba.core import config
 
     if platform.machine().lower() in ("aarch64", "arm64"):
         return True
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return "+f16c" in (config.CPU_FEATURES or "")
     try:
         return bool(llvm.get_host_cpu_features().get("f16c", False))
     except Exception:  # noqa: BLE001 (unknown host: use the portable path)
         return False
 
 
-HARDWARE_HALF = _host_converts_half()
+HARDWARE_HALF = _target_converts_half()
 
 
 @intrinsic
@@ -337,15 +349,41 @@ def _row_max_impl(row):
     return lambda row: _row_max32(row)
 
 
-# Re-association lets LLVM vectorise this sum; it is confined to this function
-# (numba's fastmath flags reach every instruction of the function they mark).
-@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
-def _sum_exp(row, m, zero):
-    """sum over v of exp(row[v] - m), row a 1-D storage array of ``V``."""
-    s = zero
-    for v in range(row.shape[0]):
-        s += _exp(_load(row, v) - m)
-    return s
+_LANES = 16  # partial sums of _sum_exp: element v always goes to lane v % _LANES
+
+
+@njit(cache=True, error_model="numpy")
+def _sum_exp(row, m, scratch):
+    """sum over v of exp(row[v] - m), row a 1-D storage array of ``V``, in an order
+    fixed by ``V`` alone.
+
+    Element v is added to partial sum v % 16, the 16 partial sums are combined
+    pairwise, always in the same tree. No re-association flag is used, so the bits do
+    not depend on the CPU's vector width or on the row's strides (a memory-mapped
+    slab, a padded batch and a contiguous tensor give the same loss); the 16
+    independent lanes still vectorise. The last, partial block is padded with -inf
+    (exp = 0). ``scratch``: ``2 * _LANES`` lattice floats, reused between calls.
+    """
+    V = row.shape[0]
+    acc = scratch[:_LANES]
+    tail = scratch[_LANES:]
+    for k in range(_LANES):
+        acc[k] = 0.0
+    full = V - V % _LANES
+    for v in range(0, full, _LANES):
+        for k in range(_LANES):
+            acc[k] += _exp(_load(row, v + k) - m)
+    if full < V:
+        for k in range(_LANES):
+            tail[k] = _load(row, full + k) if full + k < V else -np.inf
+        for k in range(_LANES):
+            acc[k] += _exp(tail[k] - m)
+    w = _LANES // 2
+    while w >= 1:
+        for k in range(w):
+            acc[k] = acc[k] + acc[k + w]
+        w //= 2
+    return acc[0]
 
 
 _logaddexp = njit(cache=True)(lattice.logaddexp)
@@ -373,18 +411,19 @@ def cpu_normalise(logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emi
     for bt in prange(B * T):
         b = bt // T
         t = bt % T
+        scratch = np.empty(2 * _LANES, blank_lp.dtype)
         for u in range(U1):
             if t >= T_len[b] or u > U_len[b]:
                 blank_lp[b, t, u] = -np.inf
                 emit_lp[b, t, u] = -np.inf
             else:
                 _normalise_node(logits[b, t, u], labels, b, t, u, U_len[b], blank, fused,
-                                keep_lse, lse, blank_lp, emit_lp, bad_row)
+                                keep_lse, lse, blank_lp, emit_lp, bad_row, scratch)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _normalise_node(row, labels, b, t, u, Ub, blank, fused, keep_lse, lse, blank_lp, emit_lp,
-                    bad_row):
+                    bad_row, scratch):
     """Stage 1 for one node: ``row`` is its ``(V,)`` logits."""
     m, nonfinite = _row_max(row)
     hi = _like(m, 0.0)
@@ -392,7 +431,7 @@ def _normalise_node(row, labels, b, t, u, Ub, blank, fused, keep_lse, lse, blank
     nonfinite |= fused and m == -np.inf  # all -inf: no distribution
     if fused and not nonfinite:
         hi = m
-        lo = math.log(_sum_exp(row, m, lo))
+        lo = math.log(_sum_exp(row, m, scratch))
     if nonfinite:
         lo = _like(m, np.nan)
     bad_row[b, t, u] = nonfinite
@@ -412,7 +451,11 @@ def cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like):
     """Stage 2: alpha and beta ``(B, T, U1)`` over the compact arrays; one utterance per thread.
 
     ``log_like[b] = alpha[T_b-1, U_b] + blank_lp[T_b-1, U_b]`` (= log P(y|x)).
-    Nodes outside the lengths are left -inf.
+    Nodes outside the lengths are left -inf. ``alpha``, ``beta`` and ``log_like``
+    are float64 whatever the compact arrays' type: on a long lattice they reach
+    thousands of nats, where float32 keeps only ~1e-4 absolute, and the gradient's
+    posteriors ``exp(alpha + beta - log P)`` would carry that error (and its drift
+    along the lattice). float64 costs O(B*T*U) and nothing per V.
     """
     B, T, U1 = blank_lp.shape
     for b in prange(B):
@@ -449,13 +492,14 @@ def cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like):
 def cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like):
     """Stage 2 without gradients: alpha keeping one row of ``U1`` per utterance.
 
-    Writes only ``log_like[b] = log P(y|x)``; O(B * U1) scratch memory.
+    Writes only ``log_like[b] = log P(y|x)`` (float64, as in ``cpu_alpha_beta``);
+    O(B * U1) scratch memory.
     """
     B, T, U1 = blank_lp.shape
     for b in prange(B):
         Tb = T_len[b]
         Ub = U_len[b]
-        row = np.empty(Ub + 1, dtype=blank_lp.dtype)
+        row = np.empty(Ub + 1, dtype=np.float64)
         row[0] = 0.0
         for u in range(1, Ub + 1):
             row[u] = row[u - 1] + emit_lp[b, 0, u - 1]
@@ -585,9 +629,9 @@ def cpu_best_path(saved, logit_lengths, target_lengths):
     """Run ``cpu_viterbi`` on forward's saved arrays; ``(best (B,), from_emit (B, T, U1))``."""
     _, blank_lp, emit_lp, _, _ = saved
     T_len, U_len = np.asarray(logit_lengths), np.asarray(target_lengths)
-    delta = np.empty_like(blank_lp)
+    delta = np.empty(blank_lp.shape, np.float64)
     from_emit = np.zeros(blank_lp.shape, np.uint8)
-    best = np.empty(blank_lp.shape[0], blank_lp.dtype)
+    best = np.empty(blank_lp.shape[0], np.float64)
     with kernel_lock():
         cpu_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best)
     return best, from_emit
@@ -617,29 +661,32 @@ def cpu_forward(logits, targets, logit_lengths, target_lengths, blank, fused, ne
     logits: ``(B, T, U1, V)`` torch tensor (any float dtype, any strides) or numpy
     array; targets ``(B, S)`` and lengths ``(B,)`` int64 tensors or arrays, already
     validated (``loss.check_inputs``).
-    Returns ``(log_like (B,), bad (B,), saved)`` where ``saved`` holds the compact
-    ``(B, T, U1[, 2])`` arrays the gradient needs (``None`` without ``need_grad``).
+    Returns ``(log_like (B,) float64, bad (B,), saved)`` where ``saved`` holds the
+    compact ``(B, T, U1[, 2])`` arrays the gradient needs (``None`` without
+    ``need_grad``): ``lse``, ``blank_lp``, ``emit_lp`` in the lattice type, alpha
+    and beta in float64.
     """
     x = storage_view(logits)
     B, T, U1, _ = x.shape
     lat = np.float64 if x.dtype == np.float64 else np.float32
+    # Stage 2 always runs in float64 (see cpu_alpha_beta).
     y, T_len, U_len = (np.asarray(a) for a in (targets, logit_lengths, target_lengths))
     blank_lp = np.empty((B, T, U1), lat)
     emit_lp = np.empty((B, T, U1), lat)
     bad_row = np.zeros((B, T, U1), np.bool_)
     lse = np.empty((B, T, U1, 2) if need_grad else (1, 1, 1, 2), lat)
-    log_like = np.empty(B, lat)
+    log_like = np.empty(B, np.float64)
     saved = None
     with kernel_lock():
         cpu_normalise(x, y, T_len, U_len, blank, fused, lse, blank_lp, emit_lp, bad_row)
         if need_grad:
-            alpha = np.empty((B, T, U1), lat)
-            beta = np.empty((B, T, U1), lat)
+            alpha = np.empty((B, T, U1), np.float64)
+            beta = np.empty((B, T, U1), np.float64)
             cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like)
             saved = (lse, blank_lp, emit_lp, alpha, beta)
         else:
             cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like)
-    bad = bad_row.reshape(B, -1).any(axis=1)
+    bad = bad_row.any(axis=(1, 2))  # (also for B = 0, where reshape(B, -1) fails)
     log_like[bad] = np.nan
     return log_like, bad, saved
 

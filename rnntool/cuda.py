@@ -14,7 +14,8 @@ import of the project lives in this module.
 No thread or block ever waits on another through atomics or spin loops.
 Storage types as on the CPU, except float16, which numba-cuda handles natively:
 float32/float64/float16 arrays as they are, bfloat16 as its bits in ``int16``.
-Lattice math is float64 for float64 input and float32 otherwise. Indexing is
+Stages 1 and 3 compute in float64 for float64 input and float32 otherwise;
+stage 2 (alpha, beta, log P) always in float64, as on the CPU. Indexing is
 numba's 64-bit, so tensors of more than 2**31 elements work.
 
 Under ``NUMBA_ENABLE_CUDASIM=1`` the same kernels run in Numba's simulator on
@@ -134,7 +135,8 @@ def cuda_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like, with
     """Stage 2: alpha (and beta) ``(B, T, U1)``; one block per utterance, by anti-diagonals.
 
     ``log_like[b] = alpha[T_b-1, U_b] + blank_lp[T_b-1, U_b]``. Only nodes inside
-    the lengths are written; no other node is ever read.
+    the lengths are written; no other node is ever read. ``alpha``, ``beta`` and
+    ``log_like`` are float64, as on the CPU (``cpu.cpu_alpha_beta`` says why).
     """
     B = blank_lp.shape[0]
     tid = cuda.threadIdx.x
@@ -416,7 +418,11 @@ def _as_kernel_array(x: torch.Tensor):
     if x.dtype == torch.bfloat16:
         x = x.view(torch.int16)
     if SIMULATOR:
-        return x.detach().numpy()
+        # Wrapped as the simulator's device array: launched as it is, any strides,
+        # as on a GPU (a plain numpy argument would be copied, and only if contiguous).
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(x.detach().numpy())
     # sync=False: the kernels run on torch's current stream, after whatever wrote
     # the tensor; numba's default would synchronise the host with that stream.
     return cuda.as_cuda_array(x.detach(), sync=False)  # pragma: no cover - needs a GPU
@@ -441,8 +447,8 @@ def _row_launch(nodes: int):
 def cuda_forward(logits, targets, logit_lengths, target_lengths, blank, fused, need_grad):
     """Stages 1 and 2 on the GPU; same contract as ``cpu.cpu_forward``.
 
-    Returns ``(log_like (B,), bad (B,), saved)`` as torch tensors on the logits'
-    device. Lengths outside the padded dims (possible only without host
+    Returns ``(log_like (B,) float64, bad (B,), saved)`` as torch tensors on the
+    logits' device. Lengths outside the padded dims (possible only without host
     validation) make that utterance's loss NaN instead of reading out of bounds.
     """
     device_check(logits)
@@ -472,12 +478,15 @@ def cuda_forward(logits, targets, logit_lengths, target_lengths, blank, fused, n
         a(logits), a(targets), a(t_len), a(u_len), blank, fused,
         a(lse), a(blank_lp), a(emit_lp), a(bad_row),
     )
-    alpha = torch.empty(B, T, U1, dtype=lat, device=dev)
-    beta = torch.empty((B, T, U1) if need_grad else (1, 1, 1), dtype=lat, device=dev)
-    log_like = torch.empty(B, dtype=lat, device=dev)
-    cuda_alpha_beta[B, CONFIG["threads_diag"], stream](
-        a(blank_lp), a(emit_lp), a(t_len), a(u_len), a(alpha), a(beta), a(log_like), need_grad,
-    )
+    # Stage 2 in float64 whatever the input, as on the CPU (see cpu.cpu_alpha_beta).
+    alpha = torch.empty(B, T, U1, dtype=torch.float64, device=dev)
+    beta = torch.empty((B, T, U1) if need_grad else (1, 1, 1), dtype=torch.float64, device=dev)
+    log_like = torch.empty(B, dtype=torch.float64, device=dev)
+    if B > 0:  # a grid of 0 blocks is a launch error
+        cuda_alpha_beta[B, CONFIG["threads_diag"], stream](
+            a(blank_lp), a(emit_lp), a(t_len), a(u_len), a(alpha), a(beta), a(log_like),
+            need_grad,
+        )
     bad = bad_row.view(B, -1).amax(dim=1).bool() | bad_len
     log_like = torch.where(bad, torch.full_like(log_like, math.nan), log_like)
     saved = (lse, blank_lp, emit_lp, alpha, beta, targets, t_len, u_len) if need_grad else None
@@ -488,13 +497,15 @@ def cuda_best_path(saved, logit_lengths, target_lengths):
     """Run ``cuda_viterbi`` on forward's saved arrays; ``(best (B,), from_emit (B, T, U1))``
     as torch tensors on the logits' device."""
     _, blank_lp, emit_lp, _, _, _, t_len, u_len = saved
-    delta = torch.empty_like(blank_lp)
+    B = blank_lp.shape[0]
+    delta = torch.empty(blank_lp.shape, dtype=torch.float64, device=blank_lp.device)
     from_emit = torch.zeros(blank_lp.shape, dtype=torch.uint8, device=blank_lp.device)
-    best = torch.empty(blank_lp.shape[0], dtype=blank_lp.dtype, device=blank_lp.device)
+    best = torch.empty(B, dtype=torch.float64, device=blank_lp.device)
     a = _as_kernel_array
-    cuda_viterbi[blank_lp.shape[0], CONFIG["threads_diag"], _stream()](
-        a(blank_lp), a(emit_lp), a(t_len), a(u_len), a(delta), a(from_emit), a(best),
-    )
+    if B > 0:
+        cuda_viterbi[B, CONFIG["threads_diag"], _stream()](
+            a(blank_lp), a(emit_lp), a(t_len), a(u_len), a(delta), a(from_emit), a(best),
+        )
     return best, from_emit
 
 

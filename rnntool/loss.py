@@ -7,10 +7,13 @@ inputs, picks the backend, applies the reduction, and wires stage 3 into
 
 from __future__ import annotations
 
+import math
+import operator
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 REDUCTIONS = ("none", "sum", "mean", "mean_frames", "mean_tokens")
@@ -27,6 +30,21 @@ def _int_tensor(name: str, x, ndim: int) -> torch.Tensor:
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
     return x
+
+
+def as_index(name: str, value) -> int:
+    """``value`` as a Python int: ints, numpy integers and 0-d integer tensors/arrays.
+
+    Raises ``TypeError`` for anything else (bools and floats included).
+    """
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, (torch.Tensor, np.ndarray)) and value.dtype in (torch.bool, np.bool_)
+    ):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
 
 
 def check_meta(
@@ -62,8 +80,7 @@ def check_meta(
         )
     if V == 0:
         raise ValueError("logits has an empty vocabulary dim (V = 0)")
-    if not isinstance(blank, int) or isinstance(blank, bool):
-        raise TypeError(f"blank must be an int, got {blank!r}")
+    blank = as_index("blank", blank)
     if not -V <= blank < V:
         raise ValueError(f"blank={blank} is outside [-V, V) for V={V}")
     return blank % V
@@ -129,9 +146,13 @@ def _check_reduction(reduction: str) -> None:
 def reduction_weights(
     reduction: str, logit_lengths: torch.Tensor, target_lengths: torch.Tensor
 ) -> torch.Tensor:
-    """``(B,)`` float64 weights w with value = sum_b w_b * loss_b (any reduction but none)."""
+    """``(B,)`` float64 weights w with value = sum_b w_b * loss_b (any reduction but none).
+
+    For B = 0 the weights are empty; ``_reduce`` then gives what torch's own losses
+    give on an empty batch (0 for ``sum``, NaN for the means).
+    """
     B = logit_lengths.shape[0]
-    if reduction in ("none", "sum"):
+    if reduction in ("none", "sum") or B == 0:
         return torch.ones(B, dtype=torch.float64)
     if reduction == "mean":
         return torch.full((B,), 1.0 / B, dtype=torch.float64)
@@ -145,7 +166,28 @@ def reduction_weights(
 def _reduce(losses: torch.Tensor, reduction: str, weights: torch.Tensor) -> torch.Tensor:
     if reduction == "none":
         return losses
-    return (losses.to(torch.float64) * weights.to(losses.device)).sum().to(losses.dtype)
+    value = (losses.to(torch.float64) * weights.to(losses.device)).sum()
+    if losses.shape[0] == 0 and reduction != "sum":
+        value = value + math.nan  # the mean of nothing, as torch.mean of an empty tensor
+    return value.to(losses.dtype)
+
+
+def loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The dtype of the returned loss: float64 for float64 logits, float32 otherwise."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def negative_loss_tolerance(logit_lengths, target_lengths, dtype) -> torch.Tensor:
+    """``(B,)`` nats below zero that rounding can put ``-log P(y|x)`` (a loss below
+    ``-tolerance`` is impossible: the input was not normalised).
+
+    log P sums ``T_b + U_b`` log-probs, each rounded in ``dtype`` (float32 for
+    float16/bfloat16/float32 input): 8 units of roundoff per arc, at least 1e-6 nats.
+    """
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    arcs = torch.as_tensor(logit_lengths).cpu().to(torch.float64) + torch.as_tensor(
+        target_lengths).cpu().to(torch.float64)
+    return torch.clamp(8 * eps * arcs, min=1e-6)
 
 
 # --------------------------------------------------------------------------- backends
@@ -181,9 +223,20 @@ def engine_for(backend: str, logits: torch.Tensor) -> Engine:
     return Engine(cuda.cuda_forward, cuda.cuda_backward, cuda.cuda_best_path, True)
 
 
-def _warn_nonfinite(log_like: torch.Tensor, bad: torch.Tensor) -> None:
+def _warn_impossible(log_like: torch.Tensor, bad: torch.Tensor, tolerance: torch.Tensor) -> None:
+    """RuntimeWarnings naming the utterances whose loss is NaN, inf or negative."""
     nan_utts = torch.nonzero(bad).flatten().tolist()
     inf_utts = torch.nonzero(torch.isinf(log_like) & ~bad).flatten().tolist()
+    negative = torch.nonzero(log_like > tolerance.to(log_like.dtype)).flatten().tolist()
+    if negative:
+        warnings.warn(
+            f"rnnt_loss: the loss of utterance(s) {negative} is negative "
+            f"({', '.join(f'{-float(log_like[b]):.6g}' for b in negative[:5])}), which "
+            "-log P(y|x) cannot be: are the inputs log-probabilities that do not "
+            "normalise (fused_log_softmax=False on logits)?",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     if nan_utts:
         warnings.warn(
             f"rnnt_loss: NaN or +inf in the logits of utterance(s) {nan_utts} (or, with "
@@ -203,15 +256,18 @@ def _warn_nonfinite(log_like: torch.Tensor, bad: torch.Tensor) -> None:
 def _losses(opts, logits, targets, logit_lengths, target_lengths, need_grad):
     """Stages 1-2 on the chosen engine: ``(per-utterance losses (B,), log_like, saved)``.
 
-    Warns about non-finite losses on the CPU (on CUDA that would need a host sync).
+    ``log_like`` stays float64 for the gradient; the losses are rounded to
+    ``loss_dtype``. Warns about non-finite and negative losses on the CPU (on
+    CUDA that would need a host sync).
     """
     log_like, bad, saved = opts["engine"].forward(
         logits, targets, logit_lengths, target_lengths, opts["blank"], opts["fused"], need_grad
     )
     log_like_t = torch.as_tensor(log_like)
     if not log_like_t.is_cuda:
-        _warn_nonfinite(log_like_t, torch.as_tensor(bad))
-    return -log_like_t, log_like, saved
+        tolerance = negative_loss_tolerance(logit_lengths, target_lengths, logits.dtype)
+        _warn_impossible(log_like_t, torch.as_tensor(bad), tolerance)
+    return (-log_like_t).to(loss_dtype(logits)), log_like, saved
 
 
 class _RNNTLossFunction(torch.autograd.Function):
