@@ -27,3 +27,17 @@ def emission_wins(a, e, t, u):
     At t = 0 only emission is possible, at u = 0 only blank; ties go to the blank.
     """
     return u > 0 and (t == 0 or e > a)
+
+
+def negative_loss_tolerance(T, U, float64=False):
+    """How far below 0 rounding can put a computed ``-log P(y|x)`` (nats), for an
+    utterance of ``T`` frames and ``U`` labels.
+
+    log P sums the T + U log-probs of a path, each rounded in the lattice's
+    float32 (float64 for float64 logits): allow 8 units of roundoff per arc, and
+    at least 1e-6 nats. A loss below ``-tolerance`` is impossible: the input was
+    not normalised log-probs (or the engine is wrong). Plain Python, used by
+    ``rnnt_loss``'s warning and the CLI's checks alike.
+    """
+    eps = 2.0**-52 if float64 else 2.0**-23
+    return max(8 * eps * (T + U), 1e-6)

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .lattice import negative_loss_tolerance
+
 REDUCTIONS = ("none", "sum", "mean", "mean_frames", "mean_tokens")
 BACKENDS = ("auto", "cpu", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -177,17 +179,13 @@ def loss_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def negative_loss_tolerance(logit_lengths, target_lengths, dtype) -> torch.Tensor:
-    """``(B,)`` nats below zero that rounding can put ``-log P(y|x)`` (a loss below
-    ``-tolerance`` is impossible: the input was not normalised).
-
-    log P sums ``T_b + U_b`` log-probs, each rounded in ``dtype`` (float32 for
-    float16/bfloat16/float32 input): 8 units of roundoff per arc, at least 1e-6 nats.
-    """
-    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    arcs = torch.as_tensor(logit_lengths).cpu().to(torch.float64) + torch.as_tensor(
-        target_lengths).cpu().to(torch.float64)
-    return torch.clamp(8 * eps * arcs, min=1e-6)
+def _negative_loss_tolerances(logit_lengths, target_lengths, dtype) -> torch.Tensor:
+    """``(B,)`` ``lattice.negative_loss_tolerance`` of each utterance."""
+    return torch.tensor([
+        negative_loss_tolerance(int(t), int(u), dtype == torch.float64)
+        for t, u in zip(torch.as_tensor(logit_lengths).tolist(),
+                        torch.as_tensor(target_lengths).tolist(), strict=True)
+    ], dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------- backends
@@ -265,7 +263,7 @@ def _losses(opts, logits, targets, logit_lengths, target_lengths, need_grad):
     )
     log_like_t = torch.as_tensor(log_like)
     if not log_like_t.is_cuda:
-        tolerance = negative_loss_tolerance(logit_lengths, target_lengths, logits.dtype)
+        tolerance = _negative_loss_tolerances(logit_lengths, target_lengths, logits.dtype)
         _warn_impossible(log_like_t, torch.as_tensor(bad), tolerance)
     return (-log_like_t).to(loss_dtype(logits)), log_like, saved
 

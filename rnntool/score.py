@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from .dump import DumpReader, UttInfo, group_by_budget, padded_bytes
+from .lattice import negative_loss_tolerance
 
 SCORE_FIELDS = ["utt_id", "T", "U", "loss", "loss_per_frame", "loss_per_token"]
 STORED_FIELDS = ["stored_loss", "loss_diff"]
@@ -161,18 +162,6 @@ def _score_batches(reader, groups, device, on_batch):
                 yield _row(info, float(loss))
             if on_batch is not None:
                 on_batch(len(group))
-
-
-def negative_loss_tolerance(T: int, U: int, float64: bool = False) -> float:
-    """How far below 0 rounding can put a computed ``-log P(y|x)`` (nats).
-
-    log P sums the T + U log-probs of a path, each rounded in the lattice's
-    float32 (float64 for float64 logits): allow 8 units of roundoff per arc, and
-    at least 1e-6 nats. A loss below ``-tolerance`` is impossible: the input was
-    not normalised log-probs (or the engine is wrong).
-    """
-    eps = float(np.finfo(np.float64 if float64 else np.float32).eps)
-    return max(8 * eps * (T + U), 1e-6)
 
 
 def loss_problem(loss: float, T: int, U: int, float64: bool = False) -> str | None:
