@@ -487,7 +487,7 @@ def cuda_forward(logits, targets, logit_lengths, target_lengths, blank, fused, n
             a(blank_lp), a(emit_lp), a(t_len), a(u_len), a(alpha), a(beta), a(log_like),
             need_grad,
         )
-    bad = bad_row.view(B, -1).amax(dim=1).bool() | bad_len
+    bad = bad_row.flatten(1).any(dim=1).bool() | bad_len  # (view(B, -1) fails at B = 0)
     log_like = torch.where(bad, torch.full_like(log_like, math.nan), log_like)
     saved = (lse, blank_lp, emit_lp, alpha, beta, targets, t_len, u_len) if need_grad else None
     return log_like, bad, saved
