@@ -95,14 +95,17 @@ def align(
     with np.errstate(invalid="ignore"):  # nodes outside the lengths may hold garbage
         blank_lp, emit_lp, alpha, beta = (_np(a).astype(np.float64) for a in saved[1:5])
     log_like, best, from_emit = _np(log_like).astype(np.float64), _np(best), _np(from_emit)
+    # The loss rounded as rnnt_loss and score round it (float32 unless float64 logits).
+    loss = (-log_like).astype(np.float64 if logits.dtype == torch.float64 else np.float32)
+    loss = loss.astype(np.float64).tolist()
     out = []
     for b in range(logits.shape[0]):
         T, U = int(t_len[b]), int(u_len[b])
         ll = log_like[b]
         a, be = alpha[b, :T, : U + 1], beta[b, :T, : U + 1]
-        # Probabilities, so in [0, 1]; but alpha + beta - log P carries the lattice's
-        # float32 rounding, and exp() of a rounded 0 can come out as 1 + 1e-6 (the
-        # CUDA kernels) or 1 + 1e-14: clip, so that no posterior ever reads above 1.
+        # Probabilities, so in [0, 1]; but alpha + beta - log P carries rounding
+        # (float64 now, float32 in the compact log-probs), and exp() of a rounded 0
+        # can come out as 1 + 1e-14: clip, so that no posterior ever reads above 1.
         # np.clip keeps NaN (a non-finite utterance stays visibly non-finite).
         occupancy = np.clip(np.exp(a + be - ll), 0.0, 1.0)
         # P(emit label u at t) = alpha(t, u) * p(y_u | t, u) * beta(t, u+1) / P.
@@ -112,7 +115,7 @@ def align(
         # summing to 1 + eps) could put it a hair outside.
         expected = np.clip((np.arange(T)[:, None] * emit_post).sum(0), 0.0, T - 1.0)
         out.append(Alignment(
-            T=T, U=U, loss=-ll, best_log_prob=float(best[b]), frames=frames, path=path,
+            T=T, U=U, loss=loss[b], best_log_prob=float(best[b]), frames=frames, path=path,
             expected_frames=expected, frame_posteriors=emit_post[frames, np.arange(U)],
             emit_posteriors=emit_post, occupancy=occupancy,
         ))

@@ -126,10 +126,11 @@ class _Utterance:
                                    if not str(w.message).startswith("rnnt_loss: ")):
                 print(f"rnntool: {self.where}: warning: {message}", file=sys.stderr)
 
-    def check(self, loss: float, T: int, U: int, float64: bool = False) -> bool:
+    def check(self, loss: float, T: int, U: int, float64: bool = False,
+              input_eps: float = 0.0) -> bool:
         from .score import loss_problem
 
-        self.problem = loss_problem(loss, T, U, float64)
+        self.problem = loss_problem(loss, T, U, float64, input_eps)
         if self.problem is not None:
             print(f"rnntool: {self.where}: {self.problem}", file=sys.stderr)
         return math.isfinite(loss)
@@ -318,7 +319,7 @@ def score(
     err = _stderr()
     problems = 0
     for r in rows:
-        why = loss_problem(r["loss"], r["T"], r["U"], r["_float64"])
+        why = loss_problem(r["loss"], r["T"], r["U"], r["_float64"], r["_input_eps"])
         if why is not None:
             problems += 1
             err.print(f"rnntool: {r['_file']}: utterance {r['utt_id']}: {why}", markup=False)
@@ -384,7 +385,8 @@ def inspect(
         # Losses that cannot be true: +inf (no alignment possible) or negative (NaN
         # losses come from the NaN/+inf logits already reported).
         for row in score_reader(r, [i.utt_id for i in infos], device="cpu"):
-            why = loss_problem(row["loss"], row["T"], row["U"], row["_float64"])
+            why = loss_problem(row["loss"], row["T"], row["U"], row["_float64"],
+                               row["_input_eps"])
             if why is not None and not math.isnan(row["loss"]):
                 found[row["utt_id"]].append(f"{input}: utterance {row['utt_id']}: {why}")
         problems = [p for ps in found.values() for p in ps]
@@ -472,6 +474,7 @@ def align_cmd(
 
     from .align import align
     from .output import open_output, render
+    from .score import input_eps
 
     fmt = _output_format(fmt, output)
     dev = _resolve_device(device)
@@ -481,7 +484,8 @@ def align_cmd(
             with _Utterance(reader.path, u.info.utt_id) as one:
                 (al,) = align(*_tensors(u, dev), blank=reader.blank,
                               fused_log_softmax=reader.input_kind == "logits", backend=dev)
-                usable = one.check(al.loss, al.T, al.U, u.logits.dtype == np.float64)
+                usable = one.check(al.loss, al.T, al.U, u.logits.dtype == np.float64,
+                                   input_eps(reader, u.logits.dtype))
             problems += one.problem is not None
             if not usable:
                 continue
@@ -532,6 +536,7 @@ def plot(
     from .loss import rnnt_loss
     from .output import umask_perms
     from .plots import plot_utterance
+    from .score import input_eps
 
     if out_dir.exists() and not out_dir.is_dir():
         raise fail(f"{out_dir}: exists and is not a directory")
@@ -545,7 +550,8 @@ def plot(
                 fused = reader.input_kind == "logits"
                 (al,) = align(x, y, T, U, blank=reader.blank, fused_log_softmax=fused,
                               backend=dev)
-                if one.check(al.loss, al.T, al.U, u.logits.dtype == np.float64):
+                if one.check(al.loss, al.T, al.U, u.logits.dtype == np.float64,
+                             input_eps(reader, u.logits.dtype)):
                     xg = x.clone().requires_grad_(True)
                     rnnt_loss(xg, y, T, U, blank=reader.blank, reduction="sum",
                               fused_log_softmax=fused, backend=dev).backward()
@@ -599,6 +605,7 @@ def grad_check(
     """
     from .gradcheck import cuda_usable, grad_check_utterance
     from .output import open_output, render
+    from .score import input_eps
 
     fmt = _output_format(fmt, output)
     if samples < 0 or rtol < 0 or atol < 0:
@@ -614,7 +621,7 @@ def grad_check(
                     fused=reader.input_kind == "logits", backend=dev, samples=samples,
                     rtol=rtol, atol=atol, stored=u.grads, compare_cuda=both,
                 )
-                one.check(checks.loss, u.info.T, u.info.U, float64=True)
+                one.check(checks.loss, u.info.T, u.info.U, True, input_eps(reader, u.logits.dtype))
             problems += one.problem is not None
             for c in checks:
                 rows.append({"utt_id": u.info.utt_id, "check": c.check,

@@ -162,9 +162,10 @@ def _target_converts_half() -> bool:
     """Whether the CPU the kernels are compiled for converts float16 in hardware
     (x86 F16C, or any aarch64).
 
-    That is the host, unless ``NUMBA_CPU_NAME`` names another CPU: then only an
-    explicit ``+f16c`` in ``NUMBA_CPU_FEATURES`` counts (a target without it would
-    need a runtime library call that numba cannot link). Both paths give the same bits.
+    As numba picks the target: ``NUMBA_CPU_FEATURES`` when set, else the host's
+    features, unless ``NUMBA_CPU_NAME`` names another CPU without features (then
+    the portable path: fpext to half on a target without F16C needs a runtime
+    library call that numba cannot link). Both paths give the same bits.
     """
     import platform
 
@@ -173,8 +174,10 @@ def _target_converts_half() -> bool:
 
     if platform.machine().lower() in ("aarch64", "arm64"):
         return True
+    if config.CPU_FEATURES is not None:
+        return "+f16c" in config.CPU_FEATURES.split(",")
     if config.CPU_NAME and config.CPU_NAME != "host":
-        return "+f16c" in (config.CPU_FEATURES or "")
+        return False
     try:
         return bool(llvm.get_host_cpu_features().get("f16c", False))
     except Exception:  # noqa: BLE001 (unknown host: use the portable path)

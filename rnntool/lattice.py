@@ -29,15 +29,18 @@ def emission_wins(a, e, t, u):
     return u > 0 and (t == 0 or e > a)
 
 
-def negative_loss_tolerance(T, U, float64=False):
+def negative_loss_tolerance(T, U, float64=False, input_eps=0.0):
     """How far below 0 rounding can put a computed ``-log P(y|x)`` (nats), for an
     utterance of ``T`` frames and ``U`` labels.
 
     log P sums the T + U log-probs of a path, each rounded in the lattice's
-    float32 (float64 for float64 logits): allow 8 units of roundoff per arc, and
-    at least 1e-6 nats. A loss below ``-tolerance`` is impossible: the input was
-    not normalised log-probs (or the engine is wrong). Plain Python, used by
-    ``rnnt_loss``'s warning and the CLI's checks alike.
+    float32 (float64 for float64 logits), or, for log-prob input
+    (``fused_log_softmax=False``), already rounded in the input's own type:
+    ``input_eps`` is that type's epsilon (2**-7 for bfloat16, 2**-10 for float16).
+    Allow 8 units of the coarser roundoff per arc, and at least 1e-6 nats. A loss
+    below ``-tolerance`` is impossible: the input was not normalised log-probs (or
+    the engine is wrong). Plain Python, used by ``rnnt_loss``'s warning and the
+    CLI's checks alike.
     """
-    eps = 2.0**-52 if float64 else 2.0**-23
+    eps = max(2.0**-52 if float64 else 2.0**-23, input_eps)
     return max(8 * eps * (T + U), 1e-6)

@@ -179,10 +179,12 @@ def loss_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _negative_loss_tolerances(logit_lengths, target_lengths, dtype) -> torch.Tensor:
-    """``(B,)`` ``lattice.negative_loss_tolerance`` of each utterance."""
+def _negative_loss_tolerances(logit_lengths, target_lengths, dtype, fused) -> torch.Tensor:
+    """``(B,)`` ``lattice.negative_loss_tolerance`` of each utterance; log-prob input
+    (not ``fused``) carries its own dtype's rounding."""
+    input_eps = 0.0 if fused else torch.finfo(dtype).eps
     return torch.tensor([
-        negative_loss_tolerance(int(t), int(u), dtype == torch.float64)
+        negative_loss_tolerance(int(t), int(u), dtype == torch.float64, input_eps)
         for t, u in zip(torch.as_tensor(logit_lengths).tolist(),
                         torch.as_tensor(target_lengths).tolist(), strict=True)
     ], dtype=torch.float64)
@@ -263,7 +265,8 @@ def _losses(opts, logits, targets, logit_lengths, target_lengths, need_grad):
     )
     log_like_t = torch.as_tensor(log_like)
     if not log_like_t.is_cuda:
-        tolerance = _negative_loss_tolerances(logit_lengths, target_lengths, logits.dtype)
+        tolerance = _negative_loss_tolerances(
+            logit_lengths, target_lengths, logits.dtype, opts["fused"])
         _warn_impossible(log_like_t, torch.as_tensor(bad), tolerance)
     return (-log_like_t).to(loss_dtype(logits)), log_like, saved
 

@@ -132,7 +132,8 @@ def _score_mapped(reader, items, on_batch):
             # Rounded as rnnt_loss rounds its losses (float32 unless the logits are
             # float64), so this path and the batched one give the same bits.
             loss = -float(log_like[0])
-            yield _row(info, loss if info.dtype == np.float64 else float(np.float32(loss)))
+            yield _row(info, loss if info.dtype == np.float64 else float(np.float32(loss)),
+                       input_eps(reader, info.dtype))
             if on_batch is not None:
                 on_batch(1)
 
@@ -159,29 +160,37 @@ def _score_batches(reader, groups, device, on_batch):
             losses = _engine_losses(reader, x, y, T, U, backend)
             del x, logits
             for (info, _), loss in zip(group, losses, strict=True):
-                yield _row(info, float(loss))
+                yield _row(info, float(loss), input_eps(reader, info.dtype))
             if on_batch is not None:
                 on_batch(len(group))
 
 
-def loss_problem(loss: float, T: int, U: int, float64: bool = False) -> str | None:
+def input_eps(reader: DumpReader, dtype) -> float:
+    """The rounding a dump's stored values carry into the loss: their dtype's epsilon
+    for log-probs (used as they are), 0 for logits (normalised in the lattice type)."""
+    return float(np.finfo(dtype).eps) if reader.input_kind == "log_probs" else 0.0
+
+
+def loss_problem(loss: float, T: int, U: int, float64: bool = False,
+                 input_eps: float = 0.0) -> str | None:
     """Why an utterance's loss cannot be a true ``-log P(y|x)``, in words; None if it can.
 
     NaN (NaN or +inf in the logits), +inf (no alignment has non-zero
-    probability), or negative beyond rounding (``negative_loss_tolerance``).
+    probability), or negative beyond rounding (``negative_loss_tolerance``, with
+    ``input_eps`` from ``input_eps()``).
     """
     if math.isnan(loss):
         return "loss is nan (NaN or +inf in its logits)"
     if math.isinf(loss):
         return f"loss is {loss} (no alignment has non-zero probability)"
-    tol = negative_loss_tolerance(T, U, float64)
+    tol = negative_loss_tolerance(T, U, float64, input_eps)
     if loss < -tol:
         return (f"loss is {loss:.6g}, below 0 beyond rounding (tolerance {tol:.2g} nats), which "
                 "-log P(y|x) cannot be: are its log-probs normalised? (rnntool inspect checks)")
     return None
 
 
-def _row(info: UttInfo, loss: float) -> dict:
+def _row(info: UttInfo, loss: float, eps: float) -> dict:
     row = {
         "utt_id": info.utt_id,
         "T": info.T,
@@ -190,6 +199,7 @@ def _row(info: UttInfo, loss: float) -> dict:
         "loss_per_frame": loss / info.T,
         "loss_per_token": loss / max(info.U, 1),
         "_float64": info.dtype == np.float64,
+        "_input_eps": eps,
     }
     if "loss" in info.attrs:
         stored = float(info.attrs["loss"])

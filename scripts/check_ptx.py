@@ -36,16 +36,17 @@ def main() -> int:
         x4 = types.Array(st, 4, "A")
         l1, l3, l4 = (types.Array(lat, n, "C") for n in (1, 3, 4))
         u8 = types.Array(numba.uint8, 3, "C")
+        d1, d3 = (types.Array(numba.float64, n, "C") for n in (1, 3))  # stage 2: float64
         normalise, gradient = rc.row_kernels(name)
         jobs = {
             "cuda_normalise": (normalise, (x4, idx2, idx1, idx1, i64, types.boolean,
                                            l4, l3, l3, u8)),
             "cuda_gradient": (gradient, (x4, idx2, idx1, idx1, i64, types.boolean, l4, l3, l3,
-                                         l3, l3, l1, l1, numba.float64, numba.float64,
+                                         d3, d3, d1, l1, numba.float64, numba.float64,
                                          types.Array(st, 4, "C"))),
-            "cuda_alpha_beta": (rc.cuda_alpha_beta, (l3, l3, idx1, idx1, l3, l3, l1,
+            "cuda_alpha_beta": (rc.cuda_alpha_beta, (l3, l3, idx1, idx1, d3, d3, d1,
                                                      types.boolean)),
-            "cuda_viterbi": (rc.cuda_viterbi, (l3, l3, idx1, idx1, l3, u8, l1)),
+            "cuda_viterbi": (rc.cuda_viterbi, (l3, l3, idx1, idx1, d3, u8, d1)),
         }
         for kname, (kernel, sig) in jobs.items():
             try:
