@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .loss import check_inputs, engine_for
+from .loss import as_flag, check_inputs, check_meta, engine_for, resolve_logits
 
 
 @dataclass
@@ -77,19 +77,35 @@ def align(
     """Per-utterance alignments of a padded batch, on the CPU or CUDA backend.
 
     Arguments as ``rnnt_loss`` (logits ``(B, T, U+1, V)``, targets ``(B, S)``,
-    lengths ``(B,)``). The Viterbi path breaks ties the same way on every
+    lengths ``(B,)``, ``blank``, ``fused_log_softmax``, ``backend``), checked as
+    there; the label values and lengths are always checked (the alignments are
+    read on the host anyway). The Viterbi path breaks ties the same way on every
     backend (the blank arc wins). Returns a list of ``Alignment``, one per
     utterance, in batch order.
+
+    Raises:
+        TypeError: logits, targets or lengths that are not dense torch tensors on the
+            CPU or a CUDA device, of the dtypes ``rnnt_loss`` takes; ``blank`` not an
+            integer; ``fused_log_softmax`` not a bool; ``backend`` not a str.
+        ValueError: wrong dims or batch sizes, ``blank`` outside ``[-V, V)``, an
+            unknown ``backend`` or one the logits' device cannot run, targets or
+            lengths on another device than the CPU or the logits', bad label values
+            or lengths (one line naming the utterance and the values).
+        RuntimeError: ``backend="cuda"`` where Numba finds no usable GPU.
     """
-    engine = engine_for(backend, logits if isinstance(logits, torch.Tensor) else torch.empty(0))
-    blank, y, t_len, u_len = check_inputs(logits, targets, logit_lengths, target_lengths, blank)
+    fused = as_flag("fused_log_softmax", fused_log_softmax)
+    index = (targets, logit_lengths, target_lengths)
+    blank = check_meta(logits, *index, blank)
+    logits = resolve_logits(logits)
+    engine = engine_for(backend, logits)
+    blank, y, t_len, u_len = check_inputs(logits, *index, blank)
     if logits.is_cuda:
         y, t_len_d, u_len_d = (a.to(logits.device) for a in (y, t_len, u_len))
     else:
         t_len_d, u_len_d = t_len, u_len
     with torch.no_grad():
         log_like, _, saved = engine.forward(
-            logits, y, t_len_d, u_len_d, blank, bool(fused_log_softmax), True
+            logits, y, t_len_d, u_len_d, blank, fused, True
         )
         best, from_emit = engine.best_path(saved, t_len_d, u_len_d)
     with np.errstate(invalid="ignore"):  # nodes outside the lengths may hold garbage

@@ -8,6 +8,7 @@ inputs, picks the backend, applies the reduction, and wires stage 3 into
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Callable
@@ -24,14 +25,103 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------- validation
-def _int_tensor(name: str, x, ndim: int) -> torch.Tensor:
+# Integer dtypes the index tensors may have (torch's unsigned 16/32/64-bit types exist
+# from torch 2.3 on); bool, float, complex and quantized dtypes are refused.
+_INDEX_DTYPES = tuple(
+    d for d in (
+        torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+        getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+        getattr(torch, "uint64", None),
+    ) if d is not None
+)
+_DEVICE_TYPES = ("cpu", "cuda")
+
+try:  # torch.func's wrapped tensors (grad, vmap) have no storage the kernels could read
+    from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
+except ImportError:  # pragma: no cover - an older or newer torch without it
+    def _is_functorch_wrapped(x) -> bool:
+        return False
+
+
+def _show(value) -> str:
+    """``value`` for a one-line message: tensors and arrays by kind, others by a short repr."""
+    if isinstance(value, torch.Tensor):
+        if value.is_nested:
+            return f"a nested {value.dtype} tensor on {value.device}"
+        kind = "" if value.layout == torch.strided else f"{value.layout} ".removeprefix("torch.")
+        return f"a {kind}{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} numpy array of shape {value.shape}"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _check_tensor(name: str, x) -> None:
+    """A dense (strided) torch.Tensor on the CPU or a CUDA device, else ``TypeError``.
+
+    Refuses non-tensors (numpy arrays, lists), sparse, nested and mkldnn tensors,
+    tensors on other devices (``meta``: no data; ``mps``, ...: no kernels) and
+    ``torch.func`` (grad, vmap) wrappers.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got {_show(x)}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {_show(x)}")
+    if x.device.type not in _DEVICE_TYPES:
+        raise TypeError(f"{name} must be on the CPU or a CUDA device, got {_show(x)}")
+    if _is_functorch_wrapped(x):
+        raise TypeError(
+            f"{name} is a tensor inside a torch.func transform (grad, vmap, ...), which "
+            "the kernels cannot read; call rnnt_loss outside it"
+        )
+
+
+def _int_tensor(name: str, x, ndim: int) -> torch.Tensor:
+    _check_tensor(name, x)
+    if x.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
     return x
+
+
+def check_devices(logits_device: torch.device, **index_devices: torch.device) -> None:
+    """``ValueError`` unless every index tensor is on the CPU or on the logits' own device.
+
+    CPU targets and lengths go with CUDA logits (the value checks then need no
+    host sync); CUDA ones with CPU logits, or on another GPU, are refused as
+    torch refuses mixed devices.
+    """
+    for name, device in index_devices.items():
+        if device.type != "cpu" and device != logits_device:
+            raise ValueError(
+                f"{name} is on {device} but logits are on {logits_device}: targets and "
+                "lengths must be on the CPU or on the logits' device"
+            )
+
+
+def _scalar(name: str, value, what: str):
+    """``value`` with a 0-d tensor or array, or a numpy scalar, as its Python scalar.
+
+    A 0-d tensor must be dense and on the CPU or a CUDA device (a CUDA one is
+    read with a host sync); anything with a shape is a ``TypeError``.
+    """
+    if isinstance(value, torch.Tensor):
+        if (value.is_nested or value.layout != torch.strided
+                or value.device.type not in _DEVICE_TYPES or value.dim() != 0):
+            raise TypeError(
+                f"{name} must be {what} (a 0-d CPU or CUDA tensor at most), got {_show(value)}"
+            )
+        return value.item()
+    if isinstance(value, np.ndarray):
+        if value.ndim != 0:
+            raise TypeError(f"{name} must be {what} (a 0-d array at most), got {_show(value)}")
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def as_index(name: str, value) -> int:
@@ -39,14 +129,98 @@ def as_index(name: str, value) -> int:
 
     Raises ``TypeError`` for anything else (bools and floats included).
     """
-    if isinstance(value, (bool, np.bool_)) or (
-        isinstance(value, (torch.Tensor, np.ndarray)) and value.dtype in (torch.bool, np.bool_)
-    ):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
+    v = _scalar(name, value, "an integer")
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an integer, got {_show(value)}")
     try:
-        return operator.index(value)
+        return operator.index(v)
     except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+        raise TypeError(f"{name} must be an integer, got {_show(value)}") from None
+
+
+def as_real(name: str, value) -> float:
+    """``value`` as a Python float: real numbers (numpy's too) and 0-d real tensors/arrays.
+
+    Raises ``TypeError`` for anything else (bools, strings, complex numbers included);
+    NaN comes back as NaN, for the caller to refuse.
+    """
+    v = _scalar(name, value, "a real number")
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_show(value)}")
+    return float(v)
+
+
+def as_flag(name: str, value, *, allow_none: bool = False) -> bool | None:
+    """``value`` as a bool: only ``True``/``False`` (numpy's too), and ``None`` if allowed.
+
+    Truthiness is not enough: ``validate="no"`` would mean yes.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    allowed = "True, False or None" if allow_none else "True or False"
+    raise TypeError(f"{name} must be {allowed}, got {_show(value)}")
+
+
+def as_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``: ``TypeError`` for a non-str, ``ValueError`` else."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {', '.join(choices)}; got {_show(value)}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return str(value)
+
+
+def as_clamp(value) -> float:
+    """``clamp`` as the kernels take it: ``c > 0`` clips to ``[-c, c]``, 0.0 is off.
+
+    ``None``, numbers ``<= 0`` (``-inf`` too) and ``+inf`` mean no clipping; NaN
+    is a ``ValueError`` (it would silently turn clipping off).
+    """
+    if value is None:
+        return 0.0
+    c = as_real("clamp", value)
+    if math.isnan(c):
+        raise ValueError(
+            "clamp must be None or a number, got nan (None, <= 0 or inf: no clipping)"
+        )
+    return c if 0.0 < c < math.inf else 0.0
+
+
+def as_fastemit_lambda(value) -> float:
+    """``fastemit_lambda``: a finite number ``>= 0`` (a regularisation weight), else an error."""
+    lam = as_real("fastemit_lambda", value)
+    if not (0.0 <= lam < math.inf):
+        raise ValueError(f"fastemit_lambda must be a finite number >= 0, got {lam!r}")
+    return lam
+
+
+class Options(NamedTuple):
+    """``rnnt_loss``'s keyword options, checked and normalised (see ``check_options``)."""
+
+    reduction: str
+    fused: bool
+    clamp: float
+    fastemit_lambda: float
+    backend: str
+    validate: bool | None
+
+
+def check_options(
+    reduction="mean", fused_log_softmax=True, clamp=None, fastemit_lambda=0.0,
+    backend="auto", validate=None,
+) -> Options:
+    """Check ``rnnt_loss``'s options (``blank`` aside: its range needs V); raise
+    ``TypeError`` for a wrong type, ``ValueError`` for a wrong value."""
+    return Options(
+        reduction=as_choice("reduction", reduction, REDUCTIONS),
+        fused=as_flag("fused_log_softmax", fused_log_softmax),
+        clamp=as_clamp(clamp),
+        fastemit_lambda=as_fastemit_lambda(fastemit_lambda),
+        backend=as_choice("backend", backend, BACKENDS),
+        validate=as_flag("validate", validate, allow_none=True),
+    )
 
 
 def check_meta(
@@ -56,12 +230,12 @@ def check_meta(
     target_lengths: torch.Tensor,
     blank: int,
 ) -> int:
-    """Check what needs no tensor values (types, dims, batch, blank); return blank in [0, V).
+    """Check what needs no tensor values (types, devices, dims, batch, blank); return
+    blank in [0, V).
 
     logits ``(B, T, U+1, V)``, targets ``(B, S)``, lengths ``(B,)``.
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    _check_tensor("logits", logits)
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}"
@@ -71,6 +245,8 @@ def check_meta(
     _int_tensor("targets", targets, 2)
     _int_tensor("logit_lengths", logit_lengths, 1)
     _int_tensor("target_lengths", target_lengths, 1)
+    check_devices(logits.device, targets=targets.device, logit_lengths=logit_lengths.device,
+                  target_lengths=target_lengths.device)
     B, T, U1, V = logits.shape
     sizes = {
         "logits": B, "targets": targets.shape[0],
@@ -88,6 +264,19 @@ def check_meta(
     return blank % V
 
 
+def resolve_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` ready for the kernels: a negative-bit view (``torch._neg_view``,
+    which numpy and the CUDA array interface cannot read) materialised through
+    ``resolve_neg()``, the only case that copies; differentiable, so the gradient
+    reaches the view's base. (A conjugate bit needs a complex dtype, refused.)"""
+    return logits.resolve_neg() if logits.is_neg() else logits
+
+
+def _index_values(x: torch.Tensor) -> torch.Tensor:
+    """An index tensor as int64 on its own device, a negative-bit view resolved."""
+    return x.detach().resolve_neg().to(torch.int64)
+
+
 def check_inputs(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -102,9 +291,10 @@ def check_inputs(
     """
     blank = check_meta(logits, targets, logit_lengths, target_lengths, blank)
     _, T, U1, V = logits.shape
-    t_len = logit_lengths.detach().to("cpu", torch.int64)
-    u_len = target_lengths.detach().to("cpu", torch.int64)
-    y = targets.detach().to("cpu", torch.int64).contiguous()
+    t_len, u_len, y = (
+        _index_values(x).cpu() for x in (logit_lengths, target_lengths, targets)
+    )
+    y = y.contiguous()
     S = y.shape[1]
 
     def first(mask: torch.Tensor) -> int | None:
@@ -141,8 +331,7 @@ def check_inputs(
 
 
 def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    as_choice("reduction", reduction, REDUCTIONS)
 
 
 def reduction_weights(
@@ -207,8 +396,7 @@ class Engine(NamedTuple):
 
 def engine_for(backend: str, logits: torch.Tensor) -> Engine:
     """The ``Engine`` of ``backend`` (``auto`` follows the logits' device); never a fallback."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    backend = as_choice("backend", backend, BACKENDS)
     if backend == "auto":
         backend = "cuda" if logits.is_cuda else "cpu"
     if backend == "cpu":
@@ -316,28 +504,38 @@ def rnnt_loss(
 
     Args:
         logits: ``(B, T, U+1, V)`` joint-network outputs, float16/bfloat16/float32/float64,
-            any strides. Log-probabilities instead when ``fused_log_softmax=False``.
+            any strides (expanded, stride-0 dims included), on the CPU or a CUDA device.
+            Log-probabilities instead when ``fused_log_softmax=False``. A negative-bit
+            view (``torch._neg_view``) is materialised first (the only case that copies).
         targets: ``(B, S)`` integer labels, ``S >= max(target_lengths)``; entries past an
             utterance's length are ignored.
         logit_lengths: ``(B,)`` frames per utterance, ``1 <= T_b <= T``.
         target_lengths: ``(B,)`` labels per utterance, ``0 <= U_b <= U`` (0: all-blank path).
-        blank: blank index; negative counts from the end (-1 = last).
+            ``targets`` and the lengths are integer tensors (int8 to int64, uint8 to
+            uint64) on the CPU or on the logits' device.
+        blank: blank index; negative counts from the end (-1 = last). A Python or numpy
+            integer or a 0-d integer tensor (not a bool).
         reduction: ``"none"`` ``(B,)``, ``"sum"``, ``"mean"`` (batch mean),
             ``"mean_frames"`` (mean of loss_b / T_b), ``"mean_tokens"``
             (sum of losses / sum of max(U_b, 1)). The gradient always matches the value.
-        fused_log_softmax: if False the input is log-probs and the gradient is w.r.t. them.
+        fused_log_softmax: ``True``/``False``; if False the input is log-probs and the
+            gradient is w.r.t. them.
         clamp: clip each utterance's gradient ``d loss_b / d logits`` elementwise to
             ``[-clamp, clamp]`` before the reduction's scaling (torchaudio's convention);
-            ``None`` or ``<= 0`` disables it.
-        fastemit_lambda: FastEmit regularisation (Yu et al. 2021): the gradient through
-            every label emission is scaled by ``1 + lambda``. The returned loss stays the
-            plain ``-log P(y|x)`` (NeMo returns ``(1 + lambda) * loss`` instead).
+            ``None``, a number ``<= 0`` or ``inf`` disables it. NaN is an error.
+        fastemit_lambda: FastEmit regularisation (Yu et al. 2021), a finite number
+            ``>= 0``: the gradient through every label emission is scaled by
+            ``1 + lambda``. The returned loss stays the plain ``-log P(y|x)`` (NeMo
+            returns ``(1 + lambda) * loss`` instead).
         backend: ``"auto"`` (the tensors' device), ``"cpu"`` or ``"cuda"``.
-        validate: check label values and lengths, raising ``ValueError``. ``None``
-            (default) checks whenever that needs no host sync: always on the CPU, and
-            on CUDA when targets and lengths are CPU tensors. ``False`` skips it on the
-            CUDA backend only; bad values there never read out of bounds: that
-            utterance's loss is NaN.
+        validate: ``None``, ``True`` or ``False``: check label values and lengths,
+            raising ``ValueError``. ``None`` (default) checks whenever that needs no
+            host sync: always on the CPU, and on CUDA when targets and lengths are CPU
+            tensors. ``False`` skips it on the CUDA backend only; bad values there never
+            read out of bounds: that utterance's loss is NaN.
+
+        ``clamp`` and ``fastemit_lambda`` take Python or numpy real numbers and 0-d
+        real tensors (not bools, strings or tensors with a shape).
 
     Returns:
         The loss in float32 (float64 for float64 logits): ``(B,)`` for ``"none"``,
@@ -347,31 +545,47 @@ def rnnt_loss(
         naming it (CPU backend).
 
     Raises:
-        TypeError, ValueError: bad input, with one line naming the utterance and values.
+        TypeError: an argument of the wrong type, each checked before any work: logits,
+            targets or lengths that are not dense (strided) torch tensors on the CPU or
+            a CUDA device (numpy arrays, lists, sparse, nested, ``meta`` tensors), logits
+            not float16/bfloat16/float32/float64 (integer, complex, quantized), targets or
+            lengths not integer (bool, float); ``blank`` not an integer (a bool, a float);
+            ``clamp``/``fastemit_lambda`` not a real number; ``reduction``/``backend``
+            not a str; ``fused_log_softmax``/``validate`` not a bool.
+        ValueError: a wrong value or shape, in one line naming the argument (and the
+            utterance) and the values: wrong dims, batch sizes that disagree, V = 0,
+            ``blank`` outside ``[-V, V)``, an unknown ``reduction``/``backend``, ``clamp``
+            NaN, ``fastemit_lambda`` negative or not finite, targets or lengths on
+            another device than the CPU or the logits', a backend the logits' device
+            cannot run; when validating: labels ``>= V``, ``< 0`` or equal to blank,
+            ``T_b = 0``, negative lengths, lengths beyond the padded dims.
+        RuntimeError: ``backend="cuda"`` where Numba finds no usable GPU.
     """
-    _check_reduction(reduction)
-    engine = engine_for(backend, logits if isinstance(logits, torch.Tensor) else torch.empty(0))
+    opts = check_options(reduction, fused_log_softmax, clamp, fastemit_lambda, backend, validate)
     index = (targets, logit_lengths, target_lengths)
+    blank = check_meta(logits, *index, blank)
+    logits = resolve_logits(logits)
+    engine = engine_for(opts.backend, logits)
+    validate = opts.validate
     if validate is None:
-        validate = not any(isinstance(x, torch.Tensor) and x.is_cuda for x in index)
+        validate = not any(x.is_cuda for x in index)
     if validate or not engine.guards_indices:
         blank, y, t_len, u_len = check_inputs(logits, *index, blank)
     else:
-        blank = check_meta(logits, *index, blank)
-        y, t_len, u_len = (x.to(torch.int64) for x in index)
-    opts = {
+        y, t_len, u_len = (_index_values(x) for x in index)
+    run = {
         "engine": engine,
         "blank": blank,
-        "fused": bool(fused_log_softmax),
-        "reduction": reduction,
-        "weights": reduction_weights(reduction, t_len, u_len),
-        "clamp": float(clamp) if clamp is not None and clamp > 0 else 0.0,
-        "fastemit_lambda": float(fastemit_lambda),
+        "fused": opts.fused,
+        "reduction": opts.reduction,
+        "weights": reduction_weights(opts.reduction, t_len, u_len),
+        "clamp": opts.clamp,
+        "fastemit_lambda": opts.fastemit_lambda,
     }
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _RNNTLossFunction.apply(logits, y, t_len, u_len, opts)
-    losses, _, _ = _losses(opts, logits, y, t_len, u_len, False)
-    return _reduce(losses, reduction, opts["weights"])
+        return _RNNTLossFunction.apply(logits, y, t_len, u_len, run)
+    losses, _, _ = _losses(run, logits, y, t_len, u_len, False)
+    return _reduce(losses, opts.reduction, run["weights"])
 
 
 class TransducerLoss(torch.nn.Module):
@@ -380,6 +594,12 @@ class TransducerLoss(torch.nn.Module):
     A drop-in for SpeechBrain's Numba ``TransducerLoss`` on CPU and CUDA tensors.
     Options as ``rnnt_loss``; ``reduction="mean_frames"`` is SpeechBrain's
     per-frame normalisation, with a gradient that matches the value.
+
+    The constructor checks every option as ``rnnt_loss`` does (``blank``'s type
+    here, its range against V in ``forward``) and raises the same ``TypeError``/
+    ``ValueError``; ``forward`` checks them again, with the tensors (errors name
+    the tensors as ``rnnt_loss`` does: ``labels`` is ``targets``, ``T`` and ``U``
+    are ``logit_lengths`` and ``target_lengths``).
     """
 
     def __init__(
@@ -394,7 +614,8 @@ class TransducerLoss(torch.nn.Module):
         validate: bool | None = None,
     ) -> None:
         super().__init__()
-        _check_reduction(reduction)
+        as_index("blank", blank)
+        check_options(reduction, fused_log_softmax, clamp, fastemit_lambda, backend, validate)
         self.blank = blank
         self.reduction = reduction
         self.fused_log_softmax = fused_log_softmax

@@ -1,10 +1,13 @@
 """Bad input: one clear error naming the utterance and the values, never a crash."""
 
+import numpy as np
 import pytest
 import torch
-from helpers import random_batch
+from helpers import random_batch, reference_loss_and_grad
 
-from rnntool import TransducerLoss, rnnt_loss
+from rnntool import TransducerLoss, align, rnnt_loss
+from rnntool import cuda as rcuda
+from rnntool.loss import check_devices
 
 
 def batch():
@@ -104,3 +107,364 @@ def test_bad_options():
         TransducerLoss(reduction="batchmean")
     with pytest.raises(TypeError, match="blank must be an int"):
         call(x, y, T, U, blank=0.0)
+
+
+# --------------------------------------------------------------------------- every argument
+# One row per kind of bad argument: (id, changes, exception, message fragment). `changes`
+# maps an argument's name to its bad value, or to a function of the good batch
+# `(x, y, T, U)` giving it. The same table runs against rnnt_loss, TransducerLoss
+# (options in the constructor, tensors in forward) and align (the arguments it has).
+TENSORS = ("logits", "targets", "logit_lengths", "target_lengths")
+ALIGN_OPTIONS = ("blank", "fused_log_softmax", "backend")
+
+
+def _sparse_csr(t):
+    return t.to_sparse_csr()
+
+
+def _qint(t):
+    return torch.quantize_per_tensor(t.float(), 1.0, 0, torch.qint32)
+
+
+def _nested(x):
+    return torch.nested.nested_tensor(list(x.unbind(0)))
+
+
+NAN = float("nan")
+BAD = [
+    # tensors: type, layout, device, dtype, dims
+    ("logits numpy", {"logits": lambda x, y, T, U: x.numpy()}, TypeError,
+     "logits must be a torch.Tensor, got ndarray"),
+    ("targets list", {"targets": lambda x, y, T, U: y.tolist()}, TypeError,
+     "targets must be a torch.Tensor, got list"),
+    ("lengths list", {"logit_lengths": [5, 5, 5]}, TypeError,
+     "logit_lengths must be a torch.Tensor, got list"),
+    ("lengths int", {"target_lengths": 3}, TypeError,
+     "target_lengths must be a torch.Tensor, got int"),
+    ("logits meta", {"logits": lambda x, y, T, U: x.to("meta")}, TypeError,
+     r"logits must be on the CPU or a CUDA device, got a torch.float32 tensor of shape "
+     r"\(3, 5, 4, 6\) on meta"),
+    ("targets meta", {"targets": lambda x, y, T, U: y.to("meta")}, TypeError,
+     "targets must be on the CPU or a CUDA device, got .* on meta"),
+    ("logit_lengths meta", {"logit_lengths": lambda x, y, T, U: T.to("meta")}, TypeError,
+     "logit_lengths must be on the CPU or a CUDA device, got .* on meta"),
+    ("target_lengths meta", {"target_lengths": lambda x, y, T, U: U.to("meta")}, TypeError,
+     "target_lengths must be on the CPU or a CUDA device, got .* on meta"),
+    ("logits sparse", {"logits": lambda x, y, T, U: x.to_sparse()}, TypeError,
+     r"logits must be a dense \(strided\) tensor, got a sparse_coo torch.float32 tensor"),
+    ("targets sparse csr", {"targets": lambda x, y, T, U: _sparse_csr(y)}, TypeError,
+     r"targets must be a dense \(strided\) tensor, got a sparse_csr"),
+    ("lengths sparse", {"logit_lengths": lambda x, y, T, U: T.to_sparse()}, TypeError,
+     r"logit_lengths must be a dense \(strided\) tensor"),
+    ("logits nested", {"logits": lambda x, y, T, U: _nested(x)}, TypeError,
+     "logits must be a dense tensor, got a nested torch.float32 tensor"),
+    ("logits complex", {"logits": lambda x, y, T, U: x.to(torch.complex64)}, TypeError,
+     "logits must be float16, bfloat16, float32 or float64, got torch.complex64"),
+    ("logits conj view", {"logits": lambda x, y, T, U: x.to(torch.complex128).conj()},
+     TypeError, "got torch.complex128"),
+    ("logits quantized", {"logits": lambda x, y, T, U: torch.quantize_per_tensor(
+        x, 0.1, 0, torch.qint8)}, TypeError, "got torch.qint8"),
+    ("logits int", {"logits": lambda x, y, T, U: x.long()}, TypeError,
+     "logits must be float16, bfloat16, float32 or float64, got torch.int64"),
+    ("logits bool", {"logits": lambda x, y, T, U: x > 0}, TypeError, "got torch.bool"),
+    ("lengths quantized", {"target_lengths": lambda x, y, T, U: _qint(U)}, TypeError,
+     "target_lengths must have an integer dtype, got torch.qint32"),
+    ("lengths bool", {"logit_lengths": lambda x, y, T, U: T.bool()}, TypeError,
+     "logit_lengths must have an integer dtype, got torch.bool"),
+    ("lengths float", {"target_lengths": lambda x, y, T, U: U.double()}, TypeError,
+     "target_lengths must have an integer dtype, got torch.float64"),
+    ("targets complex", {"targets": lambda x, y, T, U: y.to(torch.complex64)}, TypeError,
+     "targets must have an integer dtype, got torch.complex64"),
+    ("lengths 0-d", {"logit_lengths": torch.tensor(5)}, ValueError,
+     r"logit_lengths must have 1 dims, got shape \(\)"),
+    ("logits 0-d", {"logits": torch.tensor(1.0)}, ValueError,
+     r"logits must have 4 dims \(B, T, U\+1, V\), got shape \(\)"),
+    # blank
+    ("blank True", {"blank": True}, TypeError, "blank must be an integer, got True"),
+    ("blank numpy bool", {"blank": np.bool_(False)}, TypeError, "blank must be an integer"),
+    ("blank float", {"blank": 0.0}, TypeError, "blank must be an integer, got 0.0"),
+    ("blank str", {"blank": "0"}, TypeError, "blank must be an integer, got '0'"),
+    ("blank None", {"blank": None}, TypeError, "blank must be an integer, got None"),
+    ("blank 1-d tensor", {"blank": torch.tensor([0])}, TypeError,
+     r"blank must be an integer \(a 0-d CPU or CUDA tensor at most\), got a torch.int64 "
+     r"tensor of shape \(1,\)"),
+    ("blank bool tensor", {"blank": torch.tensor(False)}, TypeError,
+     "blank must be an integer, got a torch.bool tensor"),
+    ("blank meta tensor", {"blank": torch.tensor(0, device="meta")}, TypeError,
+     "blank must be an integer .* on meta"),
+    ("blank 1-d array", {"blank": np.array([0])}, TypeError,
+     r"blank must be an integer \(a 0-d array at most\)"),
+    ("blank out of range", {"blank": 6}, ValueError, r"blank=6 is outside \[-V, V\) for V=6"),
+    # reduction and backend
+    ("reduction int", {"reduction": 1}, TypeError,
+     "reduction must be a str, one of none, sum, mean, mean_frames, mean_tokens; got 1"),
+    ("reduction None", {"reduction": None}, TypeError, "reduction must be a str"),
+    ("reduction list", {"reduction": ["sum"]}, TypeError,
+     r"reduction must be a str.*got \['sum'\]"),
+    ("reduction unknown", {"reduction": "avg"}, ValueError,
+     "reduction must be one of none, sum, mean, mean_frames, mean_tokens; got 'avg'"),
+    ("backend None", {"backend": None}, TypeError,
+     "backend must be a str, one of auto, cpu, cuda; got None"),
+    ("backend device", {"backend": torch.device("cpu")}, TypeError, "backend must be a str"),
+    ("backend unknown", {"backend": "gpu"}, ValueError,
+     "backend must be one of auto, cpu, cuda; got 'gpu'"),
+    # flags: truthiness is not enough
+    ("fused str", {"fused_log_softmax": "no"}, TypeError,
+     "fused_log_softmax must be True or False, got 'no'"),
+    ("fused int", {"fused_log_softmax": 1}, TypeError,
+     "fused_log_softmax must be True or False, got 1"),
+    ("fused None", {"fused_log_softmax": None}, TypeError,
+     "fused_log_softmax must be True or False, got None"),
+    ("fused tensor", {"fused_log_softmax": torch.tensor(True)}, TypeError,
+     "fused_log_softmax must be True or False, got a torch.bool tensor"),
+    ("validate str", {"validate": "yes"}, TypeError,
+     "validate must be True, False or None, got 'yes'"),
+    ("validate int", {"validate": 0}, TypeError, "validate must be True, False or None, got 0"),
+    # clamp
+    ("clamp nan", {"clamp": NAN}, ValueError, "clamp must be None or a number, got nan"),
+    ("clamp numpy nan", {"clamp": np.float32("nan")}, ValueError, "clamp .* got nan"),
+    ("clamp tensor nan", {"clamp": torch.tensor(NAN)}, ValueError, "clamp .* got nan"),
+    ("clamp str", {"clamp": "1"}, TypeError, "clamp must be a real number, got '1'"),
+    ("clamp bool", {"clamp": True}, TypeError, "clamp must be a real number, got True"),
+    ("clamp complex", {"clamp": 1j}, TypeError, "clamp must be a real number, got 1j"),
+    ("clamp 2 elements", {"clamp": torch.tensor([0.1, 0.2])}, TypeError,
+     r"clamp must be a real number \(a 0-d CPU or CUDA tensor at most\), got a torch.float32 "
+     r"tensor of shape \(2,\)"),
+    ("clamp bool tensor", {"clamp": torch.tensor(True)}, TypeError,
+     "clamp must be a real number, got a torch.bool tensor"),
+    # fastemit_lambda
+    ("lambda nan", {"fastemit_lambda": NAN}, ValueError,
+     "fastemit_lambda must be a finite number >= 0, got nan"),
+    ("lambda inf", {"fastemit_lambda": float("inf")}, ValueError,
+     "fastemit_lambda must be a finite number >= 0, got inf"),
+    ("lambda negative", {"fastemit_lambda": -0.1}, ValueError,
+     "fastemit_lambda must be a finite number >= 0, got -0.1"),
+    ("lambda numpy nan", {"fastemit_lambda": np.float64("nan")}, ValueError, "got nan"),
+    ("lambda str", {"fastemit_lambda": "0.1"}, TypeError,
+     "fastemit_lambda must be a real number, got '0.1'"),
+    ("lambda bool", {"fastemit_lambda": True}, TypeError,
+     "fastemit_lambda must be a real number, got True"),
+    ("lambda None", {"fastemit_lambda": None}, TypeError,
+     "fastemit_lambda must be a real number, got None"),
+    ("lambda 2 elements", {"fastemit_lambda": np.array([0.1, 0.2])}, TypeError,
+     r"fastemit_lambda must be a real number \(a 0-d array at most\)"),
+]
+
+
+def _apply(changes):
+    x, y, T, U = batch()
+    args = dict(zip(TENSORS, (x, y, T, U), strict=True))
+    for name, value in changes.items():
+        args[name] = value(x, y, T, U) if callable(value) else value
+    return [args.pop(n) for n in TENSORS], args
+
+
+def _params(api):
+    return [
+        pytest.param(changes, exc, match, id=name) for name, changes, exc, match in BAD
+        if api != "align" or set(changes) <= set(TENSORS + ALIGN_OPTIONS)
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # nested/quantized tensors' prototype notes
+@pytest.mark.parametrize("changes, exc, match", _params("rnnt_loss"))
+def test_rnnt_loss_refuses(changes, exc, match):
+    tensors, options = _apply(changes)
+    with pytest.raises(exc, match=match):
+        rnnt_loss(*tensors, **options)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("changes, exc, match", _params("TransducerLoss"))
+def test_transducer_loss_refuses(changes, exc, match):
+    tensors, options = _apply(changes)
+    if set(options) - {"blank"} or (options and exc is TypeError):
+        # An option's type or value (blank's range aside, which needs V): the
+        # constructor itself refuses it.
+        with pytest.raises(exc, match=match):
+            TransducerLoss(**options)
+    else:
+        criterion = TransducerLoss(**options)
+        with pytest.raises(exc, match=match):
+            criterion(*tensors)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("changes, exc, match", _params("align"))
+def test_align_refuses(changes, exc, match):
+    tensors, options = _apply(changes)
+    with pytest.raises(exc, match=match):
+        align(*tensors, **options)
+
+
+def test_torch_func_transforms_are_refused():
+    x, y, T, U = batch()
+    with pytest.raises(TypeError, match="logits is a tensor inside a torch.func transform"):
+        torch.func.grad(lambda z: rnnt_loss(z, y, T, U))(x)
+    with pytest.raises(TypeError, match="logits is a tensor inside a torch.func transform"):
+        torch.vmap(lambda z: rnnt_loss(z[None], y[:1], T[:1], U[:1]))(x)
+
+
+def test_index_tensors_on_the_cpu_or_the_logits_device():
+    # Only CPU tensors exist here: check_devices takes the devices themselves, as
+    # check_meta hands them over, so the GPU cases are tested without a GPU.
+    cpu, gpu0, gpu1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    check_devices(gpu0, targets=cpu, logit_lengths=gpu0, target_lengths=cpu)  # fine
+    check_devices(cpu, targets=cpu, logit_lengths=cpu, target_lengths=cpu)
+    with pytest.raises(ValueError, match="targets is on cuda:1 but logits are on cuda:0"):
+        check_devices(gpu0, targets=gpu1, logit_lengths=cpu, target_lengths=cpu)
+    with pytest.raises(ValueError, match="target_lengths is on cuda:0 but logits are on cpu"):
+        check_devices(cpu, targets=cpu, logit_lengths=cpu, target_lengths=gpu0)
+
+
+# --------------------------------------------------------------------------- what is accepted
+def _reference_args():
+    x, y, T, U = batch()
+    return x, y, T, U, rnnt_loss(x, y, T, U, reduction="none")
+
+
+@pytest.mark.parametrize("blank", [0, np.int64(0), np.int8(0), torch.tensor(0), np.array(0),
+                                   torch.tensor(-6, dtype=torch.int16)])
+def test_blank_types_accepted(blank):
+    x, y, T, U, want = _reference_args()
+    torch.testing.assert_close(rnnt_loss(x, y, T, U, blank=blank, reduction="none"), want,
+                               rtol=0, atol=0)
+    assert align(x, y, T, U, blank=blank)[1].loss == pytest.approx(float(want[1]), abs=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8,
+                                   torch.uint16, torch.uint32, torch.uint64])
+def test_index_dtypes_accepted(dtype):
+    x, y, T, U, want = _reference_args()
+    got = rnnt_loss(x, y.to(dtype), T.to(dtype), U.to(dtype), reduction="none")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("clamp", [None, 0, -1.0, float("-inf"), float("inf"), np.float32(0)])
+def test_clamp_off(clamp):
+    x, y, T, U = random_batch(3, 5, 3, 6, seed=4, scale=3.0)
+    _, want = reference_loss_and_grad(x.double(), y, T, U)
+    xg = x.clone().requires_grad_(True)
+    rnnt_loss(xg, y, T, U, clamp=clamp, reduction="sum").backward()
+    assert float(want.abs().max()) > 0.5  # clamping at 0.5 would show
+    torch.testing.assert_close(xg.grad.double(), want, atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("clamp", [0.1, np.float64(0.1), torch.tensor(0.1, dtype=torch.float64),
+                                   np.array(0.1), 1e-1])
+def test_clamp_number_types(clamp):
+    x, y, T, U = random_batch(3, 5, 3, 6, seed=4, scale=3.0)
+    _, want = reference_loss_and_grad(x.double(), y, T, U, clamp=0.1)
+    xg = x.clone().requires_grad_(True)
+    rnnt_loss(xg, y, T, U, clamp=clamp, reduction="sum").backward()
+    torch.testing.assert_close(xg.grad.double(), want, atol=2e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lam", [0.5, np.float32(0.5), torch.tensor(0.5), np.array(0.5)])
+def test_fastemit_lambda_number_types(lam):
+    x, y, T, U = random_batch(3, 5, 3, 6, seed=6)
+    _, want = reference_loss_and_grad(x.double(), y, T, U, fastemit_lambda=0.5)
+    xg = x.clone().requires_grad_(True)
+    rnnt_loss(xg, y, T, U, fastemit_lambda=lam, reduction="sum").backward()
+    torch.testing.assert_close(xg.grad.double(), want, atol=2e-6, rtol=1e-4)
+
+
+def test_numpy_bools_and_transducer_loss_options_accepted():
+    x, y, T, U, want = _reference_args()
+    logp = torch.log_softmax(x, -1)
+    got = rnnt_loss(logp, y, T, U, fused_log_softmax=np.bool_(False), validate=np.bool_(True),
+                    reduction="none")
+    torch.testing.assert_close(got, want)
+    criterion = TransducerLoss(np.int64(0), "none", fused_log_softmax=True, clamp=np.float32(1),
+                               fastemit_lambda=0, backend="cpu", validate=None)
+    torch.testing.assert_close(criterion(x, y, T, U), want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- unusual views
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not rcuda.SIMULATOR, reason="the simulated CUDA backend runs CPU tensors"))]
+
+
+@pytest.fixture
+def small_launches():
+    with rcuda.config(threads_v=4, rows_per_block=2, threads_diag=2, max_blocks=3):
+        yield
+
+
+@pytest.mark.usefixtures("small_launches")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_view_logits(backend):
+    """A negative-bit view (torch._neg_view: what x.neg() is made of under some
+    transforms) cannot be read by numpy or the CUDA array interface; rnnt_loss
+    materialises it and the gradient reaches the view's base negated."""
+    x0, y, T, U = random_batch(3, 5, 3, 6, seed=8)
+    want, want_grad = reference_loss_and_grad(-x0.double(), y, T, U, reduction="sum")
+    plain = rnnt_loss(-x0, y, T, U, reduction="sum", backend=backend)
+    # The view as the leaf.
+    v = torch._neg_view(x0).requires_grad_(True)
+    assert v.is_neg()
+    loss = rnnt_loss(v, y, T, U, reduction="sum", backend=backend)
+    loss.backward()
+    assert torch.equal(loss, plain)  # the same bits as the materialised -x0
+    torch.testing.assert_close(loss.double(), want, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(v.grad.double(), want_grad, atol=2e-6, rtol=1e-4)
+    # The view of a leaf: its gradient is the negation.
+    x = x0.clone().requires_grad_(True)
+    rnnt_loss(torch._neg_view(x), y, T, U, reduction="sum", backend=backend).backward()
+    torch.testing.assert_close(x.grad.double(), -want_grad, atol=2e-6, rtol=1e-4)
+    # Negative-bit index tensors read as their values.
+    neg = torch._neg_view
+    got = rnnt_loss(-x0, neg(-y), neg(-T), neg(-U), reduction="sum", backend=backend)
+    assert torch.equal(got, plain)
+
+
+@pytest.mark.usefixtures("small_launches")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_view_align(backend):
+    x0, y, T, U = random_batch(2, 5, 3, 6, seed=9)
+    got = align(torch._neg_view(x0), y, T, U, backend=backend)
+    want = align(-x0, y, T, U, backend=backend)
+    for g, w in zip(got, want, strict=True):
+        assert g.loss == w.loss and g.frames.tolist() == w.frames.tolist()
+        np.testing.assert_array_equal(g.occupancy, w.occupancy)
+
+
+def test_conjugate_view_of_real_logits_is_the_tensor():
+    # x.conj() of a real tensor is x itself (no conjugate bit); a conjugate bit needs
+    # a complex dtype, which the dtype check refuses (see BAD).
+    x, y, T, U, want = _reference_args()
+    assert not x.conj().is_conj()
+    torch.testing.assert_close(rnnt_loss(x.conj(), y, T, U, reduction="none"), want,
+                               rtol=0, atol=0)
+
+
+EXPANSIONS = {
+    "batch": lambda b: b[:1].expand(3, -1, -1, -1),
+    "frames": lambda b: b[:, :1].expand(-1, 5, -1, -1),
+    "labels": lambda b: b[:, :, 1:2].expand(-1, -1, 4, -1),
+    "vocab": lambda b: b[..., 2:3].expand(-1, -1, -1, 6),
+    "all": lambda b: b[0, 0, 0, 0].expand(3, 5, 4, 6),
+}
+
+
+@pytest.mark.usefixtures("small_launches")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", list(EXPANSIONS))
+def test_expanded_logits(backend, dims):
+    """Stride-0 dims (x.expand) read each shared element for every index: the loss
+    and gradient of the materialised copy, and the reference's."""
+    base, y, T, U = random_batch(3, 5, 3, 6, seed=10, mixed=False)
+    T[1], U[2] = 3, 1
+    x = EXPANSIONS[dims](base).requires_grad_(True)
+    assert 0 in x.stride()
+    dense = x.detach().contiguous().requires_grad_(True)
+    loss = rnnt_loss(x, y, T, U, reduction="none", backend=backend)
+    loss_dense = rnnt_loss(dense, y, T, U, reduction="none", backend=backend)
+    go = torch.tensor([0.5, 1.0, 2.0])
+    loss.backward(go)
+    loss_dense.backward(go)
+    assert torch.equal(loss, loss_dense)
+    assert torch.equal(x.grad, dense.grad)
+    want, want_grad = reference_loss_and_grad(dense.detach().double(), y, T, U, grad_output=go)
+    torch.testing.assert_close(loss.double(), want, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), want_grad, atol=2e-6, rtol=1e-4)
