@@ -1,21 +1,27 @@
-"""Benchmark `rnntool score` on a large float16 dump against merely reading it with h5py.
+"""Benchmark `rnntool score` against merely reading the dump with h5py.
 
-Makes (once, then reuses) a keyed dump of about ``--gb`` GB of float16 logits
-with varied T and U, then prints, from one run:
+Makes (once, then reuses) two keyed float16 dumps:
 
-- h5py read: every utterance's logits dataset read whole (the I/O floor);
-- rnntool scoring through the library (``score_reader``), zero-copy from the
-  file's pages (the default) and with ``--no-mmap`` (read into padded batches),
-  and their throughput as a fraction of the h5py read's;
+- few-large: about ``--gb`` GB, V = 512, T 100-400, U 10-60 (the engine's work
+  dominates);
+- many-small: ``--small`` utterances (20,000 by default), V = 32, T 20-80,
+  U 3-15 (per-utterance overheads dominate: HDF5 metadata, checks, launches);
+
+and prints for each, from one run (medians of ``--repeats`` interleaved passes):
+
+- h5py read: every utterance's logits and labels read whole (the I/O floor);
+- rnntool scoring through the library (``score_reader``), raw data read with
+  ``preadv`` (the default) and everything through HDF5 (``--via-hdf5``), as a
+  fraction of the h5py read's throughput;
 - peak resident memory of `rnntool score` in a subprocess, above the same
-  command on a tiny dump, against the largest utterance (mapped) or the
-  largest padded batch (``--no-mmap``).
+  command on a tiny dump, against the largest padded batch.
 
 By default every pass reads from the page cache (after a warm-up pass), which
 measures the engine and the data path, not the disk; ``--cold`` (root, Linux)
 empties the page cache before each pass instead, as when a dump is scored once.
 
-    python benchmarks/bench_score.py [--gb 1.0] [--dir /tmp/rnntool-bench] [--batch-mb 256] [--cold]
+    python benchmarks/bench_score.py [--gb 1.0] [--small 20000] [--dir /tmp/rnntool-bench]
+                                     [--batch-mb 256] [--cold]
 """
 
 from __future__ import annotations
@@ -30,19 +36,20 @@ import time
 import h5py
 import numpy as np
 
-from rnntool.dump import DumpReader, DumpWriter, padded_bytes
+from rnntool.dump import DumpWriter
+from rnntool.reader import DumpReader, padded_bytes
 from rnntool.score import score_reader
 
 
 def make_dump(path: str, gb: float, V: int = 512, seed: int = 0, max_t: int = 400,
-              max_u: int = 60) -> None:
+              max_u: int = 60, count: int | None = None) -> None:
     rng = np.random.default_rng(seed)
     total = 0
     n = 0
     with DumpWriter(path, blank=0) as w:
-        while total < gb * 1e9:
+        while (total < gb * 1e9) if count is None else (n < count):
             T = int(rng.integers(max_t // 4, max_t))
-            U = int(rng.integers(max_u // 6, max_u))
+            U = int(rng.integers(max_u // 5, max_u))
             x = rng.standard_normal((T, U + 1, V), dtype=np.float32).astype(np.float16)
             y = rng.integers(1, V, U)
             w.add(f"utt{n:05d}", x, y)
@@ -64,20 +71,21 @@ def h5py_read(path: str) -> tuple[float, int]:
     with h5py.File(path, "r") as f:
         for u in f["utts"]:
             nbytes += f["utts"][u]["logits"][()].nbytes
+            f["utts"][u]["labels"][()]
     return time.perf_counter() - t0, nbytes
 
 
-def rnntool_score(path: str, batch_mb: int, zero_copy: bool) -> float:
+def rnntool_score(path: str, batch_mb: int, direct: bool) -> float:
     t0 = time.perf_counter()
-    with DumpReader(path) as r:
-        for _ in score_reader(r, r.utt_ids, budget_bytes=batch_mb << 20, zero_copy=zero_copy):
+    with DumpReader(path, direct=direct) as r:
+        for _ in score_reader(r, r.utt_ids, budget_bytes=batch_mb << 20):
             pass
     return time.perf_counter() - t0
 
 
-def peak_rss_of_score(path: str, batch_mb: int, zero_copy: bool) -> int:
+def peak_rss_of_score(path: str, batch_mb: int, direct: bool) -> int:
     """Max resident set (bytes) of a `rnntool score` subprocess."""
-    extra = "" if zero_copy else ", '--no-mmap'"
+    extra = "" if direct else ", '--via-hdf5'"
     code = (
         "import sys; from rnntool.cli import main; sys.argv = ['rnntool', 'score', "
         f"{path!r}, '-q', '--batch-mb', '{batch_mb}', '-o', '/dev/null'{extra}]\n"
@@ -89,9 +97,39 @@ def peak_rss_of_score(path: str, batch_mb: int, zero_copy: bool) -> int:
     return int(out.stdout.strip().splitlines()[-1]) * 1024
 
 
+def compare(path: str, what: str, args, cold) -> None:
+    h5py_read(path)  # warm the page cache
+    for direct in (True, False):  # and the compiled kernels
+        rnntool_score(path, args.batch_mb, direct)
+    reads, direct_, via_hdf5 = [], [], []
+    nbytes = 0
+    for _ in range(args.repeats):  # interleaved, so all see the same machine
+        cold()
+        t, nbytes = h5py_read(path)
+        reads.append(t)
+        cold()
+        direct_.append(rnntool_score(path, args.batch_mb, True))
+        cold()
+        via_hdf5.append(rnntool_score(path, args.batch_mb, False))
+    t_read = statistics.median(reads)
+    where = "from the disk (page cache emptied before each pass)" if args.cold else \
+        "from the page cache"
+    with DumpReader(path) as r:
+        n = len(r)
+    print(f"{what}: {n} utterances, {nbytes / 1e9:.2f} GB float16 logits {where}, median of "
+          f"{args.repeats}:")
+    print(f"  h5py read                  {t_read:7.3f} s  {nbytes / t_read / 1e9:6.2f} GB/s")
+    for name, ts in (("rnntool score", direct_), ("rnntool score --via-hdf5", via_hdf5)):
+        t = statistics.median(ts)
+        print(f"  {name:25s} {t:7.3f} s  {nbytes / t / 1e9:6.2f} GB/s  "
+              f"= {t_read / t:.0%} of the h5py read's throughput "
+              f"({[round(x, 2) for x in ts]})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=1.0)
+    ap.add_argument("--small", type=int, default=20000)
     ap.add_argument("--dir", default="/tmp/rnntool-bench")
     ap.add_argument("--batch-mb", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
@@ -106,46 +144,27 @@ def main() -> None:
             sys.exit(f"--cold needs root on Linux: {e}")
     os.makedirs(args.dir, exist_ok=True)
     big = os.path.join(args.dir, f"score-{args.gb:g}gb.h5")
+    small = os.path.join(args.dir, f"score-{args.small}-small.h5")
     tiny = os.path.join(args.dir, "score-tiny.h5")
     if not os.path.exists(big):
         make_dump(big, args.gb)
+    if not os.path.exists(small):
+        make_dump(small, 0, V=32, max_t=80, max_u=15, count=args.small)
     if not os.path.exists(tiny):
         make_dump(tiny, 0.0001, max_t=8, max_u=6)
-
-    h5py_read(big)  # warm the page cache
-    for zc in (True, False):  # and the compiled kernels
-        rnntool_score(big, args.batch_mb, zc)
-    reads, mapped, batched = [], [], []
-    nbytes = 0
     cold = drop_page_cache if args.cold else (lambda: None)
-    for _ in range(args.repeats):  # interleaved, so all see the same machine
-        cold()
-        t, nbytes = h5py_read(big)
-        reads.append(t)
-        cold()
-        mapped.append(rnntool_score(big, args.batch_mb, True))
-        cold()
-        batched.append(rnntool_score(big, args.batch_mb, False))
-    t_read = statistics.median(reads)
-    where = "from the disk (page cache emptied before each pass)" if args.cold else \
-        "from the page cache"
-    print(f"{nbytes / 1e9:.2f} GB float16 logits {where}, median of {args.repeats}:")
-    print(f"  h5py read                 {t_read:7.3f} s  {nbytes / t_read / 1e9:6.2f} GB/s")
-    for name, ts in (("rnntool score", mapped), ("rnntool score --no-mmap", batched)):
-        t = statistics.median(ts)
-        print(f"  {name:24s} {t:7.3f} s  {nbytes / t / 1e9:6.2f} GB/s  "
-              f"= {t_read / t:.0%} of the h5py read's throughput")
+    compare(big, "few-large", args, cold)
+    compare(small, "many-small", args, cold)
 
     with DumpReader(big) as r:
         largest = max(padded_bytes([i for i, _ in g])
                       for g in r.batches(r.utt_ids, args.batch_mb << 20))
-        largest_utt = max(r.info(u).nbytes for u in r.utt_ids)
-    for zc, name, ref, what in ((True, "rnntool score", largest_utt, "largest utterance"),
-                                (False, "rnntool score --no-mmap", largest, "largest batch")):
-        base = peak_rss_of_score(tiny, args.batch_mb, zc)
-        extra = peak_rss_of_score(big, args.batch_mb, zc) - base
-        print(f"  peak memory of `{name}`: {extra / 2**20:.0f} MiB above a tiny dump's "
-              f"({base / 2**20:.0f} MiB); {what} {ref / 2**20:.0f} MiB = {extra / ref:.2f}x")
+    for direct, name in ((True, "rnntool score"), (False, "rnntool score --via-hdf5")):
+        base = peak_rss_of_score(tiny, args.batch_mb, direct)
+        extra = peak_rss_of_score(big, args.batch_mb, direct) - base
+        print(f"  peak memory of `{name}` on few-large: {extra / 2**20:.0f} MiB above a tiny "
+              f"dump's ({base / 2**20:.0f} MiB); largest batch {largest / 2**20:.0f} MiB = "
+              f"{extra / largest:.2f}x")
 
 
 if __name__ == "__main__":

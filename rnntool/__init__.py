@@ -21,7 +21,7 @@ _LAZY = {
     "align": "align",
     "Alignment": "align",
     "DumpWriter": "dump",
-    "DumpReader": "dump",
+    "DumpReader": "reader",
     "DumpError": "dump",
 }
 

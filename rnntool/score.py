@@ -1,11 +1,10 @@
 """Scoring dumps: stream utterances from a ``DumpReader`` through the loss engine.
 
-Two paths, both without gradients. On the CPU, an utterance stored raw is
-scored straight from the file's mapped pages by the CPU engine's stages.
-Otherwise utterances are batched by size within a memory budget, read straight
-into a padded batch buffer and scored by ``rnnt_loss(reduction="none")``. Either
-way the next utterance or batch is prepared on a helper thread while the engine
-runs (the CPU kernels release the GIL).
+Without gradients: utterances are batched by size within a memory budget, read
+straight into a padded batch buffer (raw data with ``preadv``, the rest by
+HDF5; see ``DumpReader``) and scored by ``rnnt_loss(reduction="none")``; the
+next batch is read on a helper thread while the engine runs (the CPU kernels
+release the GIL).
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import njit
 
-from .dump import DumpReader, UttInfo, group_by_budget, padded_bytes
 from .lattice import negative_loss_tolerance
+from .reader import DumpReader, UttInfo, check_memory, group_by_budget, padded_bytes, show
 
 SCORE_FIELDS = ["utt_id", "T", "U", "loss", "loss_per_frame", "loss_per_token"]
 STORED_FIELDS = ["stored_loss", "loss_diff"]
@@ -52,33 +50,22 @@ def score_reader(
     device: str = "cpu",
     budget_bytes: int = DEFAULT_BATCH_BYTES,
     on_batch: Callable[[int], None] | None = None,
-    zero_copy: bool = True,
 ) -> Iterator[dict]:
     """Yield one row per utterance (fields ``SCORE_FIELDS`` [+ ``STORED_FIELDS``]).
 
     ``device`` is ``"cpu"`` or ``"cuda"``; ``on_batch(n)`` is called after each
     batch of ``n`` utterances (progress). Rows come in processing order, not
-    input order. Raises ``DumpError`` for bad input before scoring anything.
+    input order. Raises ``DumpError`` for bad input before scoring anything, and
+    when the file changes while it is read.
 
-    On the CPU, utterances stored raw are scored straight from the file's pages
-    (``DumpReader.map_logits``: no copy, memory use one utterance), the next one
-    mapped on a helper thread meanwhile; the rest (all, without ``zero_copy``)
-    are read into padded batches within ``budget_bytes``, the next batch read
-    while the engine scores one.
+    Utterances are read into padded batches within ``budget_bytes`` (a larger
+    one alone, if the memory available holds it), the next batch read while the
+    engine scores one; how each utterance is read is the reader's choice
+    (``DumpReader(direct=...)``).
     """
     items = reader.checked(utt_ids)  # validates every utterance before scoring any
-    if device == "cpu" and zero_copy:
-        rest, mapped = [], []
-        for info, y in items:
-            region = reader.raw_region(info)
-            if region is None:
-                rest.append((info, y))
-            else:
-                mapped.append((info, y, region))
-        yield from _score_mapped(reader, mapped, on_batch)
-        items = rest
-    yield from _score_batches(reader, list(group_by_budget(items, budget_bytes)), device,
-                              on_batch)
+    groups = list(group_by_budget(items, budget_bytes))
+    yield from _score_batches(reader, groups, device, on_batch)
 
 
 def _engine_losses(reader, x, y, t_len, u_len, backend):
@@ -93,58 +80,18 @@ def _engine_losses(reader, x, y, t_len, u_len, backend):
         ).double().cpu().numpy()
 
 
-@njit(nogil=True, cache=True)
-def _fault_in(buf):
-    """Touch one byte per page of ``buf`` (uint8), so its page faults happen here."""
-    s = 0
-    for i in range(0, buf.shape[0], 4096):
-        s += buf[i]
-    return s
-
-
-def _map_and_fault_in(reader, info, region):
-    """Map an utterance's logits and touch every page, off the GIL (helper thread)."""
-    view, close = reader.map_logits(info, region)
-    whole = view if view.flags.c_contiguous else view.base  # the mapped slab, padding too
-    _fault_in(whole.reshape(-1).view(np.uint8))
-    return view, close
-
-
-def _score_mapped(reader, items, on_batch):
-    from .cpu import cpu_forward
-
-    if not items:
-        return
-    fused = reader.input_kind == "logits"
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_map_and_fault_in, reader, *items[0][::2])
-        for k, (info, y, _) in enumerate(items):
-            view, close = pending.result()
-            if k + 1 < len(items):
-                pending = pool.submit(_map_and_fault_in, reader, *items[k + 1][::2])
-            # Validated by the reader already: straight to the CPU engine's stages.
-            log_like, _, _ = cpu_forward(
-                view[None], y[None], np.array([info.T]), np.array([info.U]),
-                reader.blank % info.V, fused, False,
-            )
-            del view
-            close()
-            # Rounded as rnnt_loss rounds its losses (float32 unless the logits are
-            # float64), so this path and the batched one give the same bits.
-            loss = -float(log_like[0])
-            yield _row(info, loss if info.dtype == np.float64 else float(np.float32(loss)),
-                       input_eps(reader, info.dtype))
-            if on_batch is not None:
-                on_batch(1)
-
-
 def _score_batches(reader, groups, device, on_batch):
     if not groups:
         return
     import torch
 
     # Two buffers: the engine scores one while the helper thread fills the other.
-    size = max(padded_bytes([i for i, _ in g]) for g in groups)
+    largest = max(groups, key=lambda g: padded_bytes([i for i, _ in g]))
+    size = padded_bytes([i for i, _ in largest])
+    what = (f"{reader.name}: utterance {show(largest[0][0].utt_id)}: its logits"
+            if len(largest) == 1 else
+            f"{reader.name}: a batch of {len(largest)} utterances (--batch-mb)")
+    check_memory(size * (2 if len(groups) > 1 else 1), what + " would")
     stores = [np.empty(size, np.uint8), np.empty(size if len(groups) > 1 else 0, np.uint8)]
     backend = "cuda" if device == "cuda" else "cpu"
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -195,7 +195,7 @@ def test_score_bad_files_and_args(dump, tmp_path):
     x, y, T, U = random_batch(2, 4, 2, 5, seed=8, mixed=False)
     T[1] = 7
     write_padded(tmp_path / "p.h5", x.numpy(), y.numpy(), T.numpy(), U.numpy())
-    one_line_error(invoke("score", tmp_path / "p.h5"), "utterance 1: logit_lengths = 7")
+    one_line_error(invoke("score", tmp_path / "p.h5"), "utterance 1: logit_lengths[1] = 7")
 
 
 def test_score_unwritable_output(dump, tmp_path):
@@ -266,7 +266,7 @@ def test_score_sample_data_subprocess():
 
 
 @pytest.mark.parametrize("layout", ["keyed", "padded", "keyed-gzip"])
-def test_zero_copy_and_batched_paths_agree(tmp_path, layout):
+def test_direct_and_hdf5_reads_agree(tmp_path, layout):
     x, y, T, U = random_batch(5, 9, 4, 7, seed=31, dtype=torch.float16)
     path = tmp_path / "d.h5"
     if layout == "padded":
@@ -277,13 +277,14 @@ def test_zero_copy_and_batched_paths_agree(tmp_path, layout):
     from rnntool.dump import DumpReader
 
     with DumpReader(path) as r:
-        raw = [r.raw_region(r.info(u)) is not None for u in r.utt_ids]
+        raw = [r.info(u).region is not None for u in r.utt_ids]
     assert all(raw) == (layout != "keyed-gzip")
-    mapped = rows_of(invoke("score", path, "-f", "tsv", "-q").stdout)
-    batched = rows_of(invoke("score", path, "-f", "tsv", "-q", "--no-mmap").stdout)
-    assert mapped == batched
+    direct = rows_of(invoke("score", path, "-f", "tsv", "-q").stdout)
+    batched = rows_of(invoke("score", path, "-f", "tsv", "-q", "--via-hdf5").stdout)
+    assert direct == batched
+    assert rows_of(invoke("score", path, "-f", "tsv", "-q", "--no-mmap").stdout) == direct
     expected = rnnt_loss(x, y, T, U, reduction="none")
-    assert [float(r["loss"]) for r in mapped] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert [float(r["loss"]) for r in direct] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 def test_device_cuda_without_gpu_is_one_line(dump, monkeypatch):
