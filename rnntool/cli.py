@@ -39,8 +39,10 @@ def _stderr():
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one line to stderr and return the Exit to raise."""
-    print(f"rnntool: error: {message}", file=sys.stderr)
+    """Print one line to stderr and return the Exit to raise (control characters, e.g.
+    a newline in an id from a file, are shown escaped: the line stays one line)."""
+    text = message if message.isprintable() else repr(message)[1:-1]
+    print(f"rnntool: error: {text}", file=sys.stderr)
     return typer.Exit(code)
 
 
@@ -110,7 +112,9 @@ class _Utterance:
     """
 
     def __init__(self, path, utt_id: str) -> None:
-        self.where = f"{path}: utterance {utt_id}"
+        from .reader import show
+
+        self.where = f"{show(path)}: utterance {show(utt_id)}"
         self.problem: str | None = None
 
     def __enter__(self) -> _Utterance:
@@ -217,18 +221,18 @@ def _wanted(utts: list[str] | None, utt_list: str | None) -> list[str] | None:
 
 @contextlib.contextmanager
 def _selection(inputs: list[Path], blank: int | None, utts: list[str] | None,
-               utt_list: str | None):
+               utt_list: str | None, direct: bool = True):
     """Open every input and yield ``[(reader, selected ids)]``; close them all after.
 
     An id asked for with --utt/--utt-list that no input holds is an error.
     """
-    from .dump import DumpReader
+    from .reader import DumpReader, show
 
     wanted = _wanted(utts, utt_list)
     readers = []
     try:
         for p in inputs:
-            readers.append(DumpReader(p, blank=blank))
+            readers.append(DumpReader(p, blank=blank, direct=direct))
         selected = []
         found = set()
         for r in readers:
@@ -238,8 +242,8 @@ def _selection(inputs: list[Path], blank: int | None, utts: list[str] | None,
         if wanted is not None:
             missing = [u for u in wanted if u not in found]
             if missing:
-                where = inputs[0] if len(inputs) == 1 else "any input"
-                raise fail(f"{where}: no utterance {missing[0]!r}"
+                where = show(inputs[0]) if len(inputs) == 1 else "any input"
+                raise fail(f"{where}: no utterance {show(missing[0])!r}"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         yield selected
     finally:
@@ -280,8 +284,10 @@ def score(
     utt_list: UttList = None,
     batch_mb: Annotated[int, typer.Option("--batch-mb", help="Memory budget of one padded "
                                           "batch, MiB.")] = 256,
-    no_mmap: Annotated[bool, typer.Option("--no-mmap", help="Read into padded batches even "
-                                          "where raw data could be mapped (CPU).")] = False,
+    via_hdf5: Annotated[bool, typer.Option("--via-hdf5", "--no-mmap",
+                                           help="Read all data through HDF5, even raw "
+                                           "data rnntool could read straight from the "
+                                           "file.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Per-utterance RNN-T losses of dumped logits.
@@ -294,23 +300,23 @@ def score(
     named on stderr, one line each, and their rows are still written as computed.
     """
     from .output import open_output, render
+    from .reader import show
     from .score import SCORE_FIELDS, STORED_FIELDS, loss_problem, score_reader, summarize
 
     fmt = _output_format(fmt, output)
     dev = _resolve_device(device)
     rows = []
-    with _selection(inputs, blank, utt, utt_list) as selected:
+    with _selection(inputs, blank, utt, utt_list, direct=not via_hdf5) as selected:
         total = sum(len(ids) for _, ids in selected)
         with _progress(quiet) as bar:
             task = bar.add_task("scoring", total=total)
             for reader, ids in selected:
                 order = {u: i for i, u in enumerate(ids)}
                 got = list(score_reader(reader, ids, device=dev, budget_bytes=batch_mb << 20,
-                                        on_batch=lambda n: bar.advance(task, n),
-                                        zero_copy=not no_mmap))
+                                        on_batch=lambda n: bar.advance(task, n)))
                 got.sort(key=lambda r: order[r["utt_id"]])
                 for r in got:
-                    r["_file"] = str(reader.path)
+                    r["_file"] = reader.name
                 rows += got
     fields = SCORE_FIELDS + (STORED_FIELDS if any("stored_loss" in r for r in rows) else [])
     with open_output(output) as out:
@@ -322,12 +328,12 @@ def score(
         why = loss_problem(r["loss"], r["T"], r["U"], r["_float64"], r["_input_eps"])
         if why is not None:
             problems += 1
-            err.print(f"rnntool: {r['_file']}: utterance {r['utt_id']}: {why}", markup=False)
+            err.print(f"rnntool: {r['_file']}: utterance {show(r['utt_id'])}: {why}", markup=False)
     if not quiet:
         err.print(f"{summary['count']} utterances, mean loss {summary['mean']:.4f}, "
                   f"total {summary['total']:.4f} nats ({summary['finite']} finite)", markup=False)
         if summary["worst"]:
-            err.print("worst: " + ", ".join(f"{r['utt_id']} {r['loss']:.3f}"
+            err.print("worst: " + ", ".join(f"{show(r['utt_id'])} {r['loss']:.3f}"
                                             for r in summary["worst"]), markup=False)
     if problems:
         raise typer.Exit(1)
@@ -356,7 +362,8 @@ def inspect(
 
     import numpy as np
 
-    from .dump import DumpError, DumpReader, log_prob_problem
+    from .dump import DumpError, log_prob_problem
+    from .reader import DumpReader, show
     from .score import loss_problem, score_reader
 
     fmt = fmt or "text"
@@ -368,17 +375,15 @@ def inspect(
         for u in r.utt_ids:
             found[u] = []
             try:
-                info = r.info(u)
-                r.labels(u, info)
-                x = np.empty((info.T, info.U + 1, info.V), info.dtype)
-                r.read_logits_into(u, info, x)
+                one = r.read(u)
+                info, x = one.info, one.logits
                 n_bad = int(np.count_nonzero(np.isnan(x) | np.isposinf(x)))
                 if n_bad:
-                    found[u].append(f"{input}: utterance {u}: {n_bad} NaN or +inf logits")
+                    found[u].append(f"{r.name}: utterance {show(u)}: {n_bad} NaN or +inf logits")
                 if r.input_kind == "log_probs":
                     why = log_prob_problem(x)
                     if why is not None:
-                        found[u].append(f"{input}: utterance {u}: {why}")
+                        found[u].append(f"{r.name}: utterance {show(u)}: {why}")
                 infos.append(info)
             except DumpError as e:
                 found[u].append(str(e))
@@ -388,7 +393,7 @@ def inspect(
             why = loss_problem(row["loss"], row["T"], row["U"], row["_float64"],
                                row["_input_eps"])
             if why is not None and not math.isnan(row["loss"]):
-                found[row["utt_id"]].append(f"{input}: utterance {row['utt_id']}: {why}")
+                found[row["utt_id"]].append(f"{r.name}: utterance {show(row['utt_id'])}: {why}")
         problems = [p for ps in found.values() for p in ps]
 
         def span(vals):
@@ -474,6 +479,7 @@ def align_cmd(
 
     from .align import align
     from .output import open_output, render
+    from .reader import show
     from .score import input_eps
 
     fmt = _output_format(fmt, output)
@@ -504,9 +510,9 @@ def align_cmd(
     if fmt == "table" and not quiet:
         err = _stderr()
         for utt_id, best, loss in summary:
-            err.print(f"{utt_id}: best path log P = {best:.4f}, all paths log P = {-loss:.4f} "
-                      f"(loss {loss:.4f}); best path holds {math.exp(best + loss):.1%} of the "
-                      "probability", markup=False)
+            err.print(f"{show(utt_id)}: best path log P = {best:.4f}, all paths log P = "
+                      f"{-loss:.4f} (loss {loss:.4f}); best path holds "
+                      f"{math.exp(best + loss):.1%} of the probability", markup=False)
     if problems:
         raise typer.Exit(1)
 
