@@ -1,5 +1,5 @@
-"""``python -m rnntool`` runs the command line."""
+"""``python -m rnntool`` runs the command line (through the console script's entry)."""
 
-from .cli import main
+from ._entry import main
 
 main()
