@@ -21,16 +21,18 @@ straight into the padded batch buffer the engine consumes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
-from .output import umask_perms
+from . import cleanup
+from .output import OutputError, check_replaceable, creation_mode, resolve_target
 
 FORMAT = "rnntool.dump"
 FORMAT_VERSION = 1
@@ -117,6 +119,81 @@ class _Pending:
 
 
 # --------------------------------------------------------------------------- writer
+class DumpWriteError(OSError):
+    """A dump could not be written: one line naming the file (and the utterance).
+
+    ``errno`` is the cause's (ENOSPC, EFBIG, EIO, ...) or None for a refused path.
+    The writer that raised it is finished: its temporary file is gone.
+    """
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(errno_, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _io_errno(e: BaseException) -> int | None:
+    """The system errno of an I/O failure as h5py reports it, else None (a refusal by
+    HDF5 itself, such as an attribute too large, is not an I/O failure)."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    if isinstance(e, OSError | RuntimeError):
+        m = re.search(r"errno = (\d+)", str(e))
+        if m and int(m.group(1)):
+            return int(m.group(1))
+    return None
+
+
+def _hdf5_end(fd: int) -> int | None:
+    """The end-of-file address a closed HDF5 file's superblock (at offset 0) records,
+    or None when it cannot be read (then nothing is truncated)."""
+    head = os.pread(fd, 64, 0)
+    if len(head) < 48 or head[:8] != b"\x89HDF\r\n\x1a\n":
+        return None
+    version = head[8]
+    if version in (0, 1):
+        size, at = head[13], 24 + 4 * version
+    elif version in (2, 3):
+        size, at = head[9], 12
+    else:
+        return None
+    if size not in (2, 4, 8) or at + 3 * size > len(head):
+        return None
+    base = int.from_bytes(head[at : at + size], "little")
+    end = int.from_bytes(head[at + 2 * size : at + 3 * size], "little")
+    return base + end
+
+
+# Room reserved before each write (see DumpWriter._reserve): generous upper bounds on
+# what HDF5 allocates, so that a full disk fails in our own posix_fallocate call and
+# never inside HDF5 (HDF5 2.0 cannot recover from a failed write: objects fail to
+# close, and the next call can crash the interpreter).
+_RESERVE_BASE = 256 << 10  # metadata and small-data aggregator blocks, superblock
+_RESERVE_PER_UTT = 32 << 10  # group, object headers, symbol-table nodes, labels
+_RESERVE_PER_CHUNK = 8 << 10  # chunk-index B-tree nodes
+
+
+def _chunk_rows(data: np.ndarray) -> int:
+    """Rows (along T) of one HDF5 chunk of ``data`` (the layout ``_dataset`` writes)."""
+    row_bytes = max(1, data[0:1].nbytes)
+    return max(1, min(data.shape[0], _CHUNK_BYTES // row_bytes))
+
+
+def _array_bound(data: np.ndarray) -> int:
+    rows = _chunk_rows(data)
+    chunk = rows * max(1, data[0:1].nbytes)
+    n = -(-data.shape[0] // rows)
+    # Edge chunks are stored whole; a filter may grow an incompressible chunk a little.
+    return n * (chunk + chunk // 16 + _RESERVE_PER_CHUNK)
+
+
+def _heap_bytes(name: str) -> int:
+    """Bytes a name takes in a group's local heap (NUL-terminated, 8-aligned)."""
+    return (len(name.encode("utf-8", "surrogatepass")) + 1 + 7) // 8 * 8 + 8
+
+
 class DumpWriter:
     """Write a keyed dump. Use as a context manager; the file appears only on success.
 
@@ -147,11 +224,37 @@ class DumpWriter:
         self.input_kind = input_kind
         self.compression = compression
         self.vocab_size: int | None = None if self.vocab is None else len(self.vocab)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=".rnntool-", suffix=".h5.part", dir=directory)
-        os.close(fd)
-        self._f = h5py.File(self._tmp, "w")
-        self._utts = self._f.create_group("utts")
+        if self.vocab is not None:
+            for t in self.vocab:
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"vocab entry {t!r} cannot be stored as UTF-8") from None
+        # Not open until everything below succeeded; add()/close() check these.
+        self._closed = True
+        self._failed: str | None = None
+        self._f = None
+        self._fd = -1
+        self._tmp: str | None = None
+        self._heap = 0  # bytes the /utts group's name heap holds
+        self._held: list = []  # h5py objects of the write in progress (see _dataset)
+        self._reserved = 0  # the file size the last reservation asked for
+        try:
+            target = resolve_target(self.path, streams=False)
+        except OutputError as e:
+            raise DumpWriteError(str(e)) from None
+        self._target = target
+        try:
+            self._fd, self._tmp = cleanup.create_temp(os.path.dirname(target.path), ".h5.part")
+            self._f = h5py.File(self._tmp, "w")
+            self._utts = self._f.create_group("utts")
+            self._reserve(_RESERVE_BASE)
+        except BaseException as e:
+            self._discard()
+            if isinstance(e, OSError):
+                raise DumpWriteError(f"{self.path}: cannot write ({_strerror(e)})",
+                                     _io_errno(e)) from None
+            raise
         self._closed = False
 
     def __enter__(self) -> DumpWriter:
@@ -163,13 +266,99 @@ class DumpWriter:
         else:
             self.abort()
 
+    # ----------------------------------------------------------------- file state
+    def _check_open(self) -> None:
+        if self._failed is not None:
+            raise ValueError(f"{self.path}: the writer was closed after an error "
+                             f"({self._failed}); nothing more can be written")
+        if self._closed:
+            raise ValueError(f"{self.path}: the writer is closed")
+
+    def _reserve(self, extra: int) -> None:
+        """Make sure the temporary file has ``extra`` bytes allocated beyond what HDF5
+        uses now (posix_fallocate), so HDF5's own writes cannot meet a full disk.
+        Raises the OSError (ENOSPC, EFBIG, EDQUOT, ...) of the allocation; where the
+        file system cannot preallocate at all this does nothing."""
+        need = int(self._f.id.get_filesize()) + int(extra)
+        self._reserved = need
+        size = os.fstat(self._fd).st_size
+        if need > size:
+            try:
+                os.posix_fallocate(self._fd, size, need - size)
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return
+                raise
+
+    def _bound(self, items: Sequence[_Pending]) -> int:
+        """An upper bound on the bytes HDF5 allocates to write ``items`` and flush."""
+        total = _RESERVE_BASE
+        names = 0
+        for it in items:
+            total += _RESERVE_PER_UTT + _array_bound(it.x) + it.y.nbytes
+            if it.grads is not None:
+                total += _array_bound(it.grads)
+            for value in it.attrs.values():
+                total += 2 * (np.asarray(value).nbytes
+                              + len(value.encode("utf-8", "surrogatepass") if isinstance(value, str)
+                                    else b"")) + 1024
+            names += _heap_bytes(it.utt_id)
+        # The group's name heap grows by doubling: a new block of twice its size.
+        return total + 2 * (self._heap + names) + 4096
+
+    def _discard(self) -> None:
+        """Drop the temporary file without writing anything more to it; never raises.
+
+        HDF5's descriptor is pointed at /dev/null first, so closing (which flushes
+        HDF5's caches) writes nothing and cannot fail on a full disk."""
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(Exception):
+                if f.id.valid:
+                    hfd = f.id.get_vfd_handle()
+                    if isinstance(hfd, int) and hfd > 2 and hfd != self._fd:
+                        null = os.open(os.devnull, os.O_RDWR)
+                        try:
+                            os.dup2(null, hfd)
+                        finally:
+                            os.close(null)
+            with contextlib.suppress(Exception):
+                f.close()
+        self._held = []
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        if self._tmp is not None:
+            cleanup.discard(self._tmp)
+        self._closed = True
+
+    def _fail(self, e: BaseException, what: str) -> DumpWriteError:
+        """Finish the writer after an I/O failure; the error to raise."""
+        code = _io_errno(e)
+        reason = os.strerror(code) if code else _strerror(e)
+        err = DumpWriteError(f"{self.path}: cannot write {what} ({reason})", code)
+        self._failed = str(err)
+        self._discard()
+        return err
+
     def _dataset(self, group, name: str, data: np.ndarray) -> None:
-        T = data.shape[0]
-        row_bytes = max(1, data[0:1].nbytes)
-        chunk_t = max(1, min(T, _CHUNK_BYTES // row_bytes))
-        group.create_dataset(
-            name, data=data, chunks=(chunk_t, *data.shape[1:]), compression=self.compression
-        )
+        """Create the chunked ``group/name`` (chunks along T) holding ``data``; see _store."""
+        self._store(group, name, data, chunks=(_chunk_rows(data), *data.shape[1:]),
+                    compression=self.compression)
+
+    def _store(self, group, name: str, data: np.ndarray, **kw) -> None:
+        """Create ``group/name``, write ``data`` into it and flush the dataset's chunk
+        cache, so an I/O failure raises here. The dataset object goes into
+        ``self._held``: it must outlive a failure (closing a dataset whose cache
+        cannot be written fails inside a destructor, and leaves HDF5 unusable), so
+        that ``_discard`` can point HDF5 at /dev/null before anything closes it."""
+        ds = group.create_dataset(name, shape=data.shape, dtype=data.dtype, **kw)
+        self._held.append(ds)
+        if data.size:
+            ds[...] = data
+        if "chunks" in kw:
+            ds.id.flush()
 
     def _prepare(self, utt_id, logits, labels, grads, attrs: dict, vocab_size: int | None,
                  taken) -> _Pending:
@@ -222,23 +411,45 @@ class DumpWriter:
         return _Pending(utt_id, x, y, gx, converted)
 
     def _write(self, items: Sequence[_Pending]) -> None:
-        """Create every prepared utterance, or (on any exception) none of them."""
+        """Create every prepared utterance, or (on any exception) none of them.
+
+        Room is reserved first and the file flushed after, so a full disk raises
+        here: then (an I/O failure) the writer is finished -- ``DumpWriteError``
+        naming the file and utterance, temporary file removed. Any other exception
+        (HDF5 refusing something, KeyboardInterrupt) removes the utterances of
+        this call and leaves the writer usable.
+        """
+        what = (f"utterance {items[0].utt_id!r}" if len(items) == 1 else
+                f"utterance {items[0].utt_id!r} (the first of a batch of {len(items)})")
+        try:
+            self._reserve(self._bound(items))
+        except OSError as e:
+            raise self._fail(e, what) from None
         done = []
+        self._held = []  # h5py objects, released only after success or _discard
         try:
             for it in items:
+                what = f"utterance {it.utt_id!r}"
                 g = self._utts.create_group(it.utt_id)
+                self._held.append(g)
                 done.append(it.utt_id)
                 self._dataset(g, "logits", it.x)
-                g.create_dataset("labels", data=it.y)
+                self._store(g, "labels", it.y)
                 if it.grads is not None:
                     self._dataset(g, "grads", it.grads)
                 for key, value in it.attrs.items():
                     g.attrs[key] = value
-        except BaseException:
+            self._f.flush()
+        except BaseException as e:
+            if _io_errno(e) is not None:
+                raise self._fail(e, what) from None  # no rollback: HDF5 is past trusting
+            self._held = []
             for u in done:
                 with contextlib.suppress(Exception):
                     del self._utts[u]
             raise
+        self._held = []
+        self._heap += sum(_heap_bytes(it.utt_id) for it in items)
         if items and self.vocab_size is None:
             self.vocab_size = int(items[0].x.shape[2])
 
@@ -249,7 +460,14 @@ class DumpWriter:
         written, and a failed write leaves no trace of the utterance. Tensors may
         require grad and live on any device; numbers may be Python, numpy or 0-d
         array/tensor scalars.
+
+        Raises ValueError/TypeError for bad input (the writer stays usable);
+        ``DumpWriteError`` (an OSError: ``"{path}: cannot write utterance 'u7' (No
+        space left on device)"``) when the disk is full or an I/O error occurs, after
+        which the writer is finished and its temporary file removed; ValueError
+        once the writer is closed (or was finished by such an error).
         """
+        self._check_open()
         self._write([self._prepare(utt_id, logits, labels, grads, attrs, self.vocab_size, ())])
 
     def add_batch(self, logits, labels, logit_lengths, label_lengths, utt_ids=None,
@@ -260,7 +478,9 @@ class DumpWriter:
         written; ``losses`` ``(B,)`` and ``texts`` become per-utterance attrs.
         All or nothing: the whole batch is validated before any utterance is
         written, and a failure while writing removes the ones already written.
+        Errors as for ``add``.
         """
+        self._check_open()
         x = _np(logits)
         y = _np(labels)
         if x.ndim != 4:
@@ -311,380 +531,95 @@ class DumpWriter:
         return [it.utt_id for it in pending]
 
     def close(self) -> None:
-        """Write the root attributes and move the file into place."""
+        """Write the root attributes and move the file into place.
+
+        The file is flushed, fsynced, given the replaced file's permission bits (a
+        new one: 0666 & ~umask), and renamed onto the target -- after checking once
+        more that the target is absent or a regular file. Raises ``DumpWriteError``
+        (``"{path}: cannot write the dump (...)"``) when that fails, after removing
+        the temporary file; any exception here (KeyboardInterrupt included) leaves
+        no file. Closing again does nothing; closing a writer finished by an error
+        raises ValueError (the dump was not written).
+        """
+        if self._failed is not None:
+            raise ValueError(f"{self.path}: not written: the writer was closed after an "
+                             f"error ({self._failed})")
         if self._closed:
             return
         f = self._f
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["blank"] = self.blank
-        f.attrs["vocab_size"] = -1 if self.vocab_size is None else self.vocab_size
-        f.attrs["input_kind"] = self.input_kind
-        if self.vocab is not None:
-            f.create_dataset("vocab", data=np.array(self.vocab, dtype=h5py.string_dtype()))
-        f.close()
-        umask_perms(self._tmp)
-        os.replace(self._tmp, self.path)
+        try:
+            vocab = None
+            if self.vocab is not None:
+                vocab = np.array(self.vocab, dtype=h5py.string_dtype())
+                self._reserve(_RESERVE_BASE + 4 * sum(_heap_bytes(t) + 32 for t in self.vocab))
+            else:
+                self._reserve(_RESERVE_BASE)
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["blank"] = self.blank
+            f.attrs["vocab_size"] = -1 if self.vocab_size is None else self.vocab_size
+            f.attrs["input_kind"] = self.input_kind
+            if vocab is not None:
+                f.create_dataset("vocab", data=vocab)
+            f.flush()
+        except BaseException as e:
+            if _io_errno(e) is not None:
+                raise self._fail(e, "the dump") from None
+            self._discard()
+            raise
+        try:
+            self._f = None
+            f.close()
+            fd = self._fd
+            end = _hdf5_end(fd)
+            if end is not None and 0 < end < os.fstat(fd).st_size:
+                os.ftruncate(fd, end)  # the room reserved but not used
+            os.fchmod(fd, creation_mode() if self._target.mode is None else self._target.mode)
+            os.fsync(fd)
+            check_replaceable(self._target.path, self.path)
+            os.replace(self._tmp, self._target.path)
+        except OutputError as e:
+            self._failed = str(e)
+            self._discard()
+            raise DumpWriteError(str(e)) from None
+        except BaseException as e:
+            if isinstance(e, OSError | RuntimeError):
+                raise self._fail(e, "the dump") from None
+            self._discard()
+            raise
+        cleanup.unregister(self._tmp)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._fd = -1
         self._closed = True
 
     def abort(self) -> None:
-        """Drop everything written so far."""
+        """Drop everything written so far (the temporary file is removed; nothing more
+        is written to it). Never raises; does nothing once closed."""
         if self._closed:
             return
-        self._f.close()
-        os.unlink(self._tmp)
-        self._closed = True
+        self._discard()
+
+
+def _strerror(e: BaseException) -> str:
+    return (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            if str(e) else type(e).__name__)
 
 
 # --------------------------------------------------------------------------- reader
-@dataclass
-class UttInfo:
-    """What is known of an utterance without reading its logits."""
-
-    utt_id: str
-    T: int
-    U: int
-    V: int
-    dtype: np.dtype
-    attrs: dict = field(default_factory=dict)
-    has_grads: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return self.T * (self.U + 1) * self.V * self.dtype.itemsize
+# The reader lives in reader.py; these names stay importable from here.
+_READER_NAMES = ("DumpReader", "UttInfo", "Utterance", "group_by_budget", "padded_bytes")
 
 
-@dataclass
-class Utterance:
-    """One utterance's data: ``logits (T, U+1, V)``, ``labels (U,)`` int64."""
+def __getattr__(name):
+    if name in _READER_NAMES:
+        from . import reader
 
-    info: UttInfo
-    logits: np.ndarray
-    labels: np.ndarray
-    grads: np.ndarray | None = None
+        return getattr(reader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class DumpReader:
-    """Read a dump in either layout, one utterance at a time.
-
-    ``blank`` overrides the file's. Raises ``DumpError`` (one line naming the
-    file, and the utterance where there is one) for anything it cannot read.
-    """
-
-    def __init__(self, path: str | os.PathLike, blank: int | None = None) -> None:
-        self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise DumpError(f"{self.path}: no such file")
-        if os.path.isdir(self.path):
-            raise DumpError(f"{self.path}: is a directory, not an HDF5 dump")
-        try:
-            self._f = h5py.File(self.path, "r")
-        except OSError as e:
-            raise DumpError(f"{self.path}: not a readable HDF5 file ({_first_line(e)})") from None
-        f = self._f
-        try:
-            if "utts" in f and isinstance(f["utts"], h5py.Group):
-                self.layout = "keyed"
-                self._ids = list(f["utts"].keys())
-            elif all(k in f for k in ("logits", "labels", "logit_lengths", "label_lengths")):
-                self.layout = "padded"
-                self._init_padded()
-            else:
-                raise DumpError(
-                    f"{self.path}: neither layout: expected group /utts (keyed) or datasets "
-                    "logits, labels, logit_lengths, label_lengths (padded)"
-                )
-            self.input_kind = _attr_str(f.attrs.get("input_kind", "logits"))
-            if self.input_kind not in INPUT_KINDS:
-                raise DumpError(f"{self.path}: input_kind={self.input_kind!r} is not one of "
-                                f"{', '.join(INPUT_KINDS)}")
-            self.vocab = None
-            if "vocab" in f:
-                self.vocab = [_attr_str(t) for t in f["vocab"][()]]
-            self.vocab_size = self._vocab_size()
-            file_blank = int(f.attrs.get("blank", 0))
-            self.blank = file_blank if blank is None else int(blank)
-        except DumpError:
-            f.close()
-            raise
-        except (OSError, KeyError, ValueError, TypeError) as e:
-            f.close()
-            raise DumpError(f"{self.path}: unreadable ({_first_line(e)})") from None
-
-    # -- padded layout
-    def _init_padded(self) -> None:
-        f = self._f
-        x = f["logits"]
-        if x.ndim != 4:
-            raise DumpError(f"{self.path}: /logits must be (B, T, U+1, V), got {x.shape}")
-        B = x.shape[0]
-        self._t_len = np.asarray(f["logit_lengths"][()]).astype(np.int64).reshape(-1)
-        self._u_len = np.asarray(f["label_lengths"][()]).astype(np.int64).reshape(-1)
-        if f["labels"].ndim != 2:
-            raise DumpError(f"{self.path}: /labels must be (B, Umax), got {f['labels'].shape}")
-        sizes = (B, f["labels"].shape[0], self._t_len.shape[0], self._u_len.shape[0])
-        if len(set(sizes)) != 1:
-            raise DumpError(f"{self.path}: batch sizes disagree: logits {sizes[0]}, labels "
-                            f"{sizes[1]}, logit_lengths {sizes[2]}, label_lengths {sizes[3]}")
-        if "utt_ids" in f:
-            self._ids = [_attr_str(u) for u in f["utt_ids"][()]]
-            if len(self._ids) != B:
-                raise DumpError(f"{self.path}: /utt_ids has {len(self._ids)} entries, B = {B}")
-        else:
-            self._ids = [str(b) for b in range(B)]
-        self._index = {u: b for b, u in enumerate(self._ids)}
-
-    def _vocab_size(self) -> int:
-        f = self._f
-        vs = int(f.attrs.get("vocab_size", -1))
-        if vs > 0:
-            return vs
-        if self.vocab is not None:
-            return len(self.vocab)
-        if self.layout == "padded":
-            return int(f["logits"].shape[-1])
-        for u in self._ids:
-            x = f["utts"][u].get("logits")
-            if isinstance(x, h5py.Dataset) and x.ndim == 3:
-                return int(x.shape[-1])
-        return -1
-
-    # -- common
-    def __enter__(self) -> DumpReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    @property
-    def utt_ids(self) -> list[str]:
-        return list(self._ids)
-
-    def __contains__(self, utt_id: str) -> bool:
-        return utt_id in (self._index if self.layout == "padded" else self._f["utts"])
-
-    def _err(self, utt_id: str, msg: str) -> DumpError:
-        return DumpError(f"{self.path}: utterance {utt_id}: {msg}")
-
-    def info(self, utt_id: str) -> UttInfo:
-        """Shape, dtype and attrs of one utterance, checked, without reading its logits."""
-        if utt_id not in self:
-            raise DumpError(f"{self.path}: no utterance {utt_id!r}")
-        try:
-            return self._info(utt_id)
-        except DumpError:
-            raise
-        except (OSError, KeyError, ValueError, TypeError) as e:
-            raise self._err(utt_id, f"unreadable ({_first_line(e)})") from None
-
-    def _info(self, utt_id: str) -> UttInfo:
-        f = self._f
-        if self.layout == "padded":
-            b = self._index[utt_id]
-            x = f["logits"]
-            T_b, U_b = int(self._t_len[b]), int(self._u_len[b])
-            if T_b <= 0:
-                raise self._err(utt_id, f"T = {T_b}, an utterance needs T >= 1")
-            if U_b < 0:
-                raise self._err(utt_id, f"U = {U_b} is negative")
-            if T_b > x.shape[1]:
-                raise self._err(utt_id, f"logit_lengths = {T_b} exceeds the padded T {x.shape[1]}")
-            if U_b + 1 > x.shape[2] or U_b > f["labels"].shape[1]:
-                raise self._err(utt_id, f"label_lengths = {U_b} exceeds the padded U+1 "
-                                f"{x.shape[2]} or labels' width {f['labels'].shape[1]}")
-            info = UttInfo(utt_id, T_b, U_b, int(x.shape[3]), x.dtype)
-        else:
-            g = f["utts"][utt_id]
-            if not isinstance(g, h5py.Group):
-                raise self._err(utt_id, "is not a group")
-            for name in ("logits", "labels"):
-                if name not in g:
-                    raise self._err(utt_id, f"missing dataset {name}")
-            x = g["logits"]
-            if x.ndim != 3:
-                raise self._err(utt_id, f"logits must be (T, U+1, V), got shape {x.shape}")
-            y = g["labels"]
-            if y.ndim != 1:
-                raise self._err(utt_id, f"labels must be (U,), got shape {y.shape}")
-            T, U1, V = x.shape
-            if T == 0:
-                raise self._err(utt_id, "T = 0, an utterance needs T >= 1")
-            if y.shape[0] != U1 - 1:
-                raise self._err(utt_id, f"{y.shape[0]} labels but logits have U+1 = {U1}")
-            if not np.issubdtype(y.dtype, np.integer):
-                raise self._err(utt_id, f"labels dtype {y.dtype} is not an integer type")
-            attrs = {k: _attr_value(v) for k, v in g.attrs.items()}
-            info = UttInfo(utt_id, T, U1 - 1, V, x.dtype, attrs, "grads" in g)
-            if info.has_grads and g["grads"].shape != x.shape:
-                raise self._err(utt_id, f"grads shape {g['grads'].shape} != logits {x.shape}")
-        if info.dtype not in _FLOAT_DTYPES:
-            raise self._err(utt_id, f"logits dtype {info.dtype} is not float16/32/64")
-        if self.vocab_size > 0 and self.vocab_size != info.V:
-            raise self._err(utt_id, f"V = {info.V} but the dump's vocab size is {self.vocab_size}")
-        if not -info.V <= self.blank < info.V:
-            raise DumpError(f"{self.path}: blank={self.blank} is outside [-V, V) for V={info.V}")
-        return info
-
-    def labels(self, utt_id: str, info: UttInfo | None = None) -> np.ndarray:
-        """``(U,)`` int64 labels, checked against V and blank."""
-        info = info or self.info(utt_id)
-        if self.layout == "padded":
-            y = self._f["labels"][self._index[utt_id], : info.U]
-        else:
-            y = self._f["utts"][utt_id]["labels"][()]
-        y = np.asarray(y).astype(np.int64)
-        blank = self.blank % info.V
-        bad = (y < 0) | (y >= info.V) | (y == blank)
-        if bad.any():
-            u = int(np.argmax(bad))
-            why = "equals blank" if y[u] == blank else f"is outside [0, {info.V})"
-            raise self._err(utt_id, f"labels[{u}] = {int(y[u])} {why}")
-        return y
-
-    def read_logits_into(self, utt_id: str, info: UttInfo, out: np.ndarray, where=()) -> None:
-        """Read ``(T, U+1, V)`` logits straight into ``out[where]``.
-
-        ``out`` is a C-contiguous buffer, e.g. a padded batch ``(B, T, U+1, V)`` with
-        ``where = np.s_[b, :T, :U+1]``; HDF5 writes the slab in place, no temporary.
-        """
-        try:
-            if self.layout == "padded":
-                src = self._f["logits"]
-                sel = np.s_[self._index[utt_id], : info.T, : info.U + 1, :]
-            else:
-                src = self._f["utts"][utt_id]["logits"]
-                sel = np.s_[:, :, :]
-            dest = np.s_[where] if where != () else np.s_[...]
-            if out.dtype == src.dtype and out.flags.c_contiguous:
-                src.read_direct(out, sel, dest)
-            else:
-                out[dest] = src[sel]
-        except (OSError, ValueError, TypeError) as e:
-            raise self._err(utt_id, f"logits unreadable ({_first_line(e)})") from None
-
-    def raw_region(self, info: UttInfo) -> tuple[int, tuple, np.dtype] | None:
-        """``(byte offset, shape, dtype)`` of the utterance's logits stored raw in the file.
-
-        None unless the data is stored without compression or other filter,
-        little-endian, aligned, and contiguous: the keyed layout as ``DumpWriter``
-        writes it (chunks along T, in order) and the padded layout as h5py
-        writes it by default (then the region is this utterance's ``(T, U+1, V)``
-        slab of the batch, padding included).
-        """
-        f = self._f
-        ds = f["logits"] if self.layout == "padded" else f["utts"][info.utt_id]["logits"]
-        try:
-            if ds.id.get_create_plist().get_nfilters() or ds.dtype.byteorder == ">":
-                return None
-            item = ds.dtype.itemsize
-            total = int(np.prod(ds.shape)) * item
-            if ds.chunks is None:
-                start = ds.id.get_offset()
-            else:
-                if tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):  # chunked along T only
-                    return None
-                chunks = sorted((ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())),
-                                key=lambda c: c.chunk_offset)
-                step = int(np.prod(ds.chunks)) * item
-                start = chunks[0].byte_offset if chunks else None
-                if len(chunks) * ds.chunks[0] < ds.shape[0] or any(
-                    c.byte_offset != start + k * step or c.filter_mask for k, c in enumerate(chunks)
-                ):
-                    return None
-        except (OSError, ValueError, RuntimeError, AttributeError):
-            return None
-        if start is None or start % item or total == 0:
-            return None
-        shape = tuple(ds.shape)
-        if self.layout == "padded":
-            shape = shape[1:]
-            start += self._index[info.utt_id] * (total // ds.shape[0])
-        return start, shape, ds.dtype
-
-    def map_logits(self, info: UttInfo, region=None):
-        """A zero-copy, read-only ``(T, U+1, V)`` view of the logits in the file, or None.
-
-        See ``raw_region`` for when that is possible (pass its result as ``region``
-        to skip asking HDF5 again). Returns ``(array, close)``;
-        call ``close()`` when done with the array: it unmaps the pages, so memory
-        use stays one utterance's.
-        """
-        import mmap
-
-        region = region or self.raw_region(info)
-        if region is None:
-            return None
-        start, shape, dtype = region
-        count = int(np.prod(shape))
-        base = start - start % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "rb") as fh:
-            mm = mmap.mmap(fh.fileno(), start - base + count * dtype.itemsize, mmap.MAP_SHARED,
-                           mmap.PROT_READ, offset=base)
-        arr = np.frombuffer(mm, dtype, count=count, offset=start - base).reshape(shape)
-
-        def close() -> None:
-            with contextlib.suppress(BufferError):  # a view still alive: unmapped when it dies
-                mm.close()
-
-        return arr[: info.T, : info.U + 1], close
-
-    def read(self, utt_id: str, with_grads: bool = False) -> Utterance:
-        """One utterance, validated (not for finiteness: the engine reports NaN losses)."""
-        info = self.info(utt_id)
-        y = self.labels(utt_id, info)
-        x = np.empty((info.T, info.U + 1, info.V), info.dtype)
-        self.read_logits_into(utt_id, info, x)
-        grads = None
-        if with_grads and info.has_grads:
-            grads = self._f["utts"][utt_id]["grads"][()]
-        return Utterance(info, x, y, grads)
-
-    def checked(self, utt_ids: Sequence[str]) -> list[tuple[UttInfo, np.ndarray]]:
-        """``(info, labels)`` of every utterance, all validated, in the order given."""
-        items = []
-        for u in utt_ids:
-            info = self.info(u)
-            items.append((info, self.labels(u, info)))
-        return items
-
-    def batches(
-        self, utt_ids: Sequence[str], budget_bytes: int
-    ) -> Iterator[list[tuple[UttInfo, np.ndarray]]]:
-        """``group_by_budget`` of the utterances, every one validated before any is yielded."""
-        return group_by_budget(self.checked(utt_ids), budget_bytes)
-
-    def file_size(self) -> int:
-        return os.path.getsize(self.path)
-
-
-def group_by_budget(
-    items: Sequence[tuple[UttInfo, np.ndarray]], budget_bytes: int
-) -> Iterator[list[tuple[UttInfo, np.ndarray]]]:
-    """Group ``(info, labels)`` items for the engine: sorted by size so padding is small,
-    each group of one dtype with padded logits within ``budget_bytes`` (a larger
-    utterance goes alone)."""
-    order = sorted(items, key=lambda it: (it[0].dtype.str, it[0].T * (it[0].U + 1), it[0].utt_id))
-    group: list[tuple[UttInfo, np.ndarray]] = []
-    T = U1 = 0
-    for it in order:
-        info = it[0]
-        t, u1 = max(T, info.T), max(U1, info.U + 1)
-        grown = (len(group) + 1) * t * u1 * info.V * info.dtype.itemsize
-        if group and (grown > budget_bytes or info.dtype != group[0][0].dtype):
-            yield group
-            group, t, u1 = [], info.T, info.U + 1
-        group.append(it)
-        T, U1 = t, u1
-    if group:
-        yield group
-
-
+# --------------------------------------------------------------------------- log-prob checks
 _BF16_EPS = 2.0**-7
 
 
@@ -748,28 +683,3 @@ def log_prob_problem(x: np.ndarray) -> str | None:
         return None
     return (f"{n_bad} of {n_rows} log-prob rows do not normalise: |logsumexp| up to "
             f"{worst:.3g}, tolerance {tol:.2g} (values carry eps {eps:.3g}, V={x.shape[-1]})")
-
-
-def padded_bytes(infos: Sequence[UttInfo]) -> int:
-    T = max(i.T for i in infos)
-    U1 = max(i.U for i in infos) + 1
-    return len(infos) * T * U1 * infos[0].V * infos[0].dtype.itemsize
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
-def _attr_str(v) -> str:
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    return str(v)
-
-
-def _attr_value(v):
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
