@@ -49,7 +49,7 @@ def make_dump(path: str, gb: float, V: int = 512, seed: int = 0, max_t: int = 40
     with DumpWriter(path, blank=0) as w:
         while (total < gb * 1e9) if count is None else (n < count):
             T = int(rng.integers(max_t // 4, max_t))
-            U = int(rng.integers(max_u // 5, max_u))
+            U = int(rng.integers(max(1, max_u // 6), max_u))
             x = rng.standard_normal((T, U + 1, V), dtype=np.float32).astype(np.float16)
             y = rng.integers(1, V, U)
             w.add(f"utt{n:05d}", x, y)

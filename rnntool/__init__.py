@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TransducerLoss", "rnnt_loss", "reference_rnnt_loss", "align", "Alignment",
-    "DumpWriter", "DumpReader", "DumpError", "__version__",
+    "DumpWriter", "DumpReader", "DumpError", "DumpWriteError", "__version__",
 ]
 
 _LAZY = {
@@ -23,6 +23,7 @@ _LAZY = {
     "DumpWriter": "dump",
     "DumpReader": "reader",
     "DumpError": "dump",
+    "DumpWriteError": "dump",
 }
 
 

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import math
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -251,12 +250,18 @@ def _selection(inputs: list[Path], blank: int | None, utts: list[str] | None,
             r.close()
 
 
-def _output_format(fmt: str | None, output: str | None) -> str:
-    """The --format to use, after checking it and that -o can be written (before any work)."""
+def _inputs_of(inputs: list[Path], utt_list: str | None) -> list[str]:
+    """Every file a command reads: an output must be none of them."""
+    return [str(p) for p in inputs] + ([utt_list] if utt_list not in (None, "-") else [])
+
+
+def _output_format(fmt: str | None, output: str | None, inputs: list[str]) -> str:
+    """The --format to use, after checking it and that -o can be written and is not one of
+    the inputs (before any work)."""
     from .output import check_writable
 
     fmt = _check_format(fmt, output)
-    check_writable(output)
+    check_writable(output, inputs)
     return fmt
 
 
@@ -283,7 +288,7 @@ def score(
     utt: Utts = None,
     utt_list: UttList = None,
     batch_mb: Annotated[int, typer.Option("--batch-mb", help="Memory budget of one padded "
-                                          "batch, MiB.")] = 256,
+                                          "batch, MiB.")] = 64,
     via_hdf5: Annotated[bool, typer.Option("--via-hdf5", "--no-mmap",
                                            help="Read all data through HDF5, even raw "
                                            "data rnntool could read straight from the "
@@ -303,7 +308,8 @@ def score(
     from .reader import show
     from .score import SCORE_FIELDS, STORED_FIELDS, loss_problem, score_reader, summarize
 
-    fmt = _output_format(fmt, output)
+    ins = _inputs_of(inputs, utt_list)
+    fmt = _output_format(fmt, output, ins)
     dev = _resolve_device(device)
     rows = []
     with _selection(inputs, blank, utt, utt_list, direct=not via_hdf5) as selected:
@@ -319,7 +325,7 @@ def score(
                     r["_file"] = reader.name
                 rows += got
     fields = SCORE_FIELDS + (STORED_FIELDS if any("stored_loss" in r for r in rows) else [])
-    with open_output(output) as out:
+    with open_output(output, ins) as out:
         render(rows, fields, fmt, out, title="RNN-T loss per utterance")
     summary = summarize(rows)
     err = _stderr()
@@ -482,7 +488,8 @@ def align_cmd(
     from .reader import show
     from .score import input_eps
 
-    fmt = _output_format(fmt, output)
+    ins = _inputs_of(inputs, utt_list)
+    fmt = _output_format(fmt, output, ins)
     dev = _resolve_device(device)
     rows, summary, problems = [], [], 0
     with _selection(inputs, blank, utt, utt_list) as selected:
@@ -505,7 +512,7 @@ def align_cmd(
                     "expected_frame": float(al.expected_frames[pos]),
                     "frame_posterior": float(al.frame_posteriors[pos]),
                 })
-    with open_output(output) as out:
+    with open_output(output, ins) as out:
         render(rows, ALIGN_FIELDS, fmt, out, title="Token emission frames")
     if fmt == "table" and not quiet:
         err = _stderr()
@@ -540,7 +547,7 @@ def plot(
 
     from .align import align
     from .loss import rnnt_loss
-    from .output import umask_perms
+    from .output import atomic_file, confined_name
     from .plots import plot_utterance
     from .score import input_eps
 
@@ -563,13 +570,12 @@ def plot(
                               fused_log_softmax=fused, backend=dev).backward()
                     gnorm = xg.grad[0].double().norm(dim=-1).cpu().numpy()
                     tokens = [reader.vocab[int(t)] for t in u.labels] if reader.vocab else None
-                    dest = out_dir / f"{u.info.utt_id}.png"
-                    tmp = out_dir / f".{u.info.utt_id}.png.part"
-                    plot_utterance(str(tmp), utt_id=u.info.utt_id, loss=al.loss,
-                                   best_log_prob=al.best_log_prob, occupancy=al.occupancy,
-                                   best_path=al.path, grad_norm=gnorm, tokens=tokens)
-                    umask_perms(str(tmp))
-                    tmp.replace(dest)
+                    # A file name from an untrusted id: confined to out_dir (percent-encoded).
+                    dest = out_dir / confined_name(u.info.utt_id, ".png")
+                    with atomic_file(dest) as png:
+                        plot_utterance(png, utt_id=u.info.utt_id, loss=al.loss,
+                                       best_log_prob=al.best_log_prob, occupancy=al.occupancy,
+                                       best_path=al.path, grad_norm=gnorm, tokens=tokens)
                     n += 1
             problems += one.problem is not None
     if not quiet:
@@ -613,7 +619,8 @@ def grad_check(
     from .output import open_output, render
     from .score import input_eps
 
-    fmt = _output_format(fmt, output)
+    ins = _inputs_of(inputs, utt_list)
+    fmt = _output_format(fmt, output, ins)
     if samples < 0 or rtol < 0 or atol < 0:
         raise fail("--samples, --rtol and --atol must not be negative")
     dev = _resolve_device(device)
@@ -633,7 +640,7 @@ def grad_check(
                 rows.append({"utt_id": u.info.utt_id, "check": c.check,
                              "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err,
                              "atol": atol, "rtol": rtol, "result": "PASS" if c.passed else "FAIL"})
-    with open_output(output) as out:
+    with open_output(output, ins) as out:
         render(rows, GRADCHECK_FIELDS, fmt, out,
                title=f"Gradient checks (atol {atol:g}, rtol {rtol:g})",
                specs=dict.fromkeys(("max_abs_err", "max_rel_err", "atol", "rtol"), ".3e"))
@@ -651,6 +658,9 @@ def grad_check(
 
 def main() -> None:
     # Default SIGPIPE handling would kill us mid-write with no cleanup; Python's
-    # BrokenPipeError is caught per command instead.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # BrokenPipeError is caught per command instead. SIGINT, SIGTERM and SIGHUP
+    # remove every temporary file and exit 130/143/129 with one line (cleanup.py).
+    from . import cleanup
+
+    cleanup.install_cli_handlers()
     app()

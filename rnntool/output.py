@@ -81,12 +81,17 @@ def render(rows: Sequence[dict], fields: Sequence[str], fmt: str, out: io.TextIO
     elif fmt == "table":
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
+
+        from .reader import show
 
         table = Table(title=title, show_edge=False, header_style="bold")
         for f in fields:
             table.add_column(f, justify="left" if f in ("utt_id", "token") else "right")
         for r in rows:
-            table.add_row(*(_cell(r.get(f), specs.get(f, ".6f")) for f in fields))
+            # Text, not markup: an id "[red]x" from a file is shown as it is; control
+            # characters (a terminal escape in an id) are shown escaped.
+            table.add_row(*(Text(show(_cell(r.get(f), specs.get(f, ".6f")))) for f in fields))
         # Wide enough that rich never truncates a header; the terminal wraps if it must.
         width = max(200, shutil.get_terminal_size().columns)
         Console(file=out, soft_wrap=False, width=width).print(table)

@@ -20,7 +20,7 @@ from .reader import DumpReader, UttInfo, check_memory, group_by_budget, padded_b
 
 SCORE_FIELDS = ["utt_id", "T", "U", "loss", "loss_per_frame", "loss_per_token"]
 STORED_FIELDS = ["stored_loss", "loss_diff"]
-DEFAULT_BATCH_BYTES = 256 << 20
+DEFAULT_BATCH_BYTES = 64 << 20
 
 
 def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
@@ -68,23 +68,37 @@ def score_reader(
     yield from _score_batches(reader, groups, device, on_batch)
 
 
-def _engine_losses(reader, x, y, t_len, u_len, backend):
+def _cpu_losses(reader, logits, labels, t_len, u_len) -> np.ndarray:
+    """Losses of a validated padded batch on the CPU engine's stages, without torch
+    (a second of start-up and 200 MB): rounded as ``rnnt_loss`` rounds them
+    (float32 unless the logits are float64), so both give the same bits."""
+    from .cpu import cpu_forward
+
+    log_like, _, _ = cpu_forward(logits, labels, t_len, u_len, reader.blank % logits.shape[3],
+                                 reader.input_kind == "logits", False)
+    losses = -log_like
+    return losses if logits.dtype == np.float64 else losses.astype(np.float32)
+
+
+def _torch_losses(reader, logits, labels, t_len, u_len, device) -> np.ndarray:
     import torch
 
     from .loss import rnnt_loss
 
+    x = torch.from_numpy(logits)
+    y, T, U = (torch.from_numpy(a) for a in (labels, t_len, u_len))
+    if device == "cuda" and torch.cuda.is_available():  # else: the simulator's CPU tensors
+        x, y, T, U = (a.to("cuda", non_blocking=True) for a in (x, y, T, U))
     with torch.no_grad(), _quiet_nonfinite():
         return rnnt_loss(
-            x, y, t_len, u_len, blank=reader.blank, reduction="none",
-            fused_log_softmax=reader.input_kind == "logits", backend=backend, validate=True,
-        ).double().cpu().numpy()
+            x, y, T, U, blank=reader.blank, reduction="none",
+            fused_log_softmax=reader.input_kind == "logits", backend=device, validate=True,
+        ).cpu().numpy()
 
 
 def _score_batches(reader, groups, device, on_batch):
     if not groups:
         return
-    import torch
-
     # Two buffers: the engine scores one while the helper thread fills the other.
     largest = max(groups, key=lambda g: padded_bytes([i for i, _ in g]))
     size = padded_bytes([i for i, _ in largest])
@@ -93,19 +107,17 @@ def _score_batches(reader, groups, device, on_batch):
             f"{reader.name}: a batch of {len(largest)} utterances (--batch-mb)")
     check_memory(size * (2 if len(groups) > 1 else 1), what + " would")
     stores = [np.empty(size, np.uint8), np.empty(size if len(groups) > 1 else 0, np.uint8)]
-    backend = "cuda" if device == "cuda" else "cpu"
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_load_batch, reader, groups[0], stores[0])
         for k, group in enumerate(groups):
-            logits, labels, t_len, u_len = pending.result()
+            batch = pending.result()
             if k + 1 < len(groups):
                 pending = pool.submit(_load_batch, reader, groups[k + 1], stores[(k + 1) % 2])
-            x = torch.from_numpy(logits)
-            y, T, U = (torch.from_numpy(a) for a in (labels, t_len, u_len))
-            if device == "cuda" and torch.cuda.is_available():  # else: the simulator's CPU tensors
-                x, y, T, U = (a.to("cuda", non_blocking=True) for a in (x, y, T, U))
-            losses = _engine_losses(reader, x, y, T, U, backend)
-            del x, logits
+            if device == "cuda":
+                losses = _torch_losses(reader, *batch, device)
+            else:
+                losses = _cpu_losses(reader, *batch)
+            del batch
             for (info, _), loss in zip(group, losses, strict=True):
                 yield _row(info, float(loss), input_eps(reader, info.dtype))
             if on_batch is not None:

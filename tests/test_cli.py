@@ -320,3 +320,17 @@ def test_log_probs_dump_scores_like_logits(tmp_path):
     rb = rows_of(invoke("score", b, "-f", "tsv", "-q").stdout)
     assert [float(r["loss"]) for r in ra] == pytest.approx([float(r["loss"]) for r in rb],
                                                            abs=2e-5)
+
+
+def test_cpu_scoring_never_imports_torch(dump):
+    # torch costs a second of start-up and 200 MB; the CPU engine's stages need numpy only.
+    path, _, _ = dump
+    code = (
+        "import sys; from rnntool.cli import app; from typer.testing import CliRunner; "
+        f"r = CliRunner().invoke(app, ['score', {str(path)!r}, '-q', '--device', 'cpu']); "
+        "assert r.exit_code == 0, r.output; print('torch' in sys.modules)"
+    )
+    for extra in ([], ["--via-hdf5"]):
+        c = code.replace("'cpu']", "'cpu'" + "".join(f", {e!r}" for e in extra) + "]")
+        out = subprocess.run([sys.executable, "-c", c], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

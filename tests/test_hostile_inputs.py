@@ -417,3 +417,31 @@ def test_regular_file_check_uses_the_opened_file(tmp_path):
     path, _ = plain(tmp_path, n=1)
     with DumpReader(path) as r:
         assert stat.S_ISREG(os.fstat(r._fd).st_mode)
+
+
+# --------------------------------------------------------------------------- ids as names
+def test_plot_names_from_hostile_ids_stay_in_the_output_directory(tmp_path):
+    # The example: an id "/../../../../tmp/x" wrote /tmp/x.png outside out/.
+    ids = ["/../../../../" + str(tmp_path / "escaped"), "../up", "..", ".", "a/b", "%2F"]
+    x, y, T, U = random_batch(len(ids), 4, 2, 5, seed=2, mixed=False)
+    path = tmp_path / "p.h5"
+    write_padded(path, x.numpy(), y.numpy(), T.numpy(), U.numpy(), utt_ids=ids)
+    out = tmp_path / "deep" / "out"
+    result = invoke("plot", path, "-d", out, "-q")
+    assert result.exit_code == 0, result.output
+    made = sorted(p.name for p in out.iterdir())
+    assert len(made) == len(ids) and all(n.endswith(".png") for n in made), made
+    assert not any(n.startswith(".") for n in made)
+    outside = {p for p in tmp_path.rglob("*") if p.is_file()} - {path} - set(out.iterdir())
+    assert outside == set(), outside
+
+
+def test_table_shows_ids_as_they_are(tmp_path):
+    ids = ["[red]x[/red]", "esc\x1b[2Jid"]
+    x, y, T, U = random_batch(2, 4, 2, 5, seed=2, mixed=False)
+    path = tmp_path / "p.h5"
+    write_padded(path, x.numpy(), y.numpy(), T.numpy(), U.numpy(), utt_ids=ids)
+    result = invoke("score", path, "-f", "table", "-q")
+    assert result.exit_code == 0, result.output
+    assert "[red]x[/red]" in result.stdout and "\x1b" not in result.stdout
+    assert "esc\\x1b[2Jid" in result.stdout
