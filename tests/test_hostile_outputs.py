@@ -826,3 +826,61 @@ def test_python_dash_m_goes_through_the_same_entry(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode in (0, 143) and "Traceback" not in err
     assert leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- the commands
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rnntool", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("cmd", ["score", "align", "grad-check"])
+def test_commands_refuse_to_overwrite_an_input(tmp_path, cmd):
+    # The example: `rnntool score d.h5 -o d.h5` overwrote the input with TSV.
+    dump = small_dump(tmp_path / "d.h5")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("u0\n")
+    (tmp_path / "alias.h5").symlink_to(dump)
+    before = dump.read_bytes(), ids.read_bytes()
+    for out, extra in ((dump, ()), (tmp_path / "alias.h5", ()), (ids, ("--utt-list", ids))):
+        r = _cli(cmd, dump, "-o", out, *extra)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and "is also an input" in err[0], r.stderr
+    assert (dump.read_bytes(), ids.read_bytes()) == before
+    assert os.path.islink(tmp_path / "alias.h5")
+    assert leftovers(tmp_path) == []
+
+
+def test_score_to_dev_null_and_a_fifo_leaves_them_special(tmp_path):
+    dump = small_dump(tmp_path / "d.h5")
+    r = _cli("score", dump, "-o", "/dev/null", "-q")
+    assert r.returncode == 0, r.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    fifo = tmp_path / "rows"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    r = _cli("score", dump, "-o", fifo, "-q", "-f", "tsv")
+    reader.join(30)
+    assert r.returncode == 0, r.stderr
+    assert got and got[0].splitlines()[0].startswith("utt_id\t") and len(got[0].splitlines()) == 3
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_plot_out_dir_that_is_a_file_or_holds_planted_links(tmp_path):
+    dump = small_dump(tmp_path / "d.h5")
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    r = _cli("plot", dump, "-d", afile)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert afile.read_text() == "keep"
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (out / "u0.png").symlink_to(victim)  # a link planted where a PNG will go
+    r = _cli("plot", dump, "-d", out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "keep" and not os.path.islink(out / "u0.png")
+    assert sorted(p.name for p in out.iterdir()) == ["u0.png", "u1.png"]
