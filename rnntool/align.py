@@ -1,8 +1,9 @@
 """Alignments on the loss engine: Viterbi best paths, emission posteriors, occupancy.
 
-Everything here reads the engine's compact ``(B, T, U+1)`` arrays (stage 1's
-log-probs, stage 2's alpha and beta, and the Viterbi twin of stage 2) on the
-chosen backend, then does O(B*T*U) bookkeeping in float64 numpy.
+Everything here reads the engine's ``ForwardState`` (stage 1's compact
+``(B, T, U+1)`` log-probs, stage 2's alpha and beta) and the Viterbi twin of
+stage 2 (``Engine.best_path``) on the chosen backend, then does O(B*T*U)
+bookkeeping in float64 numpy.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .engine import LossOptions
 from .loss import as_flag, check_inputs, check_meta, engine_for, resolve_logits
 
 
@@ -98,25 +100,24 @@ def align(
     blank = check_meta(logits, *index, blank)
     logits = resolve_logits(logits)
     engine = engine_for(backend, logits)
-    blank, y, t_len, u_len = check_inputs(logits, *index, blank)
+    blank, targets, logit_lengths, target_lengths = check_inputs(logits, *index, blank)
+    on_device = (targets, logit_lengths, target_lengths)
     if logits.is_cuda:
-        y, t_len_d, u_len_d = (a.to(logits.device) for a in (y, t_len, u_len))
-    else:
-        t_len_d, u_len_d = t_len, u_len
+        on_device = tuple(a.to(logits.device) for a in on_device)
     with torch.no_grad():
-        log_like, _, saved = engine.forward(
-            logits, y, t_len_d, u_len_d, blank, fused, True
-        )
-        best, from_emit = engine.best_path(saved, t_len_d, u_len_d)
+        state = engine.forward(logits, *on_device, LossOptions(blank=blank, fused=fused), True)
+        best, from_emit = engine.best_path(state)
     with np.errstate(invalid="ignore"):  # nodes outside the lengths may hold garbage
-        blank_lp, emit_lp, alpha, beta = (_np(a).astype(np.float64) for a in saved[1:5])
-    log_like, best, from_emit = _np(log_like).astype(np.float64), _np(best), _np(from_emit)
+        emit_lp, alpha, beta = (
+            _np(a).astype(np.float64) for a in (state.emit_lp, state.alpha, state.beta)
+        )
+    log_like, best, from_emit = _np(state.log_like).astype(np.float64), _np(best), _np(from_emit)
     # The loss rounded as rnnt_loss and score round it (float32 unless float64 logits).
     loss = (-log_like).astype(np.float64 if logits.dtype == torch.float64 else np.float32)
     loss = loss.astype(np.float64).tolist()
     out = []
     for b in range(logits.shape[0]):
-        T, U = int(t_len[b]), int(u_len[b])
+        T, U = int(logit_lengths[b]), int(target_lengths[b])
         ll = log_like[b]
         a, be = alpha[b, :T, : U + 1], beta[b, :T, : U + 1]
         # Probabilities, so in [0, 1]; but alpha + beta - log P carries rounding

@@ -1,19 +1,27 @@
 """Numba CPU kernels of the loss engine: the three stages of DESIGN.md.
 
-Twins of ``cuda.py`` (same stage names, same arrays):
+Twins of ``cuda.py``: every stage function ``cpu_X`` here has its mirror
+``cuda_X`` there, on the same arrays, and the per-node rules of ``lattice.py``
+are compiled by both (``engine.py`` maps the two side by side).
 
-1. ``cpu_normalise``   one pass over V per lattice node: the compact log-probs.
+1. ``cpu_normalise``   one pass over V per lattice node, one (b, t) frame per
+                       parallel iteration: the compact log-probs.
 2. ``cpu_alpha_beta``  forward-backward over the compact arrays, one utterance
                        per thread; ``cpu_alpha_loss`` is the forward-only variant
-                       that keeps one row of alpha, for scoring without gradients.
+                       that keeps one row of alpha, for scoring without gradients;
+                       ``cpu_viterbi`` the max-product twin, for alignments.
 3. ``cpu_gradient``    one fused pass over V per node, in ``backward()``.
+
+``cpu_forward`` (stages 1-2), ``cpu_backward`` (3) and ``cpu_best_path``
+(Viterbi) make this module's ``ENGINE``. The bit-level float helpers under the
+stages live in ``floatbits.py``.
 
 Shapes: ``B`` utterances, padded to ``T`` frames and ``U1 = U+1`` label
 positions, vocabulary ``V``. Logits arrive in their *storage* type:
 float32 or float64 as they are, float16 as its bits in a ``uint16`` array and
-bfloat16 as its bits in an ``int16`` array (numba has no half types on the CPU).
-Stages 1 and 3 compute in float64 for float64 input and float32 otherwise; stage 2
-(alpha, beta, log P) always in float64.
+bfloat16 as its bits in an ``int16`` array (numba has no half types on the CPU;
+``floatbits.py`` reads and writes them). Stages 1 and 3 compute in float64 for
+float64 input and float32 otherwise; stage 2 (alpha, beta, log P) always in float64.
 
 ``-inf`` logits (masked tokens) are legal, so no fastmath flag that assumes
 finite values is used, and none that re-associates: every sum runs in an order
@@ -26,11 +34,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba import njit, prange
 
 from . import lattice
+from .engine import Engine, ForwardState, LossOptions
+from .floatbits import LANES, exp, like, load, row_max, store, sum_exp
 from .threads import kernel_lock, select_layer
 
 select_layer()
@@ -38,419 +46,71 @@ select_layer()
 # error_model="numpy": IEEE results for x/0 rather than exceptions (and no checks in hot loops).
 _PAR = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
 
-
-# --------------------------------------------------------------------------- numerics
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-@intrinsic
-def _bits_from_f32(typingctx, x):
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@njit(cache=True)
-def _exp32(x):
-    """exp for float32, branch-free so that loops over V vectorise.
-
-    Cody-Waite range reduction and a degree-7 polynomial (Cephes' expf
-    coefficients): relative error below 3 ulp on (-87, 88] (1 ulp near 0,
-    2.5 near -87, measured); exp(x) = 0 for
-    x <= -87 (where float32 turns subnormal), exp(-inf) = 0.
-    NaN is not propagated: stage 1 detects non-finite rows separately.
-    """
-    lo = np.float32(-87.0)
-    hi = np.float32(88.5)
-    xc = x if x > lo else lo
-    xc = xc if xc < hi else hi
-    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = xc - n * np.float32(0.693359375)
-    r = r - n * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * r * r + r + np.float32(1.0)
-    scale = _f32_from_bits(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))
-    res = p * scale
-    return res if x > lo else np.float32(0.0)
-
-
-def _exp(x):  # typed by the overload below
-    raise NotImplementedError
-
-
-@overload(_exp, jit_options={"cache": True})
-def _exp_impl(x):
-    if x == types.float32:
-        return lambda x: _exp32(x)
-    return lambda x: math.exp(x)
-
-
-@njit(cache=True)
-def _half_bits_to_f32(h):
-    """IEEE binary16 bits (uint16) -> float32, exact, subnormals included; branch-free.
-
-    The half's exponent and mantissa, placed where float32 keeps them, read as a
-    float32 and multiplied by 2**112, rebias the exponent from 15 to 127; the
-    product is exact for normal and subnormal halves alike.
-    """
-    h32 = np.uint32(h)
-    em = (h32 & np.uint32(0x7FFF)) << np.uint32(13)
-    f = _f32_from_bits(em) * np.float32(5.192296858534828e33)  # 2**112
-    if (h32 & np.uint32(0x7C00)) == np.uint32(0x7C00):  # inf / NaN: exponent all ones
-        f = _f32_from_bits(em | np.uint32(0x7F800000))
-    return _f32_from_bits(_bits_from_f32(f) | ((h32 & np.uint32(0x8000)) << np.uint32(16)))
-
-
-@njit(cache=True)
-def _f32_to_half_bits(x):
-    """float32 -> IEEE binary16 bits, round to nearest even, with overflow to inf."""
-    f = _bits_from_f32(np.float32(x))
-    sign = f & np.uint32(0x80000000)
-    f = f ^ sign
-    if f >= np.uint32((127 + 16) << 23):  # too big for half: inf, or NaN
-        o = np.uint32(0x7E00) if f > np.uint32(0x7F800000) else np.uint32(0x7C00)
-    elif f < np.uint32(113 << 23):  # half subnormal or zero: let the FPU round
-        magic = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
-        o = _bits_from_f32(_f32_from_bits(f) + _f32_from_bits(magic)) - magic
-    else:
-        odd = (f >> np.uint32(13)) & np.uint32(1)
-        f = f + np.uint32(((15 - 127) << 23) & 0xFFFFFFFF) + np.uint32(0xFFF) + odd
-        o = f >> np.uint32(13)
-    return np.uint16(o | (sign >> np.uint32(16)))
-
-
-@njit(cache=True)
-def _f32_to_bf16_bits(x):
-    """float32 -> bfloat16 bits (as int16), round to nearest even, NaN kept NaN."""
-    f = _bits_from_f32(np.float32(x))
-    if (f & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-        r = (f >> np.uint32(16)) | np.uint32(0x40)  # quiet NaN
-    else:
-        r = (f + np.uint32(0x7FFF) + ((f >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    # uint16 -> int16 with wrap-around: the same 16 bits.
-    return np.int16(np.int32(r) - 65536 if r >= np.uint32(0x8000) else np.int32(r))
-
-
-def _like(x, c):  # typed by the overload below
-    raise NotImplementedError
-
-
-@overload(_like, jit_options={"cache": True})
-def _like_impl(x, c):
-    """Constant ``c`` in the float type of ``x`` (keeps float32 loops float32)."""
-    if x == types.float32:
-        return lambda x, c: np.float32(c)
-    return lambda x, c: np.float64(c)
-
-
-def _target_converts_half() -> bool:
-    """Whether the CPU the kernels are compiled for converts float16 in hardware
-    (x86 F16C, or any aarch64).
-
-    As numba picks the target: ``NUMBA_CPU_FEATURES`` when set, else the host's
-    features, unless ``NUMBA_CPU_NAME`` names another CPU without features (then
-    the portable path: fpext to half on a target without F16C needs a runtime
-    library call that numba cannot link). Both paths give the same bits.
-    """
-    import platform
-
-    import llvmlite.binding as llvm
-    from numba.core import config
-
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return True
-    if config.CPU_FEATURES is not None:
-        return "+f16c" in config.CPU_FEATURES.split(",")
-    if config.CPU_NAME and config.CPU_NAME != "host":
-        return False
-    try:
-        return bool(llvm.get_host_cpu_features().get("f16c", False))
-    except Exception:  # noqa: BLE001 (unknown host: use the portable path)
-        return False
-
-
-HARDWARE_HALF = _target_converts_half()
-
-
-@intrinsic
-def _half_hw_to_f32(typingctx, bits):
-    """float16 bits -> float32 through LLVM's ``fpext half``: one vcvtph2ps on F16C."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return sig, codegen
-
-
-@intrinsic
-def _f32_to_half_hw(typingctx, x):
-    """float32 -> float16 bits through LLVM's ``fptrunc`` (round to nearest even)."""
-    sig = types.uint16(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return sig, codegen
-
-
-def _load(a, i):  # typed by the overload below
-    raise NotImplementedError
-
-
-@overload(_load, jit_options={"cache": True})
-def _load_impl(a, i):
-    """Element ``i`` of a 1-D storage array, as the lattice's float type."""
-    if a.dtype == types.uint16:  # float16 bits
-        if HARDWARE_HALF:
-            return lambda a, i: _half_hw_to_f32(a[i])
-        return lambda a, i: _half_bits_to_f32(a[i])
-    if a.dtype == types.int16:  # bfloat16 bits
-        return lambda a, i: _f32_from_bits(np.uint32(np.uint16(a[i])) << np.uint32(16))
-    return lambda a, i: a[i]
-
-
-def _store(a, i, x):  # typed by the overload below
-    raise NotImplementedError
-
-
-@overload(_store, jit_options={"cache": True})
-def _store_impl(a, i, x):
-    """Write lattice float ``x`` into storage array ``a`` at ``i`` in its own type."""
-    if a.dtype == types.uint16:
-        if HARDWARE_HALF:
-            def impl(a, i, x):
-                a[i] = _f32_to_half_hw(np.float32(x))
-        else:
-            def impl(a, i, x):
-                a[i] = _f32_to_half_bits(x)
-        return impl
-    if a.dtype == types.int16:
-        def impl(a, i, x):
-            a[i] = _f32_to_bf16_bits(x)
-        return impl
-
-    def impl(a, i, x):
-        a[i] = x
-    return impl
-
-
-@njit(cache=True)
-def _shifted(x, hi, lo):
-    """``(x - hi) - lo`` in this order: ``x - (hi + lo)`` loses the small ``lo``
-    when logits are large (float32 keeps ~7 digits of a logit of 75)."""
-    return (x - hi) - lo
-
-
-_KEY_POS_INF = np.int32(0x7F800000)  # order key of +inf; NaNs with the sign bit clear lie above
-_KEY_NEG_INF = np.int32(-2139095041)  # order key of -inf; NaNs with the sign bit set lie below
-
-
-@njit(cache=True, error_model="numpy")
-def _row_max32(row):
-    """(max, nonfinite) of a row read as float32, through integer order keys.
-
-    A float32's bits, with the lower 31 flipped when negative, order like the
-    floats themselves; integer max/min reductions vectorise where float ones
-    (with NaN semantics) do not. NaN and +inf sort outside [-inf, +inf)'s keys.
-    """
-    hi = np.int32(-2147483648)
-    lo = np.int32(2147483647)
-    for v in range(row.shape[0]):
-        b = np.int32(_bits_from_f32(_load(row, v)))
-        k = b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
-        hi = max(hi, k)
-        lo = min(lo, k)
-    m = _f32_from_bits(np.uint32(hi ^ ((hi >> np.int32(31)) & np.int32(0x7FFFFFFF))))
-    return m, hi >= _KEY_POS_INF or lo < _KEY_NEG_INF
-
-
-def _key16(bits: int) -> np.int16:
-    """Order key of a 16-bit sign-magnitude float's bits (as for float32 above)."""
-    b = np.int16(np.uint16(bits).view(np.int16))
-    return np.int16(b ^ ((b >> 15) & 0x7FFF))
-
-
-_F16_POS_INF, _F16_NEG_INF = _key16(0x7C00), _key16(0xFC00)
-_BF16_POS_INF, _BF16_NEG_INF = _key16(0x7F80), _key16(0xFF80)
-
-
-@njit(cache=True, error_model="numpy")
-def _row_keys16(row):
-    """(max key, min key) of a row of 16-bit float bits, in 16-bit lanes (twice as
-    many per vector as float32, and no decoding)."""
-    hi = np.int16(-32768)
-    lo = np.int16(32767)
-    for v in range(row.shape[0]):
-        b = np.int16(row[v])
-        k = np.int16(b ^ np.int16(np.int16(b >> np.int16(15)) & np.int16(0x7FFF)))
-        hi = max(hi, k)
-        lo = min(lo, k)
-    return hi, lo
-
-
-@njit(cache=True, error_model="numpy")
-def _key16_bits(k):
-    return np.uint16(np.int16(k ^ np.int16(np.int16(k >> np.int16(15)) & np.int16(0x7FFF))))
-
-
-@njit(cache=True, error_model="numpy")
-def _row_max_f16(row):
-    """(max, nonfinite) of a row of float16 bits (uint16)."""
-    hi, lo = _row_keys16(row)
-    return _half_bits_to_f32(_key16_bits(hi)), hi >= _F16_POS_INF or lo < _F16_NEG_INF
-
-
-@njit(cache=True, error_model="numpy")
-def _row_max_bf16(row):
-    """(max, nonfinite) of a row of bfloat16 bits (int16)."""
-    hi, lo = _row_keys16(row)
-    m = _f32_from_bits(np.uint32(_key16_bits(hi)) << np.uint32(16))
-    return m, hi >= _BF16_POS_INF or lo < _BF16_NEG_INF
-
-
-@njit(cache=True, error_model="numpy")
-def _row_max64(row):
-    """(max, nonfinite) of a float64 row: the plain loop (float64 is the exact path)."""
-    m = row[0]
-    nonfinite = False
-    for v in range(row.shape[0]):
-        x = row[v]
-        nonfinite |= not (x < np.inf)
-        m = x if x > m else m
-    return m, nonfinite
-
-
-def _row_max(row):  # typed by the overload below
-    raise NotImplementedError
-
-
-@overload(_row_max, jit_options={"cache": True})
-def _row_max_impl(row):
-    """(max, nonfinite: NaN or +inf present) of one row of ``V`` storage values."""
-    if row.dtype == types.float64:
-        return lambda row: _row_max64(row)
-    if row.dtype == types.uint16:
-        return lambda row: _row_max_f16(row)
-    if row.dtype == types.int16:
-        return lambda row: _row_max_bf16(row)
-    return lambda row: _row_max32(row)
-
-
-_LANES = 16  # partial sums of _sum_exp: element v always goes to lane v % _LANES
-
-
-@njit(cache=True, error_model="numpy")
-def _sum_exp(row, m, scratch):
-    """sum over v of exp(row[v] - m), row a 1-D storage array of ``V``, in an order
-    fixed by ``V`` alone.
-
-    Element v is added to partial sum v % 16, the 16 partial sums are combined
-    pairwise, always in the same tree. No re-association flag is used, so the bits do
-    not depend on the CPU's vector width or on the row's strides (a memory-mapped
-    slab, a padded batch and a contiguous tensor give the same loss); the 16
-    independent lanes still vectorise. The last, partial block is padded with -inf
-    (exp = 0). ``scratch``: ``2 * _LANES`` lattice floats, reused between calls.
-    """
-    V = row.shape[0]
-    acc = scratch[:_LANES]
-    tail = scratch[_LANES:]
-    for k in range(_LANES):
-        acc[k] = 0.0
-    full = V - V % _LANES
-    for v in range(0, full, _LANES):
-        for k in range(_LANES):
-            acc[k] += _exp(_load(row, v + k) - m)
-    if full < V:
-        for k in range(_LANES):
-            tail[k] = _load(row, full + k) if full + k < V else -np.inf
-        for k in range(_LANES):
-            acc[k] += _exp(tail[k] - m)
-    w = _LANES // 2
-    while w >= 1:
-        for k in range(w):
-            acc[k] = acc[k] + acc[k + w]
-        w //= 2
-    return acc[0]
-
-
 _logaddexp = njit(cache=True)(lattice.logaddexp)
+_arcs_into = njit(cache=True)(lattice.arcs_into)
+_arcs_out = njit(cache=True)(lattice.arcs_out)
 _emission_wins = njit(cache=True)(lattice.emission_wins)
+_arc_posteriors = njit(cache=True)(lattice.arc_posteriors)
+_log_prob = njit(cache=True)(lattice.log_prob)
 
 
 # --------------------------------------------------------------------------- stage 1
 @njit(**_PAR)
-def cpu_normalise(logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emit_lp, bad_row):
+def cpu_normalise(logits, targets, logit_lengths, target_lengths, blank, fused, keep_lse,
+                  lse, blank_lp, emit_lp, bad_row):
     """Stage 1: the two log-probs the lattice needs, one pass over V per node.
 
-    logits: ``(B, T, U1, V)`` storage array; labels ``(B, S)`` int64;
-    T_len, U_len ``(B,)`` int64. Writes, in the lattice float type:
-    ``lse`` ``(B, T, U1, 2)``, the log-normaliser split as (row max, log of the
-    sum of exp(x - max)), zeros when ``fused`` is False, or a ``(1, 1, 1, 2)``
-    dummy when no gradient is needed; and ``(B, T, U1)`` ``blank_lp`` and
-    ``emit_lp`` (-inf where u = U_b or outside the lengths), computed as
-    ``(x - max) - logsum`` so that float32 keeps its precision for large logits.
-    ``bad_row[b, t, u]`` is set where the row holds NaN or +inf: the loss of that utterance is NaN.
+    logits: ``(B, T, U1, V)`` storage array; targets ``(B, S)`` int64;
+    logit_lengths, target_lengths ``(B,)`` int64. Writes, in the lattice float type:
+    ``(B, T, U1)`` ``blank_lp`` and ``emit_lp`` (-inf where u = U_b or outside the
+    lengths), computed as ``(x - max) - logsum`` so that float32 keeps its
+    precision for large logits; with ``keep_lse``, ``lse`` ``(B, T, U1, 2)``, the
+    log-normaliser split as (row max, log of the sum of exp(x - max)), zeros when
+    ``fused`` is False (without it ``lse`` is never touched). ``bad_row[b, t, u]``
+    is set where the row holds NaN or +inf: the loss of that utterance is NaN.
     """
     B, T, U1, V = logits.shape
-    # The dummy is (1, 1, 1, 2): checking B alone would write past it when B = 1.
-    keep_lse = lse.shape[:3] == (B, T, U1)
     # One (b, t) frame per iteration: no divisions per node, rows read in order.
     for bt in prange(B * T):
         b = bt // T
         t = bt % T
-        scratch = np.empty(2 * _LANES, blank_lp.dtype)
+        scratch = np.empty(2 * LANES, blank_lp.dtype)
         for u in range(U1):
-            if t >= T_len[b] or u > U_len[b]:
+            if t >= logit_lengths[b] or u > target_lengths[b]:
                 blank_lp[b, t, u] = -np.inf
                 emit_lp[b, t, u] = -np.inf
             else:
-                _normalise_node(logits[b, t, u], labels, b, t, u, U_len[b], blank, fused,
-                                keep_lse, lse, blank_lp, emit_lp, bad_row, scratch)
+                _normalise_node(logits[b, t, u], targets, b, t, u, target_lengths[b], blank,
+                                fused, keep_lse, lse, blank_lp, emit_lp, bad_row, scratch)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _normalise_node(row, labels, b, t, u, Ub, blank, fused, keep_lse, lse, blank_lp, emit_lp,
+def _normalise_node(row, targets, b, t, u, Ub, blank, fused, keep_lse, lse, blank_lp, emit_lp,
                     bad_row, scratch):
     """Stage 1 for one node: ``row`` is its ``(V,)`` logits."""
-    m, nonfinite = _row_max(row)
-    hi = _like(m, 0.0)
-    lo = _like(m, 0.0)
+    m, nonfinite = row_max(row)
+    hi = like(m, 0.0)
+    lo = like(m, 0.0)
     nonfinite |= fused and m == -np.inf  # all -inf: no distribution
     if fused and not nonfinite:
         hi = m
-        lo = math.log(_sum_exp(row, m, scratch))
+        lo = math.log(sum_exp(row, m, scratch))
     if nonfinite:
-        lo = _like(m, np.nan)
+        lo = like(m, np.nan)
     bad_row[b, t, u] = nonfinite
     if keep_lse:
         lse[b, t, u, 0] = hi
         lse[b, t, u, 1] = lo
-    blank_lp[b, t, u] = _shifted(_load(row, blank), hi, lo)
+    blank_lp[b, t, u] = _log_prob(load(row, blank), hi, lo)
     if u < Ub:
-        emit_lp[b, t, u] = _shifted(_load(row, labels[b, u]), hi, lo)
+        emit_lp[b, t, u] = _log_prob(load(row, targets[b, u]), hi, lo)
     else:
         emit_lp[b, t, u] = -np.inf
 
 
 # --------------------------------------------------------------------------- stage 2
 @njit(**_PAR)
-def cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like):
+def cpu_alpha_beta(blank_lp, emit_lp, logit_lengths, target_lengths, alpha, beta, log_like):
     """Stage 2: alpha and beta ``(B, T, U1)`` over the compact arrays; one utterance per thread.
 
     ``log_like[b] = alpha[T_b-1, U_b] + blank_lp[T_b-1, U_b]`` (= log P(y|x)).
@@ -462,37 +122,23 @@ def cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like):
     """
     B, T, U1 = blank_lp.shape
     for b in prange(B):
-        Tb = T_len[b]
-        Ub = U_len[b]
+        Tb = logit_lengths[b]
+        Ub = target_lengths[b]
         alpha[b] = -np.inf
         beta[b] = -np.inf
         for t in range(Tb):
             for u in range(Ub + 1):
-                if t == 0 and u == 0:
-                    alpha[b, 0, 0] = 0.0
-                    continue
-                a = -np.inf
-                if t > 0:
-                    a = alpha[b, t - 1, u] + blank_lp[b, t - 1, u]
-                if u > 0:
-                    a = _logaddexp(a, alpha[b, t, u - 1] + emit_lp[b, t, u - 1])
-                alpha[b, t, u] = a
+                a, e = _arcs_into(alpha, blank_lp, emit_lp, b, t, u)
+                alpha[b, t, u] = _logaddexp(a, e)
         for t in range(Tb - 1, -1, -1):
             for u in range(Ub, -1, -1):
-                if t == Tb - 1 and u == Ub:
-                    beta[b, t, u] = blank_lp[b, t, u]
-                    continue
-                e = -np.inf
-                if t < Tb - 1:
-                    e = beta[b, t + 1, u] + blank_lp[b, t, u]
-                if u < Ub:
-                    e = _logaddexp(e, beta[b, t, u + 1] + emit_lp[b, t, u])
-                beta[b, t, u] = e
+                a, e = _arcs_out(beta, blank_lp, emit_lp, b, t, u, Tb, Ub)
+                beta[b, t, u] = _logaddexp(a, e)
         log_like[b] = alpha[b, Tb - 1, Ub] + blank_lp[b, Tb - 1, Ub]
 
 
 @njit(**_PAR)
-def cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like):
+def cpu_alpha_loss(blank_lp, emit_lp, logit_lengths, target_lengths, log_like):
     """Stage 2 without gradients: alpha keeping one row of ``U1`` per utterance.
 
     Writes only ``log_like[b] = log P(y|x)`` (float64, as in ``cpu_alpha_beta``);
@@ -500,8 +146,8 @@ def cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like):
     """
     B, T, U1 = blank_lp.shape
     for b in prange(B):
-        Tb = T_len[b]
-        Ub = U_len[b]
+        Tb = logit_lengths[b]
+        Ub = target_lengths[b]
         row = np.empty(Ub + 1, dtype=np.float64)
         row[0] = 0.0
         for u in range(1, Ub + 1):
@@ -516,7 +162,7 @@ def cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like):
 
 
 @njit(**_PAR)
-def cpu_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best):
+def cpu_viterbi(blank_lp, emit_lp, logit_lengths, target_lengths, delta, from_emit, best):
     """The max-product twin of stage 2: the best alignment's log-prob into each node.
 
     Writes ``delta`` ``(B, T, U1)``, ``from_emit`` ``(B, T, U1)`` uint8 (1 where
@@ -526,20 +172,11 @@ def cpu_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best):
     """
     B, T, U1 = blank_lp.shape
     for b in prange(B):
-        Tb = T_len[b]
-        Ub = U_len[b]
+        Tb = logit_lengths[b]
+        Ub = target_lengths[b]
         for t in range(Tb):
             for u in range(Ub + 1):
-                if t == 0 and u == 0:
-                    delta[b, 0, 0] = 0.0
-                    from_emit[b, 0, 0] = 0
-                    continue
-                a = -np.inf
-                e = -np.inf
-                if t > 0:
-                    a = delta[b, t - 1, u] + blank_lp[b, t - 1, u]
-                if u > 0:
-                    e = delta[b, t, u - 1] + emit_lp[b, t, u - 1]
+                a, e = _arcs_into(delta, blank_lp, emit_lp, b, t, u)
                 if _emission_wins(a, e, t, u):
                     delta[b, t, u] = e
                     from_emit[b, t, u] = 1
@@ -552,7 +189,7 @@ def cpu_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best):
 # --------------------------------------------------------------------------- stage 3
 @njit(**_PAR)
 def cpu_gradient(
-    logits, labels, T_len, U_len, blank, fused, lse, blank_lp, emit_lp,
+    logits, targets, logit_lengths, target_lengths, blank, fused, lse, blank_lp, emit_lp,
     alpha, beta, log_like, scale, fastemit_lambda, clamp, grad,
 ):
     """Stage 3: ``grad = scale[b] * clip(d loss_b / d logits)``, one fused pass over V per node.
@@ -570,49 +207,41 @@ def cpu_gradient(
         b = bt // T
         t = bt % T
         for u in range(U1):
-            _gradient_node(logits[b, t, u], grad[b, t, u], labels, b, t, u, T_len[b], U_len[b],
-                           blank, fused, lse, blank_lp, emit_lp, alpha, beta, log_like[b],
-                           scale[b], 1.0 + fastemit_lambda, clamp)
+            _gradient_node(logits[b, t, u], grad[b, t, u], targets, b, t, u, logit_lengths[b],
+                           target_lengths[b], blank, fused, lse, blank_lp, emit_lp, alpha, beta,
+                           log_like[b], scale[b], 1.0 + fastemit_lambda, clamp)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _gradient_node(row, out, labels, b, t, u, Tb, Ub, blank, fused, lse, blank_lp, emit_lp,
+def _gradient_node(row, out, targets, b, t, u, Tb, Ub, blank, fused, lse, blank_lp, emit_lp,
                    alpha, beta, ll, scale_b, emit_w, clamp):
     """Stage 3 for one node: ``row``, ``out`` are its ``(V,)`` logits and gradient."""
     V = row.shape[0]
     if t >= Tb or u > Ub or not (abs(ll) < np.inf):
         for v in range(V):
-            _store(out, v, 0.0)
+            store(out, v, 0.0)
         return
-    a = alpha[b, t, u]
-    if t + 1 < Tb:
-        after_blank = beta[b, t + 1, u]
-    else:
-        after_blank = 0.0 if u == Ub else -np.inf
-    p_blank = math.exp(a + blank_lp[b, t, u] + after_blank - ll)
-    p_emit = 0.0
-    y = -1
-    if u < Ub:
-        p_emit = emit_w * math.exp(a + emit_lp[b, t, u] + beta[b, t, u + 1] - ll)
-        y = labels[b, u]
+    p_blank, p_emit = _arc_posteriors(alpha, beta, blank_lp, emit_lp, b, t, u, Tb, Ub, ll,
+                                      emit_w)
+    y = targets[b, u] if u < Ub else -1
     hi = lse[b, t, u, 0]
     lo = lse[b, t, u, 1]
-    s = _like(hi, scale_b)
-    zero = _like(hi, 0.0)
-    occ = _like(hi, p_blank + p_emit)
-    c = _like(hi, clamp)
+    s = like(hi, scale_b)
+    zero = like(hi, 0.0)
+    occ = like(hi, p_blank + p_emit)
+    c = like(hi, clamp)
     # Branches outside the loops over V, so that each loop vectorises.
     if not fused:
         for v in range(V):
-            _store(out, v, zero)
+            store(out, v, zero)
     elif clamp > 0:
         for v in range(V):
-            g = _exp(_shifted(_load(row, v), hi, lo)) * occ
-            _store(out, v, min(max(g, -c), c) * s)
+            g = exp(_log_prob(load(row, v), hi, lo)) * occ
+            store(out, v, min(max(g, -c), c) * s)
     else:
         occ_s = occ * s
         for v in range(V):
-            _store(out, v, _exp(_shifted(_load(row, v), hi, lo)) * occ_s)
+            store(out, v, exp(_log_prob(load(row, v), hi, lo)) * occ_s)
     # The two arcs' own terms: recompute those entries from scratch.
     for k in range(2):
         v = blank if k == 0 else y
@@ -620,27 +249,14 @@ def _gradient_node(row, out, labels, b, t, u, Tb, Ub, blank, fused, lse, blank_l
             continue
         g = zero
         if fused:
-            g = _exp(_shifted(_load(row, v), hi, lo)) * occ
-        g = g - _like(hi, p_blank if k == 0 else p_emit)
+            g = exp(_log_prob(load(row, v), hi, lo)) * occ
+        g = g - like(hi, p_blank if k == 0 else p_emit)
         if clamp > 0:
             g = min(max(g, -c), c)
-        _store(out, v, g * s)
+        store(out, v, g * s)
 
 
 # --------------------------------------------------------------------------- host side
-def cpu_best_path(saved, logit_lengths, target_lengths):
-    """Run ``cpu_viterbi`` on forward's saved arrays; ``(best (B,), from_emit (B, T, U1))``."""
-    _, blank_lp, emit_lp, _, _ = saved
-    T_len, U_len = np.asarray(logit_lengths), np.asarray(target_lengths)
-    delta = np.empty(blank_lp.shape, np.float64)
-    from_emit = np.zeros(blank_lp.shape, np.uint8)
-    best = np.empty(blank_lp.shape[0], np.float64)
-    with kernel_lock():
-        cpu_viterbi(blank_lp, emit_lp, T_len, U_len, delta, from_emit, best)
-    return best, from_emit
-
-
-
 def storage_view(x):
     """A view of ``x`` (torch tensor or numpy array) in the storage types the kernels take.
 
@@ -658,46 +274,60 @@ def storage_view(x):
     return x.numpy()
 
 
-def cpu_forward(logits, targets, logit_lengths, target_lengths, blank, fused, need_grad):
+def lattice_dtype(x: np.ndarray):
+    """The float type of stages 1 and 3 for storage array ``x``: float64 for float64
+    logits, float32 otherwise."""
+    return np.float64 if x.dtype == np.float64 else np.float32
+
+
+def cpu_check_device(logits) -> None:
+    """Raise unless ``logits`` is a CPU tensor."""
+    if logits.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors; logits are on {logits.device}")
+
+
+def cpu_forward(logits, targets, logit_lengths, target_lengths, opts: LossOptions,
+                keep_state: bool) -> ForwardState:
     """Stages 1 and 2 on the CPU.
 
     logits: ``(B, T, U1, V)`` torch tensor (any float dtype, any strides) or numpy
     array; targets ``(B, S)`` and lengths ``(B,)`` int64 tensors or arrays, already
-    validated (``loss.check_inputs``).
-    Returns ``(log_like (B,) float64, bad (B,), saved)`` where ``saved`` holds the
-    compact ``(B, T, U1[, 2])`` arrays the gradient needs (``None`` without
-    ``need_grad``): ``lse``, ``blank_lp``, ``emit_lp`` in the lattice type, alpha
-    and beta in float64.
+    validated (``loss.check_inputs``). Takes numpy alone without importing torch
+    (``rnntool score``). The state's arrays are numpy.
     """
     x = storage_view(logits)
     B, T, U1, _ = x.shape
-    lat = np.float64 if x.dtype == np.float64 else np.float32
-    # Stage 2 always runs in float64 (see cpu_alpha_beta).
-    y, T_len, U_len = (np.asarray(a) for a in (targets, logit_lengths, target_lengths))
+    lat = lattice_dtype(x)
+    targets, logit_lengths, target_lengths = (
+        np.asarray(a) for a in (targets, logit_lengths, target_lengths)
+    )
     blank_lp = np.empty((B, T, U1), lat)
     emit_lp = np.empty((B, T, U1), lat)
     bad_row = np.zeros((B, T, U1), np.bool_)
-    lse = np.empty((B, T, U1, 2) if need_grad else (1, 1, 1, 2), lat)
+    lse = np.empty((B, T, U1, 2) if keep_state else (0, 0, 0, 2), lat)
     log_like = np.empty(B, np.float64)
-    saved = None
+    alpha = beta = None
     with kernel_lock():
-        cpu_normalise(x, y, T_len, U_len, blank, fused, lse, blank_lp, emit_lp, bad_row)
-        if need_grad:
+        cpu_normalise(x, targets, logit_lengths, target_lengths, opts.blank, opts.fused,
+                      keep_state, lse, blank_lp, emit_lp, bad_row)
+        # Stage 2 always runs in float64 (see cpu_alpha_beta).
+        if keep_state:
             alpha = np.empty((B, T, U1), np.float64)
             beta = np.empty((B, T, U1), np.float64)
-            cpu_alpha_beta(blank_lp, emit_lp, T_len, U_len, alpha, beta, log_like)
-            saved = (lse, blank_lp, emit_lp, alpha, beta)
+            cpu_alpha_beta(blank_lp, emit_lp, logit_lengths, target_lengths, alpha, beta,
+                           log_like)
         else:
-            cpu_alpha_loss(blank_lp, emit_lp, T_len, U_len, log_like)
+            cpu_alpha_loss(blank_lp, emit_lp, logit_lengths, target_lengths, log_like)
     bad = bad_row.any(axis=(1, 2))  # (also for B = 0, where reshape(B, -1) fails)
     log_like[bad] = np.nan
-    return log_like, bad, saved
+    return ForwardState(
+        log_like=log_like, bad=bad, blank_lp=blank_lp, emit_lp=emit_lp, targets=targets,
+        logit_lengths=logit_lengths, target_lengths=target_lengths,
+        lse=lse if keep_state else None, alpha=alpha, beta=beta,
+    )
 
 
-def cpu_backward(
-    logits, targets, logit_lengths, target_lengths, blank, fused, saved, log_like,
-    scale, fastemit_lambda, clamp,
-):
+def cpu_backward(logits, state: ForwardState, opts: LossOptions, scale):
     """Stage 3 on the CPU: the gradient ``(B, T, U1, V)`` in ``logits``' dtype, contiguous.
 
     ``scale`` ``(B,)`` (torch or numpy): d(returned value)/d loss_b times grad_output.
@@ -705,12 +335,30 @@ def cpu_backward(
     import torch
 
     grad = torch.empty(logits.shape, dtype=logits.dtype)
-    lse, blank_lp, emit_lp, alpha, beta = saved
     with kernel_lock():
         cpu_gradient(
-            storage_view(logits), targets.numpy(), logit_lengths.numpy(), target_lengths.numpy(),
-            blank, fused, lse, blank_lp, emit_lp, alpha, beta, log_like,
-            np.ascontiguousarray(np.asarray(scale), dtype=lse.dtype), float(fastemit_lambda),
-            float(clamp), storage_view(grad),
+            storage_view(logits), state.targets, state.logit_lengths, state.target_lengths,
+            opts.blank, opts.fused, state.lse, state.blank_lp, state.emit_lp, state.alpha,
+            state.beta, state.log_like,
+            np.ascontiguousarray(np.asarray(scale), dtype=state.lse.dtype),
+            float(opts.fastemit_lambda), float(opts.clamp), storage_view(grad),
         )
     return grad
+
+
+def cpu_best_path(state: ForwardState):
+    """``cpu_viterbi`` on a kept state: ``(best (B,), from_emit (B, T, U1))``."""
+    blank_lp = state.blank_lp
+    delta = np.empty(blank_lp.shape, np.float64)
+    from_emit = np.zeros(blank_lp.shape, np.uint8)
+    best = np.empty(blank_lp.shape[0], np.float64)
+    with kernel_lock():
+        cpu_viterbi(blank_lp, state.emit_lp, state.logit_lengths, state.target_lengths, delta,
+                    from_emit, best)
+    return best, from_emit
+
+
+ENGINE = Engine(
+    name="cpu", check_device=cpu_check_device, forward=cpu_forward, backward=cpu_backward,
+    best_path=cpu_best_path, guards_indices=False,
+)

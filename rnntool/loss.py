@@ -1,8 +1,9 @@
 """The torch-facing loss: ``rnnt_loss``, ``TransducerLoss``, validation and backend dispatch.
 
-The engine's stages live in ``cpu.py`` and ``cuda.py``; this module checks the
-inputs, picks the backend, applies the reduction, and wires stage 3 into
-``backward()`` so that nothing of size ``B*T*U*V`` exists before it.
+The engine's stages live in ``cpu.py`` and ``cuda.py``, behind the ``Engine``
+contract of ``engine.py``; this module checks the inputs, picks the engine,
+applies the reduction, and wires stage 3 into ``backward()`` so that nothing of
+size ``B*T*U*V`` exists before it.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import math
 import numbers
 import operator
 import warnings
-from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from .engine import ENGINES, Engine, ForwardState, LossOptions, load_engine
 from .lattice import negative_loss_tolerance
 
 REDUCTIONS = ("none", "sum", "mean", "mean_frames", "mean_tokens")
-BACKENDS = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", *ENGINES)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -196,8 +197,9 @@ def as_fastemit_lambda(value) -> float:
     return lam
 
 
-class Options(NamedTuple):
-    """``rnnt_loss``'s keyword options, checked and normalised (see ``check_options``)."""
+class CallOptions(NamedTuple):
+    """``rnnt_loss``'s keyword options, checked and normalised (see ``check_options``):
+    those of the engine (``for_engine``) and those of the call (``backend``, ``validate``)."""
 
     reduction: str
     fused: bool
@@ -206,14 +208,19 @@ class Options(NamedTuple):
     backend: str
     validate: bool | None
 
+    def for_engine(self, blank: int) -> LossOptions:
+        """The engine's ``LossOptions``, with ``blank`` in [0, V) (from ``check_meta``)."""
+        return LossOptions(blank=blank, fused=self.fused, clamp=self.clamp,
+                           fastemit_lambda=self.fastemit_lambda, reduction=self.reduction)
+
 
 def check_options(
     reduction="mean", fused_log_softmax=True, clamp=None, fastemit_lambda=0.0,
     backend="auto", validate=None,
-) -> Options:
+) -> CallOptions:
     """Check ``rnnt_loss``'s options (``blank`` aside: its range needs V); raise
     ``TypeError`` for a wrong type, ``ValueError`` for a wrong value."""
-    return Options(
+    return CallOptions(
         reduction=as_choice("reduction", reduction, REDUCTIONS),
         fused=as_flag("fused_log_softmax", fused_log_softmax),
         clamp=as_clamp(clamp),
@@ -284,50 +291,57 @@ def check_inputs(
     target_lengths: torch.Tensor,
     blank: int,
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate a batch fully; return ``(blank in [0, V), targets, T, U)`` as int64 CPU tensors.
+    """Validate a batch fully; return ``(blank in [0, V), targets, logit_lengths,
+    target_lengths)``, the index tensors as int64 CPU tensors.
 
     Raises ``TypeError``/``ValueError`` with one line naming the utterance and
     values. Reads the index tensors' values: a small device-to-host copy for CUDA ones.
     """
     blank = check_meta(logits, targets, logit_lengths, target_lengths, blank)
     _, T, U1, V = logits.shape
-    t_len, u_len, y = (
+    logit_lengths, target_lengths, targets = (
         _index_values(x).cpu() for x in (logit_lengths, target_lengths, targets)
     )
-    y = y.contiguous()
-    S = y.shape[1]
+    targets = targets.contiguous()
+    S = targets.shape[1]
 
     def first(mask: torch.Tensor) -> int | None:
         idx = torch.nonzero(mask)
         return None if idx.numel() == 0 else int(idx[0, 0])
 
-    if (b := first(t_len < 0)) is not None:
-        raise ValueError(f"utterance {b}: logit_lengths[{b}] = {int(t_len[b])} is negative")
-    if (b := first(u_len < 0)) is not None:
-        raise ValueError(f"utterance {b}: target_lengths[{b}] = {int(u_len[b])} is negative")
-    if (b := first(t_len == 0)) is not None:
+    if (b := first(logit_lengths < 0)) is not None:
+        raise ValueError(
+            f"utterance {b}: logit_lengths[{b}] = {int(logit_lengths[b])} is negative"
+        )
+    if (b := first(target_lengths < 0)) is not None:
+        raise ValueError(
+            f"utterance {b}: target_lengths[{b}] = {int(target_lengths[b])} is negative"
+        )
+    if (b := first(logit_lengths == 0)) is not None:
         raise ValueError(f"utterance {b}: logit_lengths[{b}] = 0, an utterance needs T >= 1")
-    if (b := first(t_len > T)) is not None:
+    if (b := first(logit_lengths > T)) is not None:
         raise ValueError(
-            f"utterance {b}: logit_lengths[{b}] = {int(t_len[b])} exceeds the logits' T dim {T}"
+            f"utterance {b}: logit_lengths[{b}] = {int(logit_lengths[b])} exceeds the "
+            f"logits' T dim {T}"
         )
-    if (b := first(u_len + 1 > U1)) is not None:
+    if (b := first(target_lengths + 1 > U1)) is not None:
         raise ValueError(
-            f"utterance {b}: target_lengths[{b}] = {int(u_len[b])} needs U+1 = "
-            f"{int(u_len[b]) + 1} but the logits' U+1 dim is {U1}"
+            f"utterance {b}: target_lengths[{b}] = {int(target_lengths[b])} needs U+1 = "
+            f"{int(target_lengths[b]) + 1} but the logits' U+1 dim is {U1}"
         )
-    if (b := first(u_len > S)) is not None:
+    if (b := first(target_lengths > S)) is not None:
         raise ValueError(
-            f"utterance {b}: target_lengths[{b}] = {int(u_len[b])} exceeds targets' dim {S}"
+            f"utterance {b}: target_lengths[{b}] = {int(target_lengths[b])} exceeds "
+            f"targets' dim {S}"
         )
-    inside = torch.arange(S).unsqueeze(0) < u_len.unsqueeze(1)
-    bad = inside & ((y < 0) | (y >= V) | (y == blank))
+    inside = torch.arange(S).unsqueeze(0) < target_lengths.unsqueeze(1)
+    bad = inside & ((targets < 0) | (targets >= V) | (targets == blank))
     if bool(bad.any()):
         b, u = (int(i) for i in torch.nonzero(bad)[0])
-        val = int(y[b, u])
+        val = int(targets[b, u])
         why = "equals blank" if val == blank else f"is outside [0, {V}) for V={V}"
         raise ValueError(f"utterance {b}: targets[{b}, {u}] = {val} {why}")
-    return blank, y, t_len, u_len
+    return blank, targets, logit_lengths, target_lengths
 
 
 def _check_reduction(reduction: str) -> None:
@@ -379,36 +393,15 @@ def _negative_loss_tolerances(logit_lengths, target_lengths, dtype, fused) -> to
     ], dtype=torch.float64)
 
 
-# --------------------------------------------------------------------------- backends
-class Engine(NamedTuple):
-    """A backend's host functions: stages 1-2, stage 3, and the Viterbi twin of stage 2.
-
-    ``guards_indices``: whether its kernels survive unchecked label values and
-    lengths (CUDA: such an utterance gets a NaN loss). The CPU kernels do not,
-    so ``rnnt_loss`` always validates for them.
-    """
-
-    forward: Callable
-    backward: Callable
-    best_path: Callable
-    guards_indices: bool
-
-
+# --------------------------------------------------------------------------- engines
 def engine_for(backend: str, logits: torch.Tensor) -> Engine:
     """The ``Engine`` of ``backend`` (``auto`` follows the logits' device); never a fallback."""
     backend = as_choice("backend", backend, BACKENDS)
     if backend == "auto":
         backend = "cuda" if logits.is_cuda else "cpu"
-    if backend == "cpu":
-        if logits.device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors; logits are on {logits.device}")
-        from . import cpu
-
-        return Engine(cpu.cpu_forward, cpu.cpu_backward, cpu.cpu_best_path, False)
-    from . import cuda
-
-    cuda.device_check(logits)
-    return Engine(cuda.cuda_forward, cuda.cuda_backward, cuda.cuda_best_path, True)
+    engine = load_engine(backend)
+    engine.check_device(logits)
+    return engine
 
 
 def _warn_impossible(log_like: torch.Tensor, bad: torch.Tensor, tolerance: torch.Tensor) -> None:
@@ -441,49 +434,46 @@ def _warn_impossible(log_like: torch.Tensor, bad: torch.Tensor, tolerance: torch
         )
 
 
-def _losses(opts, logits, targets, logit_lengths, target_lengths, need_grad):
-    """Stages 1-2 on the chosen engine: ``(per-utterance losses (B,), log_like, saved)``.
+def _losses(engine: Engine, opts: LossOptions, logits, targets, logit_lengths, target_lengths,
+            keep_state: bool) -> tuple[torch.Tensor, ForwardState]:
+    """Stages 1-2 on ``engine``: ``(per-utterance losses (B,), state)``.
 
-    ``log_like`` stays float64 for the gradient; the losses are rounded to
-    ``loss_dtype``. Warns about non-finite and negative losses on the CPU (on
-    CUDA that would need a host sync).
+    The state's ``log_like`` stays float64 for the gradient; the losses are
+    rounded to ``loss_dtype``. Warns about non-finite and negative losses on the
+    CPU (on CUDA that would need a host sync).
     """
-    log_like, bad, saved = opts["engine"].forward(
-        logits, targets, logit_lengths, target_lengths, opts["blank"], opts["fused"], need_grad
-    )
-    log_like_t = torch.as_tensor(log_like)
-    if not log_like_t.is_cuda:
+    state = engine.forward(logits, targets, logit_lengths, target_lengths, opts, keep_state)
+    log_like = torch.as_tensor(state.log_like)
+    if not log_like.is_cuda:
         tolerance = _negative_loss_tolerances(
-            logit_lengths, target_lengths, logits.dtype, opts["fused"])
-        _warn_impossible(log_like_t, torch.as_tensor(bad), tolerance)
-    return (-log_like_t).to(loss_dtype(logits)), log_like, saved
+            logit_lengths, target_lengths, logits.dtype, opts.fused)
+        _warn_impossible(log_like, torch.as_tensor(state.bad), tolerance)
+    return (-log_like).to(loss_dtype(logits)), state
 
 
 class _RNNTLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, logit_lengths, target_lengths, opts):
-        losses, ctx.log_like, ctx.saved = _losses(
-            opts, logits, targets, logit_lengths, target_lengths, True
+    def forward(ctx, logits, targets, logit_lengths, target_lengths, engine, opts, weights):
+        losses, ctx.state = _losses(
+            engine, opts, logits, targets, logit_lengths, target_lengths, True
         )
-        ctx.opts = opts
+        ctx.engine, ctx.opts, ctx.weights = engine, opts, weights
+        # The index tensors too: autograd then refuses a backward after they were
+        # modified in place (the state's arrays on the CPU share their memory).
         ctx.save_for_backward(logits, targets, logit_lengths, target_lengths)
-        return _reduce(losses, opts["reduction"], opts["weights"])
+        return _reduce(losses, opts.reduction, weights)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        logits, targets, logit_lengths, target_lengths = ctx.saved_tensors
-        opts = ctx.opts
+        logits, _, _, _ = ctx.saved_tensors
         # Stays on grad_output's device: no host sync on the CUDA path.
         go = grad_output.detach().to(torch.float64)
-        if opts["reduction"] != "none":
+        if ctx.opts.reduction != "none":
             go = go.expand(logits.shape[0])
-        scale = go * opts["weights"].to(go.device)
-        grad = opts["engine"].backward(
-            logits, targets, logit_lengths, target_lengths, opts["blank"], opts["fused"],
-            ctx.saved, ctx.log_like, scale, opts["fastemit_lambda"], opts["clamp"],
-        )
-        return grad, None, None, None, None
+        scale = go * ctx.weights.to(go.device)
+        grad = ctx.engine.backward(logits, ctx.state, ctx.opts, scale)
+        return grad, None, None, None, None, None, None
 
 
 def rnnt_loss(
@@ -561,31 +551,27 @@ def rnnt_loss(
             ``T_b = 0``, negative lengths, lengths beyond the padded dims.
         RuntimeError: ``backend="cuda"`` where Numba finds no usable GPU.
     """
-    opts = check_options(reduction, fused_log_softmax, clamp, fastemit_lambda, backend, validate)
+    checked = check_options(reduction, fused_log_softmax, clamp, fastemit_lambda, backend,
+                            validate)
     index = (targets, logit_lengths, target_lengths)
     blank = check_meta(logits, *index, blank)
     logits = resolve_logits(logits)
-    engine = engine_for(opts.backend, logits)
-    validate = opts.validate
+    engine = engine_for(checked.backend, logits)
+    validate = checked.validate
     if validate is None:
         validate = not any(x.is_cuda for x in index)
     if validate or not engine.guards_indices:
-        blank, y, t_len, u_len = check_inputs(logits, *index, blank)
+        blank, targets, logit_lengths, target_lengths = check_inputs(logits, *index, blank)
     else:
-        y, t_len, u_len = (_index_values(x) for x in index)
-    run = {
-        "engine": engine,
-        "blank": blank,
-        "fused": opts.fused,
-        "reduction": opts.reduction,
-        "weights": reduction_weights(opts.reduction, t_len, u_len),
-        "clamp": opts.clamp,
-        "fastemit_lambda": opts.fastemit_lambda,
-    }
+        targets, logit_lengths, target_lengths = (_index_values(x) for x in index)
+    opts = checked.for_engine(blank)
+    weights = reduction_weights(opts.reduction, logit_lengths, target_lengths)
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _RNNTLossFunction.apply(logits, y, t_len, u_len, run)
-    losses, _, _ = _losses(run, logits, y, t_len, u_len, False)
-    return _reduce(losses, opts.reduction, run["weights"])
+        return _RNNTLossFunction.apply(
+            logits, targets, logit_lengths, target_lengths, engine, opts, weights
+        )
+    losses, _ = _losses(engine, opts, logits, targets, logit_lengths, target_lengths, False)
+    return _reduce(losses, opts.reduction, weights)
 
 
 class TransducerLoss(torch.nn.Module):

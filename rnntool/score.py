@@ -68,31 +68,33 @@ def score_reader(
     yield from _score_batches(reader, groups, device, on_batch)
 
 
-def _cpu_losses(reader, logits, labels, t_len, u_len) -> np.ndarray:
-    """Losses of a validated padded batch on the CPU engine's stages, without torch
+def _cpu_losses(reader, logits, targets, logit_lengths, target_lengths) -> np.ndarray:
+    """Losses of a validated padded batch on the CPU engine's forward, without torch
     (a second of start-up and 200 MB): rounded as ``rnnt_loss`` rounds them
     (float32 unless the logits are float64), so both give the same bits."""
-    from .cpu import cpu_forward
+    from .engine import LossOptions, load_engine
 
-    log_like, _, _ = cpu_forward(logits, labels, t_len, u_len, reader.blank % logits.shape[3],
-                                 reader.input_kind == "logits", False)
-    losses = -log_like
+    opts = LossOptions(blank=reader.blank % logits.shape[3],
+                       fused=reader.input_kind == "logits")
+    state = load_engine("cpu").forward(logits, targets, logit_lengths, target_lengths, opts,
+                                       False)
+    losses = -state.log_like
     return losses if logits.dtype == np.float64 else losses.astype(np.float32)
 
 
-def _torch_losses(reader, logits, labels, t_len, u_len, device) -> np.ndarray:
+def _torch_losses(reader, logits, targets, logit_lengths, target_lengths,
+                  backend) -> np.ndarray:
     import torch
 
     from .loss import rnnt_loss
 
-    x = torch.from_numpy(logits)
-    y, T, U = (torch.from_numpy(a) for a in (labels, t_len, u_len))
-    if device == "cuda" and torch.cuda.is_available():  # else: the simulator's CPU tensors
-        x, y, T, U = (a.to("cuda", non_blocking=True) for a in (x, y, T, U))
+    tensors = [torch.from_numpy(a) for a in (logits, targets, logit_lengths, target_lengths)]
+    if backend == "cuda" and torch.cuda.is_available():  # else: the simulator's CPU tensors
+        tensors = [a.to("cuda", non_blocking=True) for a in tensors]
     with torch.no_grad(), _quiet_nonfinite():
         return rnnt_loss(
-            x, y, T, U, blank=reader.blank, reduction="none",
-            fused_log_softmax=reader.input_kind == "logits", backend=device, validate=True,
+            *tensors, blank=reader.blank, reduction="none",
+            fused_log_softmax=reader.input_kind == "logits", backend=backend, validate=True,
         ).cpu().numpy()
 
 

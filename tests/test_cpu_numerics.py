@@ -1,17 +1,18 @@
-"""The CPU kernels' scalar building blocks, checked exhaustively or against numpy."""
+"""The CPU kernels' bit-level building blocks (``floatbits``), checked exhaustively or
+against numpy."""
 
 import numpy as np
 import pytest
 import torch
 from numba import njit
 
-from rnntool import cpu
+from rnntool import cpu, floatbits
 
-HALF_DECODERS = {"software": cpu._half_bits_to_f32}
-HALF_ENCODERS = {"software": cpu._f32_to_half_bits}
-if cpu.HARDWARE_HALF:
-    HALF_DECODERS["hardware"] = cpu._half_hw_to_f32
-    HALF_ENCODERS["hardware"] = cpu._f32_to_half_hw
+HALF_DECODERS = {"software": floatbits.half_to_f32}
+HALF_ENCODERS = {"software": floatbits.f32_to_half}
+if floatbits.HARDWARE_HALF:
+    HALF_DECODERS["hardware"] = floatbits.half_to_f32_hw
+    HALF_ENCODERS["hardware"] = floatbits.f32_to_half_hw
 
 
 def _vectorise(fn, out_dtype):
@@ -56,7 +57,7 @@ def test_half_encode_rounds_like_numpy(kind):
 
 def test_bfloat16_encode_rounds_like_torch():
     x = _float32_probe()
-    got = _vectorise(cpu._f32_to_bf16_bits, np.int16)(x)
+    got = _vectorise(floatbits.f32_to_bf16, np.int16)(x)
     want = torch.from_numpy(x).bfloat16().view(torch.int16).numpy()
     finite = np.isfinite(x)
     assert np.array_equal(got[finite], want[finite])
@@ -67,11 +68,11 @@ def test_bfloat16_encode_rounds_like_torch():
 def test_exp32_accuracy():
     # Below -87 the result would be (nearly) subnormal: _exp32 returns 0 there, by design.
     x = np.linspace(-86.99, 0, 1_000_001).astype(np.float32)
-    got = _vectorise(cpu._exp32, np.float32)(x).astype(np.float64)
+    got = _vectorise(floatbits.exp32, np.float32)(x).astype(np.float64)
     want = np.exp(x.astype(np.float64))
     # Measured: 1 ulp near 0, up to 2.5 ulp near -87 (the range reduction's rounding).
     assert (np.abs(got - want) / want).max() < 3 * np.finfo(np.float32).eps
-    special = _vectorise(cpu._exp32, np.float32)(np.array([-np.inf, -200, -87, 0], np.float32))
+    special = _vectorise(floatbits.exp32, np.float32)(np.array([-np.inf, -200, -87, 0], np.float32))
     assert special.tolist() == [0.0, 0.0, 0.0, 1.0]
 
 
@@ -79,7 +80,7 @@ def test_exp32_accuracy():
 def test_row_max_and_nonfinite(dtype):
     @njit
     def row_max(r):
-        return cpu._row_max(r)
+        return floatbits.row_max(r)
 
     cases = [([1.0, -3.0, 2.5], 2.5, False), ([-np.inf, -5.0], -5.0, False),
              ([np.inf, 1.0], np.inf, True), ([np.nan, 1.0], None, True),

@@ -116,6 +116,25 @@ def test_backend_cuda_refuses_what_it_cannot_run():
         assert "needs a usable CUDA GPU" in out.stdout
 
 
+def test_cpu_and_cuda_modules_are_twins():
+    # The same stage and host functions on both sides, mirrored by name.
+    from rnntool import cpu
+
+    def stages(module, prefix):
+        return {n.removeprefix(prefix) for n in vars(module) if n.startswith(prefix)}
+
+    assert stages(cpu, "cpu_") == stages(rcuda, "cuda_")
+    assert {"normalise", "alpha_beta", "alpha_loss", "viterbi", "gradient"} <= stages(cpu, "cpu_")
+    assert cpu.ENGINE.name == "cpu" and rcuda.ENGINE.name == "cuda"
+
+
+def test_ptx_signatures_cover_every_kernel_and_storage_kind():
+    kernels = {"cuda_normalise", "cuda_alpha_beta", "cuda_alpha_loss", "cuda_viterbi",
+               "cuda_gradient"}
+    assert set(rcuda.PTX_SIGNATURES) == {(k, kind) for k in kernels for kind in rcuda.STORAGE}
+    assert set(rcuda.STORAGE) == {"float32", "float64", "float16", "bfloat16"}
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="power of two"), rcuda.config(threads_v=6):
         pass

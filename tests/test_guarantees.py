@@ -291,12 +291,13 @@ def test_float32_gradient_is_accurate_on_a_long_lattice():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stage2_is_float64_on_every_backend(backend):
+    from rnntool.engine import LossOptions
     from rnntool.loss import engine_for
 
     x, y, T, U = random_batch(2, 4, 2, 5, seed=0)
-    log_like, _, saved = engine_for(backend, x).forward(x, y, T, U, 0, True, True)
-    assert torch.as_tensor(log_like).dtype == torch.float64
-    assert all(torch.as_tensor(a).dtype == torch.float64 for a in saved[3:5])  # alpha, beta
+    state = engine_for(backend, x).forward(x, y, T, U, LossOptions(blank=0), True)
+    assert all(torch.as_tensor(a).dtype == torch.float64
+               for a in (state.log_like, state.alpha, state.beta))
 
 
 def test_rounded_16_bit_log_probs_are_not_called_impossible():

@@ -242,6 +242,36 @@ def test_impossible_alignment_gives_inf_loss():
     assert float(grad[0].abs().max()) == 0.0
 
 
+def test_the_engine_contract_is_typed_and_torch_free():
+    import dataclasses
+    import subprocess
+    import sys
+
+    from rnntool import cpu
+    from rnntool.engine import ENGINES, ForwardState, LossOptions, load_engine
+
+    assert load_engine("cpu") is cpu.ENGINE and set(ENGINES) == {"cpu", "cuda"}
+    assert rnntool.loss.BACKENDS[1:] == tuple(ENGINES)
+    opts = LossOptions(blank=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.blank = 1
+    x, y, T, U = random_batch(2, 3, 2, 5, seed=3)
+    state = cpu.ENGINE.forward(x, y, T, U, opts, False)
+    assert isinstance(state, ForwardState)
+    assert state.lse is None and state.alpha is None and state.beta is None
+    # The dispatch table and the CPU forward on numpy arrays need no torch (rnntool score).
+    code = (
+        "import sys, numpy as np\n"
+        "from rnntool.engine import LossOptions, load_engine\n"
+        "x = np.zeros((1, 2, 2, 3), np.float32); y = np.array([[1]]); n = np.array([2]); "
+        "u = np.array([1])\n"
+        "s = load_engine('cpu').forward(x, y, n, u, LossOptions(blank=0), False)\n"
+        "print(np.isfinite(s.log_like).all(), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "False"], out.stderr
+
+
 def test_no_warning_on_good_input():
     logits, labels, t_len, u_len = random_batch(2, 3, 2, 5, seed=47)
     with warnings.catch_warnings():

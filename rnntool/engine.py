@@ -1,0 +1,116 @@
+"""The contract between the loss engine's backends and the rest: typed options, typed
+forward state, and the one table that names the backends.
+
+``loss.py``, ``align.py`` and ``score.py`` reach the kernels only through an
+``Engine`` from ``load_engine``; ``cpu.py`` and ``cuda.py`` each export one as
+``ENGINE``, built from their twin host functions. A new lattice variant is its
+kernels, an ``Engine`` built from them, and one entry in ``ENGINES``.
+
+The twin stages, side by side (``lattice.py`` holds the per-node rules both compile):
+
+================================  ===================  ====================
+stage                             ``cpu.py``           ``cuda.py``
+================================  ===================  ====================
+1. normalise, one pass over V     ``cpu_normalise``    ``cuda_normalise``
+2. alpha and beta                 ``cpu_alpha_beta``   ``cuda_alpha_beta``
+2. alpha only (no gradient)       ``cpu_alpha_loss``   ``cuda_alpha_loss``
+2. Viterbi, for alignments        ``cpu_viterbi``      ``cuda_viterbi``
+3. gradient, one pass over V      ``cpu_gradient``     ``cuda_gradient``
+``Engine.forward`` (stages 1-2)   ``cpu_forward``      ``cuda_forward``
+``Engine.backward`` (stage 3)     ``cpu_backward``     ``cuda_backward``
+``Engine.best_path`` (Viterbi)    ``cpu_best_path``    ``cuda_best_path``
+================================  ===================  ====================
+
+Torch-free (and numba-free): ``rnntool score`` on the CPU goes through this
+table without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+# backend name -> the module whose ``ENGINE`` runs it (imported on first use).
+ENGINES = {"cpu": "rnntool.cpu", "cuda": "rnntool.cuda"}
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """``rnnt_loss``'s options, checked and normalised, as the engine and the reduction
+    read them.
+
+    ``blank`` in ``[0, V)``; ``fused``: the input is logits (log-softmax fused
+    into the kernels), else log-probs; ``clamp > 0`` clips each utterance's
+    gradient to ``[-clamp, clamp]``, 0.0 is off; ``fastemit_lambda >= 0``;
+    ``reduction`` one of ``loss.REDUCTIONS`` (applied by ``loss.py``, not the engine).
+    """
+
+    blank: int
+    fused: bool = True
+    clamp: float = 0.0
+    fastemit_lambda: float = 0.0
+    reduction: str = "none"
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """What stages 1 and 2 hand on, to stage 3 (``backward``) and to alignments.
+
+    Arrays of the backend: numpy on the CPU, torch tensors on CUDA. ``B``
+    utterances padded to ``T`` frames and ``U1 = U+1`` label positions.
+
+    - ``log_like`` ``(B,)`` float64: ``log P(y|x)``, NaN for a bad utterance.
+    - ``bad`` ``(B,)`` bool: NaN or +inf in the utterance's logits (on CUDA also
+      label values or lengths out of range, possible only without host validation).
+    - ``blank_lp``, ``emit_lp`` ``(B, T, U1)`` in the lattice float type (float64
+      for float64 logits, else float32): the blank and next-label log-probs of
+      each node, -inf outside the lengths.
+    - ``targets`` ``(B, S)``, ``logit_lengths``, ``target_lengths`` ``(B,)``:
+      int64, as the kernels read them.
+    - Kept only when the forward was asked to (``keep_state``), else None:
+      ``lse`` ``(B, T, U1, 2)`` lattice float, the log-normaliser as (row max,
+      log of the sum of exp(x - max)); ``alpha``, ``beta`` ``(B, T, U1)`` float64.
+    """
+
+    log_like: Any
+    bad: Any
+    blank_lp: Any
+    emit_lp: Any
+    targets: Any
+    logit_lengths: Any
+    target_lengths: Any
+    lse: Any = None
+    alpha: Any = None
+    beta: Any = None
+
+
+class Engine(NamedTuple):
+    """A backend's host functions: the only seam between the kernels and the rest.
+
+    - ``check_device(logits)``: raise unless this backend can run these tensors.
+    - ``forward(logits, targets, logit_lengths, target_lengths, opts, keep_state)
+      -> ForwardState``: stages 1 and 2 on validated inputs (``loss.check_inputs``);
+      with ``keep_state`` also what ``backward`` and ``best_path`` need.
+    - ``backward(logits, state, opts, scale) -> grad``: stage 3, the gradient
+      ``(B, T, U1, V)`` in the logits' dtype, utterance b's scaled by ``scale[b]``.
+    - ``best_path(state) -> (best (B,), from_emit (B, T, U1))``: the Viterbi twin
+      of stage 2 on a kept state.
+    - ``guards_indices``: whether the kernels survive unchecked label values and
+      lengths (CUDA: such an utterance gets a NaN loss). The CPU kernels do not,
+      so ``rnnt_loss`` always validates for them.
+    """
+
+    name: str
+    check_device: Callable[[Any], None]
+    forward: Callable[[Any, Any, Any, Any, LossOptions, bool], ForwardState]
+    backward: Callable[[Any, ForwardState, LossOptions, Any], Any]
+    best_path: Callable[[ForwardState], tuple[Any, Any]]
+    guards_indices: bool
+
+
+def load_engine(backend: str) -> Engine:
+    """The ``Engine`` of ``backend``, one of ``ENGINES`` (its module imported on first use)."""
+    return importlib.import_module(ENGINES[backend]).ENGINE
+
