@@ -114,3 +114,20 @@ def load_engine(backend: str) -> Engine:
     """The ``Engine`` of ``backend``, one of ``ENGINES`` (its module imported on first use)."""
     return importlib.import_module(ENGINES[backend]).ENGINE
 
+
+class ImpossibleLossWarning(RuntimeWarning):
+    """A loss that ``-log P(y|x)`` cannot be, named by ``rnnt_loss`` (CPU backend).
+
+    ``reason``: ``"negative"`` (below 0 beyond rounding), ``"nan"`` (NaN or +inf
+    in the logits, or bad labels or lengths) or ``"inf"`` (no alignment has
+    non-zero probability); ``utterances``: their batch indices. The message
+    starts with ``"rnnt_loss: "``.
+    """
+
+    def __init__(self, message: str, reason: str = "", utterances: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.reason = reason
+        self.utterances = tuple(utterances)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.reason, self.utterances)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .engine import ENGINES, Engine, ForwardState, LossOptions, load_engine
+from .engine import ENGINES, Engine, ForwardState, ImpossibleLossWarning, LossOptions, load_engine
 from .lattice import negative_loss_tolerance
 
 REDUCTIONS = ("none", "sum", "mean", "mean_frames", "mean_tokens")
@@ -405,33 +405,30 @@ def engine_for(backend: str, logits: torch.Tensor) -> Engine:
 
 
 def _warn_impossible(log_like: torch.Tensor, bad: torch.Tensor, tolerance: torch.Tensor) -> None:
-    """RuntimeWarnings naming the utterances whose loss is NaN, inf or negative."""
+    """``ImpossibleLossWarning``s naming the utterances whose loss is NaN, inf or negative."""
     nan_utts = torch.nonzero(bad).flatten().tolist()
     inf_utts = torch.nonzero(torch.isinf(log_like) & ~bad).flatten().tolist()
     negative = torch.nonzero(log_like > tolerance.to(log_like.dtype)).flatten().tolist()
     if negative:
-        warnings.warn(
+        warnings.warn(ImpossibleLossWarning(
             f"rnnt_loss: the loss of utterance(s) {negative} is negative "
             f"({', '.join(f'{-float(log_like[b]):.6g}' for b in negative[:5])}), which "
             "-log P(y|x) cannot be: are the inputs log-probabilities that do not "
             "normalise (fused_log_softmax=False on logits)?",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+            "negative", negative,
+        ), stacklevel=4)
     if nan_utts:
-        warnings.warn(
+        warnings.warn(ImpossibleLossWarning(
             f"rnnt_loss: NaN or +inf in the logits of utterance(s) {nan_utts} (or, with "
             "validate=False, bad labels or lengths): their loss is NaN and their gradient zero",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+            "nan", nan_utts,
+        ), stacklevel=4)
     if inf_utts:
-        warnings.warn(
+        warnings.warn(ImpossibleLossWarning(
             f"rnnt_loss: no alignment of utterance(s) {inf_utts} has non-zero probability "
             "(-inf log-probs on every path): their loss is inf and their gradient zero",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+            "inf", inf_utts,
+        ), stacklevel=4)
 
 
 def _losses(engine: Engine, opts: LossOptions, logits, targets, logit_lengths, target_lengths,

@@ -242,6 +242,32 @@ def test_impossible_alignment_gives_inf_loss():
     assert float(grad[0].abs().max()) == 0.0
 
 
+def test_impossible_losses_warn_by_class_with_reason_and_utterances():
+    import pickle
+
+    from rnntool.loss import ImpossibleLossWarning
+
+    x, y, T, U = random_batch(4, 4, 2, 5, seed=41, mixed=False)
+    x[1, 0, 0, 3] = float("nan")
+    x[2, ..., 0] = float("-inf")  # no alignment
+    lp = torch.log_softmax(x, -1)
+    lp[3] += 3.0  # "log-probs" that do not normalise: a negative loss
+    with pytest.warns(ImpossibleLossWarning) as caught, torch.no_grad():
+        rnnt_loss(lp, y, T, U, reduction="none", fused_log_softmax=False)
+    got = {w.message.reason: w.message.utterances for w in caught}
+    assert got == {"nan": (1,), "inf": (2,), "negative": (3,)}
+    for w in caught:
+        assert issubclass(w.category, RuntimeWarning)
+        assert str(w.message).startswith("rnnt_loss: ")
+        again = pickle.loads(pickle.dumps(w.message))
+        assert (str(again), again.reason, again.utterances) == (
+            str(w.message), w.message.reason, w.message.utterances)
+    with warnings.catch_warnings():  # callers filter by class, not by text
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", ImpossibleLossWarning)
+        rnnt_loss(lp, y, T, U, reduction="none", fused_log_softmax=False)
+
+
 def test_the_engine_contract_is_typed_and_torch_free():
     import dataclasses
     import subprocess
