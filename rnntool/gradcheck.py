@@ -56,13 +56,13 @@ def finite_difference_indices(grad: np.ndarray, samples: int, seed: int = 0) -> 
     return np.unique(np.concatenate([top, rest]))[:k]
 
 
-def engine_gradient(logits: np.ndarray, labels: np.ndarray, blank: int, fused: bool,
+def engine_gradient(logits: np.ndarray, targets: np.ndarray, blank: int, fused: bool,
                     backend: str) -> np.ndarray:
     """d loss / d logits ``(T, U+1, V)`` from the engine, in float64 (computed in the
     logits' own dtype, as a trainer would get it)."""
-    dev = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
-    x = torch.from_numpy(np.ascontiguousarray(logits))[None].to(dev).requires_grad_(True)
-    y = torch.from_numpy(np.asarray(labels, np.int64))[None].to(dev)
+    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+    x = torch.from_numpy(np.ascontiguousarray(logits))[None].to(device).requires_grad_(True)
+    y = torch.from_numpy(np.asarray(targets, np.int64))[None].to(device)
     T, U1 = logits.shape[:2]
     loss = rnnt_loss(x, y, torch.tensor([T]), torch.tensor([U1 - 1]), blank=blank,
                      reduction="sum", fused_log_softmax=fused, backend=backend)
@@ -71,7 +71,7 @@ def engine_gradient(logits: np.ndarray, labels: np.ndarray, blank: int, fused: b
 
 
 def grad_check_utterance(
-    logits: np.ndarray, labels: np.ndarray, *, blank: int, fused: bool = True,
+    logits: np.ndarray, targets: np.ndarray, *, blank: int, fused: bool = True,
     backend: str = "cpu", samples: int = 20, rtol: float = 1e-3, atol: float = 1e-5,
     stored: np.ndarray | None = None, compare_cuda: bool = False, fd_step: float = 1e-5,
 ) -> Checks:
@@ -86,7 +86,7 @@ def grad_check_utterance(
     V = logits.shape[-1]
     blank = blank % V
     x64 = torch.from_numpy(np.asarray(logits, np.float64))[None]
-    y = torch.from_numpy(np.asarray(labels, np.int64))[None]
+    y = torch.from_numpy(np.asarray(targets, np.int64))[None]
     T, U1 = logits.shape[:2]
     with np.errstate(all="ignore"):
         losses, ref = reference_gradients(x64, y, torch.tensor([T]), torch.tensor([U1 - 1]),
@@ -95,7 +95,7 @@ def grad_check_utterance(
     if not np.isfinite(checks.loss):
         return checks
     ref = ref[0].numpy()
-    got = engine_gradient(logits, labels, blank, fused, backend)
+    got = engine_gradient(logits, targets, blank, fused, backend)
     checks.append(compare(f"{backend}-vs-reference", got, ref, rtol, atol))
 
     idx = finite_difference_indices(ref, samples)
@@ -106,9 +106,9 @@ def grad_check_utterance(
         h = fd_step * max(1.0, abs(flat[i]))
         old = flat[i]
         flat[i] = old + h
-        up = reference_loss_value(base, labels, blank, fused)
+        up = reference_loss_value(base, targets, blank, fused)
         flat[i] = old - h
-        down = reference_loss_value(base, labels, blank, fused)
+        down = reference_loss_value(base, targets, blank, fused)
         flat[i] = old
         fd[k] = (up - down) / (2 * h)
     # Finite differences carry about eps / h of noise: loosen atol to match.
@@ -118,7 +118,7 @@ def grad_check_utterance(
     if stored is not None:
         checks.append(compare("stored-vs-reference", stored, ref, rtol, atol))
     if compare_cuda and backend != "cuda":
-        cuda_grad = engine_gradient(logits, labels, blank, fused, "cuda")
+        cuda_grad = engine_gradient(logits, targets, blank, fused, "cuda")
         checks.append(compare("cpu-vs-cuda", got, cuda_grad, rtol, atol))
     return checks
 
@@ -131,7 +131,3 @@ def cuda_usable() -> bool:
         return False
     return cuda.SIMULATOR or (torch.cuda.is_available() and cuda.cuda.is_available())
 
-
-def fmt_check(c: Check) -> str:
-    mark = "PASS" if c.passed else "FAIL"
-    return f"{c.check}: max abs {c.max_abs_err:.3g}, max rel {c.max_rel_err:.3g} {mark}"
