@@ -37,11 +37,15 @@ def _stderr():
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _line(message: str) -> str:
+    """``message`` as one printable line: control characters (a newline or terminal
+    escape in an id from a file, quoted by a library's message) shown escaped."""
+    return message if message.isprintable() else repr(message)[1:-1]
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one line to stderr and return the Exit to raise (control characters, e.g.
-    a newline in an id from a file, are shown escaped: the line stays one line)."""
-    text = message if message.isprintable() else repr(message)[1:-1]
-    print(f"rnntool: error: {text}", file=sys.stderr)
+    """Print one line to stderr and return the Exit to raise (``_line``)."""
+    print(f"rnntool: error: {_line(message)}", file=sys.stderr)
     return typer.Exit(code)
 
 
@@ -62,7 +66,7 @@ def command(fn):
                 return _run(fn, args, kwargs)
             finally:
                 for message in _unique(caught):
-                    print(f"rnntool: warning: {message}", file=sys.stderr)
+                    print(f"rnntool: warning: {_line(message)}", file=sys.stderr)
 
     return wrapper
 
@@ -127,7 +131,7 @@ class _Utterance:
         if exc_type is None and self.problem is None:
             for message in _unique(w for w in self._caught
                                    if not str(w.message).startswith("rnnt_loss: ")):
-                print(f"rnntool: {self.where}: warning: {message}", file=sys.stderr)
+                print(f"rnntool: {self.where}: warning: {_line(message)}", file=sys.stderr)
 
     def check(self, loss: float, T: int, U: int, float64: bool = False,
               input_eps: float = 0.0) -> bool:
@@ -210,28 +214,60 @@ def _wanted(utts: list[str] | None, utt_list: str | None) -> list[str] | None:
         return None
     wanted = list(utts or [])
     if utt_list:
-        try:
-            text = sys.stdin.read() if utt_list == "-" else Path(utt_list).read_text()
-        except OSError as e:
-            raise fail(f"{utt_list}: cannot read utterance list ({e.strerror})") from None
-        wanted += [line.strip() for line in text.splitlines() if line.strip()]
+        wanted += _read_utt_list(utt_list)
     return wanted
+
+
+_MAX_ID_LINE = 1 << 20
+
+
+def _read_utt_list(utt_list: str) -> list[str]:
+    """Utterance ids, one a line (blank lines skipped), from a file or ``-`` (stdin):
+    UTF-8 text with lines under 1 MiB (``/dev/zero`` is not a list of ids)."""
+    name = "standard input" if utt_list == "-" else _line(utt_list)
+    ids: list[str] = []
+    try:
+        f = sys.stdin.buffer if utt_list == "-" else open(utt_list, "rb")  # noqa: SIM115
+    except OSError as e:
+        raise fail(f"{name}: cannot read utterance list ({e.strerror})") from None
+    try:
+        for n, raw in enumerate(iter(lambda: f.readline(_MAX_ID_LINE + 1), b""), 1):
+            if len(raw) > _MAX_ID_LINE:
+                raise fail(f"{name}: line {n} is longer than 1 MiB: not a list of utterance ids")
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise fail(f"{name}: line {n} is not UTF-8 text") from None
+            if line:
+                ids.append(line)
+    except OSError as e:
+        raise fail(f"{name}: cannot read utterance list ({e.strerror})") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+    return ids
 
 
 @contextlib.contextmanager
 def _selection(inputs: list[Path], blank: int | None, utts: list[str] | None,
-               utt_list: str | None, direct: bool = True):
+               utt_list: str | None, direct: bool = True, output: str | None = None):
     """Open every input and yield ``[(reader, selected ids)]``; close them all after.
 
-    An id asked for with --utt/--utt-list that no input holds is an error.
+    Each file is first opened in a child process (``reader.probe``: a file that
+    crashes HDF5 itself is one line). An id asked for with --utt/--utt-list that
+    no input holds is an error; so is an ``output`` that is a file an input's
+    external links name.
     """
-    from .reader import DumpReader, show
+    from .output import check_writable
+    from .reader import DumpReader, probe, show
 
     wanted = _wanted(utts, utt_list)
     readers = []
     try:
         for p in inputs:
+            probe(p, blank)
             readers.append(DumpReader(p, blank=blank, direct=direct))
+        check_writable(output, _inputs_of(inputs, utt_list) + _linked(readers))
         selected = []
         found = set()
         for r in readers:
@@ -248,6 +284,11 @@ def _selection(inputs: list[Path], blank: int | None, utts: list[str] | None,
     finally:
         for r in readers:
             r.close()
+
+
+def _linked(readers) -> list[str]:
+    """Files the inputs' external links name: an output must be none of them either."""
+    return [f for r in readers for f in r.linked_files]
 
 
 def _inputs_of(inputs: list[Path], utt_list: str | None) -> list[str]:
@@ -312,7 +353,8 @@ def score(
     fmt = _output_format(fmt, output, ins)
     dev = _resolve_device(device)
     rows = []
-    with _selection(inputs, blank, utt, utt_list, direct=not via_hdf5) as selected:
+    with _selection(inputs, blank, utt, utt_list, direct=not via_hdf5,
+                    output=output) as selected:
         total = sum(len(ids) for _, ids in selected)
         with _progress(quiet) as bar:
             task = bar.add_task("scoring", total=total)
@@ -369,13 +411,14 @@ def inspect(
     import numpy as np
 
     from .dump import DumpError, log_prob_problem
-    from .reader import DumpReader, show
+    from .reader import DumpReader, probe, show
     from .score import loss_problem, score_reader
 
     fmt = fmt or "text"
     if fmt not in ("text", "json"):
         raise fail(f"--format {fmt!r} is not one of text, json")
     found: dict[str, list[str]] = {}  # utterance -> its problems, in file order
+    probe(input, blank)
     with DumpReader(input, blank=blank) as r:
         infos = []
         for u in r.utt_ids:
@@ -492,7 +535,7 @@ def align_cmd(
     fmt = _output_format(fmt, output, ins)
     dev = _resolve_device(device)
     rows, summary, problems = [], [], 0
-    with _selection(inputs, blank, utt, utt_list) as selected:
+    with _selection(inputs, blank, utt, utt_list, output=output) as selected:
         for reader, u in _utterances(selected):
             with _Utterance(reader.path, u.info.utt_id) as one:
                 (al,) = align(*_tensors(u, dev), blank=reader.blank,
@@ -549,13 +592,20 @@ def plot(
     from .loss import rnnt_loss
     from .output import atomic_file, confined_name
     from .plots import plot_utterance
+    from .reader import show
     from .score import input_eps
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise fail(f"{out_dir}: exists and is not a directory")
+    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
+        raise fail(f"{show(out_dir)}: exists and is not a directory"
+                   + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
     dev = _resolve_device(device)
     with _selection(inputs, blank, utt, utt_list) as selected:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
+        # A PNG must never replace an input (a dump named like one, in the out dir).
+        reads = _inputs_of(inputs, utt_list) + _linked(r for r, _ in selected)
         n = problems = 0
         for reader, u in _utterances(selected):
             with _Utterance(reader.path, u.info.utt_id) as one:
@@ -572,7 +622,7 @@ def plot(
                     tokens = [reader.vocab[int(t)] for t in u.labels] if reader.vocab else None
                     # A file name from an untrusted id: confined to out_dir (percent-encoded).
                     dest = out_dir / confined_name(u.info.utt_id, ".png")
-                    with atomic_file(dest) as png:
+                    with atomic_file(dest, inputs=reads) as png:
                         plot_utterance(png, utt_id=u.info.utt_id, loss=al.loss,
                                        best_log_prob=al.best_log_prob, occupancy=al.occupancy,
                                        best_path=al.path, grad_norm=gnorm, tokens=tokens)
@@ -617,15 +667,17 @@ def grad_check(
     """
     from .gradcheck import cuda_usable, grad_check_utterance
     from .output import open_output, render
+    from .reader import show
     from .score import input_eps
 
     ins = _inputs_of(inputs, utt_list)
     fmt = _output_format(fmt, output, ins)
-    if samples < 0 or rtol < 0 or atol < 0:
-        raise fail("--samples, --rtol and --atol must not be negative")
+    if samples < 0 or not (math.isfinite(rtol) and rtol >= 0) or not (
+            math.isfinite(atol) and atol >= 0):
+        raise fail("--samples, --rtol and --atol must be finite and not negative")
     dev = _resolve_device(device)
     rows, problems = [], 0
-    with _selection(inputs, blank, utt, utt_list) as selected:
+    with _selection(inputs, blank, utt, utt_list, output=output) as selected:
         both = dev == "cpu" and cuda_usable()
         for reader, u in _utterances(selected, with_grads=True):
             with _Utterance(reader.path, u.info.utt_id) as one:
@@ -637,7 +689,7 @@ def grad_check(
                 one.check(checks.loss, u.info.T, u.info.U, True, input_eps(reader, u.logits.dtype))
             problems += one.problem is not None
             for c in checks:
-                rows.append({"utt_id": u.info.utt_id, "check": c.check,
+                rows.append({"utt_id": u.info.utt_id, "_file": reader.name, "check": c.check,
                              "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err,
                              "atol": atol, "rtol": rtol, "result": "PASS" if c.passed else "FAIL"})
     with open_output(output, ins) as out:
@@ -650,8 +702,8 @@ def grad_check(
         _stderr().print(f"{len(rows) - len(failed)}/{len(rows)} checks passed on {utts} "
                         f"utterances (atol {atol:g}, rtol {rtol:g})", markup=False)
     for r in failed:
-        print(f"rnntool: FAIL {r['utt_id']}: {r['check']}: max abs err {r['max_abs_err']:.3g}, "
-              f"max rel err {r['max_rel_err']:.3g}", file=sys.stderr)
+        print(f"rnntool: {r['_file']}: utterance {show(r['utt_id'])}: FAIL {r['check']}: max abs "
+              f"err {r['max_abs_err']:.3g}, max rel err {r['max_rel_err']:.3g}", file=sys.stderr)
     if failed or problems:
         raise typer.Exit(1)
 

@@ -159,6 +159,7 @@ class Target:
     path: str
     stream: bool
     mode: int | None
+    fd: int | None = None  # an open descriptor of ours the output names (/dev/stdout)
 
 
 def resolve_target(output: str, inputs: Sequence[str | os.PathLike] = (), *,
@@ -184,6 +185,15 @@ def resolve_target(output: str, inputs: Sequence[str | os.PathLike] = (), *,
     if not output:
         raise OutputError("the output file name is empty")
     name = output
+    fd = fd_alias(output)
+    if fd is not None:
+        # /dev/stdout, /dev/fd/N, /proc/self/fd/N: the descriptor we already hold (which
+        # may be a file opened for appending); following the link to a file name and
+        # replacing that file would destroy what the shell set up.
+        if not streams:
+            raise OutputError(f"{name}: names the file descriptor {fd}, not a file; "
+                              "give the file's own name")
+        return Target(output, True, None, fd)
     try:
         st = os.lstat(output)
     except FileNotFoundError:
@@ -236,12 +246,54 @@ def resolve_target(output: str, inputs: Sequence[str | os.PathLike] = (), *,
     return Target(path, stream, mode)
 
 
+def fd_alias(path: str) -> int | None:
+    """The descriptor of this process that ``path`` names through ``/dev/stdout``,
+    ``/dev/fd/N`` or ``/proc/self/fd/N`` (following symbolic links to them), or None.
+
+    Raises OutputError for another process's descriptor (``/proc/PID/fd/N``)."""
+    import re
+
+    p = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        m = re.fullmatch(r"/dev/(stdin|stdout|stderr)|/dev/fd/(\d+)|/proc/(self|thread-self|"
+                         r"\d+)/fd/(\d+)", p)
+        if m:
+            if m.group(1):
+                return ("stdin", "stdout", "stderr").index(m.group(1))
+            if m.group(2):
+                return int(m.group(2))
+            if m.group(3) not in ("self", "thread-self") and int(m.group(3)) != os.getpid():
+                raise OutputError(f"{path}: is another process's file descriptor; refusing to "
+                                  "write to it")
+            return int(m.group(4))
+        if not os.path.islink(p):
+            return None
+        p = os.path.normpath(os.path.join(os.path.dirname(p), os.readlink(p)))
+    return None
+
+
 def check_writable(output: str | None, inputs: Sequence[str | os.PathLike] = ()) -> None:
     """Fail early (before any work) if ``-o output`` cannot be written: the rules of
     ``resolve_target`` (OutputError, one line). ``None``/``-`` (stdout) always pass."""
     if output in (None, "-"):
         return
     resolve_target(output, inputs)
+
+
+def resolve_target_inputs(dest: str, inputs: Sequence[str | os.PathLike]) -> None:
+    """OutputError if ``dest`` (not following a final symbolic link: it would be
+    replaced, not written through) is the same file as one of ``inputs``."""
+    try:
+        st = os.lstat(dest)
+    except OSError:
+        return
+    for inp in inputs:
+        try:
+            sti = os.stat(inp)
+        except (OSError, ValueError):
+            continue
+        if (sti.st_dev, sti.st_ino) == (st.st_dev, st.st_ino):
+            raise OutputError(f"{dest}: is also an input ({inp}); refusing to overwrite it")
 
 
 def check_replaceable(path: str, name: str | None = None, *, links: bool = False) -> None:
@@ -324,6 +376,10 @@ def open_output(output: str | None,
         sys.stdout.flush()
         return
     target = resolve_target(output, inputs)
+    if target.fd == 1:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
     if target.stream:
         yield from _write_stream(output, target)
         return
@@ -358,12 +414,14 @@ def open_output(output: str | None,
 def _write_stream(output: str, target: Target):
     flags = os.O_WRONLY | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(target.path, flags)  # no O_CREAT, no O_TRUNC: write in place
+        # No O_CREAT, no O_TRUNC: write in place; a descriptor we hold is duplicated
+        # (its file offset and O_APPEND are the shell's).
+        fd = os.dup(target.fd) if target.fd is not None else os.open(target.path, flags)
     except OSError as e:
         raise _cannot_write(output, e) from None
     try:
         mode = os.fstat(fd).st_mode
-        if not _is_stream(mode):  # replaced since it was checked: never write in place
+        if target.fd is None and not _is_stream(mode):  # replaced since it was checked
             raise OutputError(f"{output}: is now a {_kind(mode)}; refusing to write to it")
         f = open(fd, "w", newline="")  # noqa: SIM115 - closed below, on every path
     except BaseException:
@@ -384,7 +442,8 @@ def _write_stream(output: str, target: Target):
 
 
 @contextlib.contextmanager
-def atomic_file(dest: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_file(dest: str | os.PathLike, mode: str = "wb",
+                inputs: Sequence[str | os.PathLike] = ()) -> Iterator[IO]:
     """A file object whose content replaces ``dest`` when the block succeeds.
 
     For files the CLI creates inside an output directory (plot's PNGs), whose
@@ -406,6 +465,7 @@ def atomic_file(dest: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     dest = os.fspath(dest)
     keep = None
+    resolve_target_inputs(dest, inputs)
     try:
         st = os.lstat(dest)
     except FileNotFoundError:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -134,6 +135,8 @@ class DumpReader:
         self._fd = -1
         self._f = None
         self._labels_read: tuple[str | None, np.ndarray | None] = (None, None)
+        self._verified: set = set()  # filtered datasets whose chunks were checked
+        self.linked_files: list[str] = []  # files external links name (that exist)
         try:
             self._open()
             self._read_root(blank)
@@ -193,7 +196,7 @@ class DumpReader:
             self.layout = "keyed"
             self._utts = utts
             names = list(utts)  # (not decoded inside h5py's iteration, which holds a lock)
-            self._ids = [self._decode_id(k, f"/utts/{show(k)}") for k in names]
+            self._ids = [self._decode_id(k, "in /utts") for k in names]
         elif all(k in f for k in ("logits", "labels", "logit_lengths", "label_lengths")):
             self.layout = "padded"
             self._init_padded()
@@ -225,22 +228,26 @@ class DumpReader:
             try:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise DumpError(f"{self.name}: utterance id {show(raw)[2:-1]} at {where} is "
-                                "not UTF-8") from None
+                raise DumpError(f"{self.name}: utterance id {repr(raw)[2:-1]} {where} is not "
+                                "UTF-8") from None
         return str(raw)
 
     def _has_external_links(self) -> bool:
-        """Whether any link in the file is external (then every access checks its link)."""
-        found = []
+        """Whether any link in the file is external (then every access checks its link);
+        ``self.linked_files`` gets the regular files they name (an output must not
+        replace one of them)."""
+        names: list[bytes] = []
 
-        def visit(name: bytes, info) -> int | None:
+        def visit(name: bytes, info) -> None:
             if info.type == h5py.h5l.TYPE_EXTERNAL:
-                found.append(name)
-                return 1  # stop
-            return None
+                names.append(name)
 
         self._f.id.links.visit(visit, info=True)  # names as bytes: no decoding here
-        return bool(found)
+        for name in names:
+            link = self._f.get(name.decode("utf-8", "surrogateescape"), getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                self.linked_files += _external_candidates(self.path, link.filename)
+        return bool(names)
 
     def _child(self, group, name: str):
         """``group[name]``, or None if absent; an external link is followed only to a
@@ -294,7 +301,7 @@ class DumpReader:
                 raise DumpError(f"{self.name}: /utt_ids has dtype {ds.dtype}, neither strings "
                                 "nor integers")
             raw = self._small(ds, "/utt_ids")
-            self._ids = [self._decode_id(v, f"/utt_ids[{b}]") if isinstance(v, bytes | str)
+            self._ids = [self._decode_id(v, f"at /utt_ids[{b}]") if isinstance(v, bytes | str)
                          else str(int(v)) for b, v in enumerate(raw.tolist())]
         else:
             self._ids = [str(b) for b in range(B)]
@@ -312,6 +319,7 @@ class DumpReader:
         """Read a small auxiliary dataset whole, after checking its storage and size."""
         self._storage(ds, where)
         check_memory(ds.size * max(ds.dtype.itemsize, 8), f"{self.name}: {where} would")
+        self._verify_filtered(ds, where)
         return np.asarray(ds[()])
 
     def _read_vocab(self) -> list[str] | None:
@@ -370,7 +378,10 @@ class DumpReader:
         nbytes = int(np.prod(ds.shape, dtype=np.float64)) * item
         if nbytes == 0 or layout == h5py.h5d.COMPACT:
             return None
-        raw = here and not dcpl.get_nfilters() and ds.dtype.byteorder != ">"
+        # Raw reads only of the standard little-endian IEEE types: HDF5 converts any
+        # other float layout (h5py may still call it float32) on reading.
+        raw = here and not dcpl.get_nfilters() and any(
+            ds.id.get_type().equal(t) for t in _RAW_TYPES)
         if layout == h5py.h5d.CONTIGUOUS:
             start = ds.id.get_offset()
             if start is None:
@@ -389,14 +400,25 @@ class DumpReader:
                             f"{nbytes} bytes of data")
         info = []
         ds.id.chunk_iter(info.append)
-        if len(info) < expected:
-            raise DumpError(f"{self.name}: {where}: only {len(info)} of its {expected} chunks are "
-                            "stored (a partly written or truncated dump; HDF5 would read zeros)")
+        # Every chunk of the grid must be stored (a chunk outside the extent does not count):
+        # HDF5 reads a missing one as the fill value.
+        on_grid = {c.chunk_offset for c in info if all(
+            o % k == 0 and o < n for o, k, n in zip(c.chunk_offset, chunks, ds.shape, strict=True))}
+        if len(on_grid) < expected:
+            raise DumpError(f"{self.name}: {where}: only {len(on_grid)} of its {expected} chunks "
+                            "are stored (a partly written or truncated dump; HDF5 would read "
+                            "zeros)")
         if here:
             end = max(c.byte_offset + c.size for c in info)
             if end > size:
                 raise DumpError(f"{self.name}: {where} has chunks past the end of the file "
                                 f"({end} > {size} bytes): truncated?")
+        all_skipped = (1 << dcpl.get_nfilters()) - 1
+        for c in info:
+            if (c.filter_mask & all_skipped) == all_skipped and c.size != chunk_bytes:
+                # An unfiltered chunk shorter than the chunk: HDF5 would read past its end.
+                raise DumpError(f"{self.name}: {where}: a chunk at {c.chunk_offset} holds "
+                                f"{c.size} bytes, not {chunk_bytes}")
         if not raw or tuple(chunks[1:]) != tuple(ds.shape[1:]):
             return None
         info.sort(key=lambda c: c.chunk_offset)
@@ -405,6 +427,38 @@ class DumpReader:
                                for k, c in enumerate(info)):
             return None
         return start, nbytes
+
+    def _verify_filtered(self, ds: h5py.Dataset, where: str) -> None:
+        """Every chunk of a filtered (compressed) dataset must decode to a whole chunk.
+
+        HDF5 does not check this: a chunk that decompresses short leaves the rest of
+        its buffer uninitialised, and the numbers change from run to run. The size
+        through deflate (zlib) and LZF is computed here from the stored bytes;
+        shuffle, Fletcher-32, n-bit and scale-offset cannot change it. Any other
+        filter is refused (its output cannot be checked). Once per dataset.
+        """
+        key = (ds.file.filename, ds.name)
+        if key in self._verified:
+            return
+        dcpl = ds.id.get_create_plist()
+        filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+        if ds.chunks is None or not filters:
+            return
+        unknown = [f for f in filters if f not in _CHECKED_FILTERS]
+        if unknown:
+            raise DumpError(f"{self.name}: {where} uses HDF5 filter {unknown[0]}, whose output "
+                            "rnntool cannot check; store it raw, with gzip or with lzf")
+        chunk_bytes = int(np.prod(ds.chunks)) * ds.dtype.itemsize
+        info = []
+        ds.id.chunk_iter(info.append)
+        for c in info:
+            mask, data = ds.id.read_direct_chunk(c.chunk_offset)
+            got = _decoded_size(data, filters, mask, chunk_bytes)
+            if got != chunk_bytes:
+                how = "does not decode" if got < 0 else f"decodes to {got} bytes, not {chunk_bytes}"
+                raise DumpError(f"{self.name}: {where}: the chunk at {c.chunk_offset} {how} "
+                                "(corrupt)")
+        self._verified.add(key)
 
     def _check_unchanged(self, utt_id: str | None = None) -> None:
         """The file must still be the one opened, with the size and times it had."""
@@ -416,10 +470,16 @@ class DumpReader:
         if (now is None or _identity(now) != _identity(self._stat)
                 or (by_path.st_dev, by_path.st_ino) != (now.st_dev, now.st_ino)):
             where = f" (reading utterance {show(utt_id)})" if utt_id is not None else ""
-            was = self._stat.st_size
-            is_ = "gone" if by_path is None else f"{by_path.st_size} bytes"
-            raise DumpError(f"{self.name}: the file changed while it was being read{where}: it "
-                            f"had {was} bytes, now {is_}; score a copy that is not being written")
+            if by_path is None:
+                how = "it is gone"
+            elif (by_path.st_dev, by_path.st_ino) != (self._stat.st_dev, self._stat.st_ino):
+                how = "another file now has its name"
+            elif by_path.st_size != self._stat.st_size:
+                how = f"it had {self._stat.st_size} bytes, now {by_path.st_size}"
+            else:
+                how = "it was rewritten"
+            raise DumpError(f"{self.name}: the file changed while it was being read{where}: "
+                            f"{how}; score a copy that is not being written")
 
     # -- common
     def __enter__(self) -> DumpReader:
@@ -533,6 +593,8 @@ class DumpReader:
         attrs = self._utt_attrs(utt_id, g)
         stored = self._storage(x, "logits")
         self._storage(y, "labels")
+        check_memory(y.size * 8, f"{self.name}: utterance {show(utt_id)}: its labels would")
+        self._verify_filtered(y, f"utterance {show(utt_id)}: labels")
         self._labels_read = (utt_id, np.asarray(y[()]))  # for labels(), next
         grads = self._child(g, "grads") if "grads" in g else None
         if grads is not None:
@@ -601,6 +663,8 @@ class DumpReader:
             else:
                 src = self._logits if self.layout == "padded" else self._child(
                     self._utts, utt_id)["logits"]
+                self._verify_filtered(src, f"utterance {show(utt_id)}: logits"
+                                      if self.layout == "keyed" else "/logits")
                 sel = (np.s_[self._index[utt_id], : info.T, : info.U + 1, :]
                        if self.layout == "padded" else np.s_[...])
                 if out.dtype == src.dtype and out.flags.c_contiguous:
@@ -670,7 +734,9 @@ class DumpReader:
         grads = None
         if with_grads and info.has_grads:
             try:
-                grads = np.asarray(self._child(self._utts, utt_id)["grads"][()])
+                ds = self._child(self._utts, utt_id)["grads"]
+                self._verify_filtered(ds, f"utterance {show(utt_id)}: grads")
+                grads = np.asarray(ds[()])
             except (OSError, ValueError, TypeError, KeyError) as e:
                 raise self._err(utt_id, f"grads unreadable ({_first_line(e)})") from None
             self._check_unchanged(utt_id)
@@ -694,6 +760,62 @@ class DumpReader:
         return self._stat.st_size
 
 
+_RAW_TYPES = (h5py.h5t.IEEE_F16LE, h5py.h5t.IEEE_F32LE, h5py.h5t.IEEE_F64LE)
+_SIZE_KEEPING = (h5py.h5z.FILTER_SHUFFLE,)
+_FULL_OUTPUT = (h5py.h5z.FILTER_NBIT, h5py.h5z.FILTER_SCALEOFFSET)  # decode to whole chunks
+_CHECKED_FILTERS = (h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_LZF, h5py.h5z.FILTER_FLETCHER32,
+                    *_SIZE_KEEPING, *_FULL_OUTPUT)
+
+
+def _decoded_size(data: bytes, filters: list[int], mask: int, whole: int) -> int:
+    """Bytes a stored chunk decodes to through the filter pipeline (applied in reverse;
+    a filter whose bit is set in ``mask`` was skipped when the chunk was written)."""
+    for i in reversed(range(len(filters))):
+        if mask >> i & 1:
+            continue
+        f = filters[i]
+        if f == h5py.h5z.FILTER_FLETCHER32:
+            data = data[:-4]
+        elif f == h5py.h5z.FILTER_DEFLATE:
+            try:
+                d = zlib.decompressobj()
+                data = d.decompress(data, whole + 1)  # never more than a chunk and a byte
+            except zlib.error:
+                return -1
+        elif f == h5py.h5z.FILTER_LZF:
+            if any(not (mask >> j & 1) for j in range(i)) and any(
+                    filters[j] not in _SIZE_KEEPING + _FULL_OUTPUT for j in range(i)):
+                return -1  # something decoded after LZF would need its bytes
+            return _lzf_size(data)
+        elif f in _FULL_OUTPUT:
+            return whole
+    return len(data)
+
+
+def _lzf_size(data: bytes) -> int:
+    """Length of the output an LZF stream (h5py's lzf filter: no header) decodes to,
+    walking its tokens without producing it; -1 if the stream is malformed."""
+    n, i, end = 0, 0, len(data)
+    while i < end:
+        ctrl = data[i]
+        i += 1
+        if ctrl < 32:  # a literal run of ctrl + 1 bytes
+            i += ctrl + 1
+            n += ctrl + 1
+        else:  # a back reference of length (ctrl >> 5) + 2, 7 meaning "one more byte"
+            length = ctrl >> 5
+            if length == 7:
+                if i >= end:
+                    return -1
+                length += data[i]
+                i += 1
+            if i >= end or ((ctrl & 31) << 8 | data[i]) + 1 > n:
+                return -1
+            i += 1
+            n += length + 2
+    return n if i == end else -1
+
+
 def _native(dtype: np.dtype) -> np.dtype:
     """A float dtype in native byte order (HDF5 converts big-endian data on reading)."""
     return dtype.newbyteorder("=") if dtype.kind == "f" else dtype
@@ -705,47 +827,84 @@ def _link_target(link) -> str:
     return getattr(link, "path", type(link).__name__)
 
 
-def _check_external(name: str, parent: str, link: h5py.ExternalLink) -> None:
-    """Refuse an external link whose target, wherever HDF5 may look for it, is not a
-    regular file (HDF5 would open a FIFO and wait, or a device and read it)."""
-    target = link.filename
+def probe(path: str | os.PathLike, blank: int | None = None) -> None:
+    """Open ``path`` as ``DumpReader`` does, in a forked child process, first.
+
+    A file crafted to crash the HDF5 library itself (a B-tree node that points to
+    itself, groups nested tens of thousands deep) kills the process that parses
+    it; here that is the child, and the crash becomes a ``DumpError``. Opening
+    walks every link of every group, so the structure a command touches has been
+    parsed once. Any other failure is left to the caller's own open (same error).
+    """
+    if not hasattr(os, "fork"):
+        return
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            DumpReader(path, blank=blank).close()
+        except BaseException:
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        import signal
+
+        sig = signal.Signals(os.WTERMSIG(status)).name
+        raise DumpError(f"{show(os.fspath(path))}: the HDF5 library crashed ({sig}) reading the "
+                        "file's structure: the file is corrupt")
+
+
+def _external_candidates(parent: str, target: str) -> list[str]:
+    """Where HDF5 may look for an external link's file (HDF5_EXT_PREFIX, the linking
+    file's directory, the name as given), those that exist."""
     candidates = []
-    prefix = os.environ.get("HDF5_EXT_PREFIX")
     base = os.path.basename(target)
+    prefix = os.environ.get("HDF5_EXT_PREFIX")
     for p in (prefix.split(os.pathsep) if prefix else []):
         candidates.append(os.path.join(p, base))
     if os.path.isabs(target):
         candidates.append(target)
-    candidates += [os.path.join(os.path.dirname(os.path.abspath(parent)), base),
-                   os.path.join(os.path.dirname(os.path.abspath(parent)), target), target]
-    exists = False
-    for c in candidates:
+    here = os.path.dirname(os.path.abspath(parent))
+    candidates += [os.path.join(here, base), os.path.join(here, target), target]
+    return [c for c in dict.fromkeys(candidates) if os.path.lexists(c)]
+
+
+def _check_external(name: str, parent: str, link: h5py.ExternalLink) -> None:
+    """Refuse an external link whose target, wherever HDF5 may look for it, is not a
+    regular file (HDF5 would open a FIFO and wait, or a device and read it)."""
+    found = _external_candidates(parent, link.filename)
+    for c in found:
         try:
             st = os.stat(c)
         except OSError:
             continue
-        exists = True
         if not stat.S_ISREG(st.st_mode):
-            raise DumpError(f"{name}: external link to {show(target)}: {show(c)} is "
+            raise DumpError(f"{name}: external link to {show(link.filename)}: {show(c)} is "
                             f"{_kind(st.st_mode)}, not a regular file")
-    if not exists:
-        raise DumpError(f"{name}: external link to {show(target)}, which does not exist")
+    if not found:
+        raise DumpError(f"{name}: external link to {show(link.filename)}, which does not exist")
 
 
 def group_by_budget(
     items: Sequence[tuple[UttInfo, np.ndarray]], budget_bytes: int
 ) -> Iterator[list[tuple[UttInfo, np.ndarray]]]:
     """Group ``(info, labels)`` items for the engine: sorted by size so padding is small,
-    each group of one dtype with padded logits within ``budget_bytes`` (a larger
-    utterance goes alone)."""
-    order = sorted(items, key=lambda it: (it[0].dtype.str, it[0].T * (it[0].U + 1), it[0].utt_id))
+    each group of one dtype and one V with padded logits within ``budget_bytes`` (a
+    larger utterance goes alone)."""
+    order = sorted(items, key=lambda it: (it[0].dtype.str, it[0].V, it[0].T * (it[0].U + 1),
+                                          it[0].utt_id))
     group: list[tuple[UttInfo, np.ndarray]] = []
     T = U1 = 0
     for it in order:
         info = it[0]
         t, u1 = max(T, info.T), max(U1, info.U + 1)
         grown = (len(group) + 1) * t * u1 * info.V * info.dtype.itemsize
-        if group and (grown > budget_bytes or info.dtype != group[0][0].dtype):
+        if group and (grown > budget_bytes or info.dtype != group[0][0].dtype
+                      or info.V != group[0][0].V):
             yield group
             group, t, u1 = [], info.T, info.U + 1
         group.append(it)

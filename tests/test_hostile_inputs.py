@@ -445,3 +445,185 @@ def test_table_shows_ids_as_they_are(tmp_path):
     assert result.exit_code == 0, result.output
     assert "[red]x[/red]" in result.stdout and "\x1b" not in result.stdout
     assert "esc\\x1b[2Jid" in result.stdout
+
+
+# --------------------------------------------------------------------------- found by fuzzing
+def test_utterances_of_different_v_are_never_batched_together(tmp_path):
+    # A keyed dump with neither vocab_size nor /vocab: V may differ per utterance.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mixv.h5"
+    with h5py.File(path, "w") as f:
+        for name, V in (("a", 4), ("b", 7), ("c", 4)):
+            g = f.create_group(f"utts/{name}")
+            g["logits"] = rng.standard_normal((5, 3, V)).astype(np.float32)
+            g["labels"] = np.array([1, V - 1])
+    together = losses(path)
+    alone = {u: losses(path, "--utt", u)[u] for u in "abc"}
+    assert together == alone
+    assert losses(path, "--via-hdf5") == alone
+
+
+def test_non_standard_float_types_are_converted_by_hdf5_not_read_raw(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "norm.h5"
+    x = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        a = f.create_group("utts/a")  # a standard one first: the raw-read probe passes
+        a["logits"] = rng.standard_normal((2, 2, 4)).astype(np.float32)
+        a["labels"] = np.array([1])
+        b = f.create_group("utts/b")
+        b["labels"] = np.array([1, 2])
+        t = h5py.h5t.IEEE_F32LE.copy()
+        t.set_norm(h5py.h5t.NORM_NONE)  # h5py still calls it float32
+        d = h5py.h5d.create(b.id, b"logits", t, h5py.h5s.create_simple(x.shape))
+        d.write(h5py.h5s.ALL, h5py.h5s.ALL, x)
+        c = f.create_group("utts/c")
+        c["labels"] = np.array([1, 2])
+        c["logits"] = x
+    got = losses(path)
+    assert got["b"] == losses(path, "--via-hdf5")["b"] == losses(path, "--utt", "b")["b"]
+    with DumpReader(path) as r:
+        assert r.info("b").region is None and r.info("c").region is not None
+
+
+def test_a_chunk_outside_the_extent_does_not_count(tmp_path):
+    x = np.full((5, 3, 4), 1.0, np.float32)
+    path = tmp_path / "extent.h5"
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("utts/u/logits", shape=x.shape, chunks=(1, 3, 4), dtype=np.float32)
+        for t in (0, 1, 2, 4):  # chunk 3 never written
+            d[t] = x[t]
+        d.id.write_direct_chunk((5, 0, 0), x[4].tobytes())  # beyond the extent
+        f["utts/u/labels"] = np.array([1, 2])
+    one_line(invoke("score", path), path, "utterance u", "only 4 of its 5 chunks")
+
+
+@pytest.mark.parametrize("how", ["gzip short", "lzf short", "raw short", "gzip garbage"])
+def test_chunks_that_decode_short_are_refused(tmp_path, how):
+    # HDF5 leaves the rest of a short chunk's buffer uninitialised: numbers that changed
+    # from run to run.
+    import zlib
+
+    x = np.full((4, 3, 8), 2.0, np.float32)
+    x[..., 1] = 5.0
+    path = tmp_path / "short.h5"
+    comp = {"gzip short": "gzip", "gzip garbage": "gzip", "lzf short": "lzf"}.get(how)
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("utts/u/logits", shape=x.shape, chunks=(1, 3, 8), dtype=np.float32,
+                             compression=comp)
+        for t in range(4):
+            r = x[t].tobytes()
+            if t != 2:
+                d[t] = x[t]
+            elif how == "gzip short":
+                d.id.write_direct_chunk((t, 0, 0), zlib.compress(r[: len(r) // 2]))
+            elif how == "gzip garbage":
+                d.id.write_direct_chunk((t, 0, 0), b"not deflate at all")
+            elif how == "lzf short":
+                # a valid LZF stream of two literal runs: 32 + 16 = 48 of the 96 bytes
+                d.id.write_direct_chunk((t, 0, 0), bytes([31]) + r[:32] + bytes([15]) + r[32:48])
+            else:
+                d.id.write_direct_chunk((t, 0, 0), r[: len(r) // 2])
+        f["utts/u/labels"] = np.array([1, 2])
+    for args in ((), ("--via-hdf5",)):
+        line = one_line(invoke("score", path, *args), path, "utterance u")
+        want = {"raw short": "holds 48 bytes, not 96", "gzip garbage": "does not decode"}
+        assert want.get(how, "decodes to 48 bytes, not 96") in line, line
+
+
+def test_compressed_dumps_written_by_the_writer_still_read(tmp_path):
+    for comp in ("gzip", "lzf"):
+        path, _ = plain(tmp_path, f"{comp}.h5", n=3, compression=comp)
+        raw, _ = plain(tmp_path, f"raw-{comp}.h5", n=3)
+        assert losses(path) == losses(raw)
+
+
+def test_a_file_that_crashes_hdf5_is_one_line(tmp_path):
+    # A group B-tree node that points to itself: HDF5 recurses until it segfaults.
+    import struct
+
+    path = tmp_path / "bt.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("utts/u")
+        g["logits"] = np.zeros((3, 2, 4), np.float32)
+        g["labels"] = [1]
+    raw = bytearray(path.read_bytes())
+    p = raw.find(b"TREE")
+    raw[p + 5] = 1
+    struct.pack_into("<Q", raw, p + 32, p)
+    path.write_bytes(bytes(raw))
+    for cmd in ("score", "inspect", "align"):
+        cli_one_line(run_cli(cmd, path, timeout=60), path, "the HDF5 library crashed")
+
+
+def test_labels_are_checked_against_memory_before_reading(tmp_path, monkeypatch):
+    path = tmp_path / "lab.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("utts/u")
+        g.create_dataset("logits", data=np.zeros((2, 3001, 3), np.float32))
+        g.create_dataset("labels", data=np.ones(3000, np.int64), compression="gzip")
+    import rnntool.reader as reader
+
+    monkeypatch.setattr(reader, "available_memory", lambda: 20_000)
+    one_line(invoke("score", path), path, "utterance u: its labels would need")
+
+
+def test_utt_lists_that_are_not_lists(tmp_path):
+    path, _ = plain(tmp_path, n=1)
+    bad = tmp_path / "ids.txt"
+    bad.write_bytes(b"u0\n\xff\xfe\n")
+    one_line(invoke("score", path, "--utt-list", bad), "ids.txt: line 2 is not UTF-8")
+    cli_one_line(run_cli("score", path, "--utt-list", "/dev/zero", timeout=60), "/dev/zero",
+                 "longer than 1 MiB")
+
+
+def test_dev_stdout_appends_where_the_shell_points_it(tmp_path):
+    # The kind, found again: -o /dev/stdout with stdout appended to a log file
+    # replaced the log (the link was followed to the file and renamed over).
+    path, _ = plain(tmp_path, n=2)
+    log = tmp_path / "log.txt"
+    log.write_text("old\n")
+    with open(log, "a") as f:
+        out = subprocess.run([sys.executable, "-m", "rnntool", "score", str(path), "-q", "-o",
+                              "/dev/stdout"], stdout=f, stderr=subprocess.PIPE, text=True,
+                             timeout=60)
+        f.write("after\n")
+    assert out.returncode == 0, out.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == "old" and lines[1].startswith("utt_id\t") and lines[-1] == "after"
+
+
+def test_plot_never_replaces_an_input(tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    dump, _ = plain(d, "u0.png", n=1)  # a dump named like the PNG plot would write
+    before = dump.read_bytes()
+    result = invoke("plot", dump, "--out-dir", d)
+    assert result.exit_code == 2 and "is also an input" in result.stderr, result.output
+    assert dump.read_bytes() == before
+
+
+def test_output_may_not_replace_a_file_an_external_link_reads(tmp_path):
+    target, _ = plain(tmp_path, "other.h5", n=1)
+    main, _ = plain(tmp_path, "main.h5", n=1)
+    with h5py.File(main, "a") as f:
+        f["utts"]["x"] = h5py.ExternalLink("other.h5", "/utts/u0")
+    before = target.read_bytes()
+    one_line(invoke("score", main, "-o", target), "other.h5", "is also an input")
+    assert target.read_bytes() == before
+
+
+def test_grad_check_failure_lines_name_the_file_and_stay_one_line(tmp_path):
+    path, (x, y, T, U) = plain(tmp_path, n=1)
+    name = "x\nrnntool: fake line \x1b[2J"
+    with h5py.File(path, "a") as f:
+        g = f["utts"].create_group(name)
+        g["logits"] = f["utts"]["u0"]["logits"][()]
+        g["labels"] = f["utts"]["u0"]["labels"][()]
+        g["grads"] = np.ones_like(g["logits"][()])
+    result = invoke("grad-check", path, "--utt", name, "-q", "--samples", "2")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(ln.startswith(f"rnntool: {path}: utterance x\\n") for ln in lines)
+    assert "\x1b" not in result.stderr
+    one_line(invoke("grad-check", path, "--rtol", "nan"), "must be finite")
