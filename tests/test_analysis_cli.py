@@ -99,7 +99,7 @@ def test_grad_check_fails_on_wrong_stored_grads(tmp_path):
     assert result.exit_code == 1
     rows = {r["check"]: r["result"] for r in tsv(result.stdout)}
     assert rows["stored-vs-reference"] == "FAIL" and rows["cpu-vs-reference"] == "PASS"
-    assert "FAIL u: stored-vs-reference" in result.stderr
+    assert f"{bad}: utterance u: FAIL stored-vs-reference" in result.stderr
 
 
 def test_analysis_commands_bad_input(tmp_path, dump):
