@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from . import cleanup
-from .output import OutputError, check_replaceable, creation_mode, resolve_target
+from .files import OutputError, finish_temp, resolve_target
 
 FORMAT = "rnntool.dump"
 FORMAT_VERSION = 1
@@ -574,10 +574,7 @@ class DumpWriter:
             end = _hdf5_end(fd)
             if end is not None and 0 < end < os.fstat(fd).st_size:
                 os.ftruncate(fd, end)  # the room reserved but not used
-            os.fchmod(fd, creation_mode() if self._target.mode is None else self._target.mode)
-            os.fsync(fd)
-            check_replaceable(self._target.path, self.path)
-            os.replace(self._tmp, self._target.path)
+            finish_temp(fd, self._tmp, self._target.path, self._target.mode, name=self.path)
         except OutputError as e:
             self._failed = str(e)
             self._discard()
