@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 from . import cleanup
+from .checks import bad_label, check_blank, lengths_fit
 from .files import OutputError, finish_temp, resolve_target
 
 FORMAT = "rnntool.dump"
@@ -387,14 +388,11 @@ class DumpWriter:
         if vocab_size is not None and vocab_size != V:
             raise ValueError(f"utterance {utt_id!r}: V = {V}, the dump's vocab size is "
                              f"{vocab_size}")
-        if not -V <= self.blank < V:
-            raise ValueError(f"blank={self.blank} is outside [-V, V) for V={V}")
-        blank = self.blank % V
-        bad = (y < 0) | (y >= V) | (y == blank)
-        if bad.any():
-            u = int(np.argmax(bad))
-            raise ValueError(f"utterance {utt_id!r}: labels[{u}] = {int(y[u])} is out of range "
-                             f"or blank (V={V}, blank={blank})")
+        blank = check_blank(self.blank, V)
+        bad = bad_label(y, V, blank)
+        if bad is not None:
+            raise ValueError(f"utterance {utt_id!r}: labels[{bad.index[0]}] = {bad.value} is out "
+                             f"of range or blank (V={V}, blank={blank})")
         gx = None
         if grads is not None:
             gx = _np(grads)
@@ -517,7 +515,7 @@ class DumpWriter:
         taken: set[str] = set()
         for b in range(B):
             T_b, U_b = int(t_len[b]), int(u_len[b])
-            if not (0 < T_b <= x.shape[1] and 0 <= U_b < x.shape[2] and U_b <= y.shape[1]):
+            if not lengths_fit(T_b, U_b, x.shape[1], x.shape[2], y.shape[1]):
                 raise ValueError(f"utterance {utt_ids[b]!r}: lengths T={T_b}, U={U_b} do not "
                                  f"fit the padded shape {tuple(x.shape)}")
             attrs = {"loss": None if loss_values is None else loss_values[b],

@@ -58,3 +58,32 @@ def reference_loss_and_grad(
     grad = grads * (go * w).view(B, 1, 1, 1)
     value = losses if reduction == "none" else (losses * w).sum()
     return value, grad
+
+
+def write_keyed_raw(path, utts: dict, **root_attrs) -> None:
+    """A keyed dump written with h5py directly, nothing validated: ``utts`` maps an id
+    to ``(logits, labels)``; ``root_attrs`` become root attributes."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        g = f.create_group("utts")
+        for utt_id, (logits, labels) in utts.items():
+            u = g.create_group(utt_id)
+            u["logits"] = logits
+            u["labels"] = labels
+        for k, v in root_attrs.items():
+            f.attrs[k] = v
+
+
+def write_padded_raw(path, logits, labels, logit_lengths, label_lengths, **root_attrs) -> None:
+    """A padded-layout dump (root datasets) written with h5py directly, nothing validated."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["logits"] = logits
+        f["labels"] = labels
+        f["logit_lengths"] = logit_lengths
+        f["label_lengths"] = label_lengths
+        for k, v in root_attrs.items():
+            f.attrs[k] = v
+
