@@ -97,7 +97,7 @@ def render(rows: Sequence[dict], fields: Sequence[str], fmt: str, out: io.TextIO
         from rich.table import Table
         from rich.text import Text
 
-        from .reader import show
+        from .checks import show
 
         table = Table(title=title, show_edge=False, header_style="bold")
         for f in fields:

@@ -17,6 +17,13 @@ wrong number, a hang or a crash:
   checked after every read, so a file truncated or rewritten while it is read
   is an error, not zeros;
 - sizes are checked against the memory available before anything is allocated.
+
+``DumpReader`` does what every layout shares (opening, root attributes, links,
+the file-identity checks, label and blank rules, direct reads); what a layout
+stores where is one small class: ``_KeyedLayout`` (``/utts/<id>/...``) and
+``_PaddedLayout`` (root datasets of a padded batch), with the same methods.
+The storage checks are ``rnntool.storage``'s; the label, blank and length rules
+``rnntool.checks``'.
 """
 
 from __future__ import annotations
@@ -24,23 +31,15 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 
+from .checks import bad_label, length_faults, normalise_blank, show
 from .dump import _FLOAT_DTYPES, FORMAT, FORMAT_VERSION, INPUT_KINDS, DumpError
-
-_IOV_MAX = 1024  # buffers per preadv call (Linux's IOV_MAX)
-
-
-def show(text) -> str:
-    """``text`` for a one-line message: printable as it is, else backslash-escaped
-    (a newline or terminal escape in an id or path cannot break or forge a line)."""
-    text = str(text)
-    return text if text.isprintable() else repr(text)[1:-1]
+from .storage import RawRegion, StorageChecks, native
 
 
 # --------------------------------------------------------------------------- infos
@@ -48,9 +47,9 @@ def show(text) -> str:
 class UttInfo:
     """What is known of an utterance without reading its logits.
 
-    ``region`` is ``(byte offset, (T', U'+1, V))`` of its logits stored raw in
-    the file (for the padded layout the utterance's whole padded slab), or None
-    when they must be read through HDF5.
+    ``region`` is the ``RawRegion`` ``(byte offset, (T', U'+1, V))`` of its logits
+    stored raw in the file (for the padded layout the utterance's whole padded
+    slab), or None when they must be read through HDF5.
     """
 
     utt_id: str
@@ -60,7 +59,7 @@ class UttInfo:
     dtype: np.dtype
     attrs: dict = field(default_factory=dict)
     has_grads: bool = False
-    region: tuple[int, tuple[int, int, int]] | None = None
+    region: RawRegion | None = None
 
     @property
     def nbytes(self) -> int:
@@ -134,8 +133,6 @@ class DumpReader:
         self.direct = direct
         self._fd = -1
         self._f = None
-        self._labels_read: tuple[str | None, np.ndarray | None] = (None, None)
-        self._verified: set = set()  # filtered datasets whose chunks were checked
         self.linked_files: list[str] = []  # files external links name (that exist)
         try:
             self._open()
@@ -180,6 +177,7 @@ class DumpReader:
         # we might not, e.g. a user block, would otherwise shift every read).
         self._direct_ok: bool | None = None
         self._external = self._has_external_links()
+        self._checks = StorageChecks(self.name, self._stat.st_size, self._in_this_file)
 
     def _read_root(self, blank: int | None) -> None:
         f = self._f
@@ -193,18 +191,16 @@ class DumpReader:
                             f"reads ({FORMAT_VERSION}); upgrade rnntool")
         utts = self._child(f, "utts")
         if utts is not None and isinstance(utts, h5py.Group):
-            self.layout = "keyed"
-            self._utts = utts
-            names = list(utts)  # (not decoded inside h5py's iteration, which holds a lock)
-            self._ids = [self._decode_id(k, "in /utts") for k in names]
+            self._layout = _KeyedLayout(self, utts)
         elif all(k in f for k in ("logits", "labels", "logit_lengths", "label_lengths")):
-            self.layout = "padded"
-            self._init_padded()
+            self._layout = _PaddedLayout(self)
         else:
             raise DumpError(
                 f"{self.name}: neither layout: expected group /utts (keyed) or datasets "
                 "logits, labels, logit_lengths, label_lengths (padded)"
             )
+        self.layout = self._layout.kind
+        self._ids = self._layout.ids
         kind = f.attrs.get("input_kind", "logits")
         self.input_kind = _attr_str(kind) if isinstance(kind, str | bytes) else None
         if self.input_kind not in INPUT_KINDS:
@@ -266,60 +262,11 @@ class DumpReader:
         # for an object's file costs more than the rest of the checks).
         return not self._external or obj.file.id == self._f.id
 
-    # -- padded layout
-    def _init_padded(self) -> None:
-        f = self._f
-        x = self._child(f, "logits")
-        if not isinstance(x, h5py.Dataset) or x.ndim != 4:
-            raise DumpError(f"{self.name}: /logits must be a (B, T, U+1, V) dataset, got "
-                            f"{getattr(x, 'shape', type(x).__name__)}")
-        self._logits = x
-        B = x.shape[0]
-        arrays = {}
-        for name in ("logit_lengths", "label_lengths", "labels"):
-            ds = self._child(f, name)
-            want = 2 if name == "labels" else 1
-            if not isinstance(ds, h5py.Dataset) or ds.ndim != want:
-                raise DumpError(f"{self.name}: /{name} must be a {want}-D dataset, got "
-                                f"{getattr(ds, 'shape', type(ds).__name__)}")
-            if ds.dtype.kind not in "iu":
-                raise DumpError(f"{self.name}: /{name} has dtype {ds.dtype}, not an integer type")
-            if ds.shape[0] != B:
-                raise DumpError(f"{self.name}: batch sizes disagree: /logits has {B}, /{name} "
-                                f"{ds.shape[0]}")
-            self._storage(ds, f"/{name}")
-            arrays[name] = ds
-        self._labels = arrays["labels"]
-        self._t_len = self._small(arrays["logit_lengths"], "/logit_lengths")
-        self._u_len = self._small(arrays["label_lengths"], "/label_lengths")
-        if "utt_ids" in f:
-            ds = self._child(f, "utt_ids")
-            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.shape[0] != B:
-                raise DumpError(f"{self.name}: /utt_ids must be (B,) = ({B},), got "
-                                f"{getattr(ds, 'shape', type(ds).__name__)}")
-            if ds.dtype.kind not in "iuSOU":
-                raise DumpError(f"{self.name}: /utt_ids has dtype {ds.dtype}, neither strings "
-                                "nor integers")
-            raw = self._small(ds, "/utt_ids")
-            self._ids = [self._decode_id(v, f"at /utt_ids[{b}]") if isinstance(v, bytes | str)
-                         else str(int(v)) for b, v in enumerate(raw.tolist())]
-        else:
-            self._ids = [str(b) for b in range(B)]
-        self._index: dict[str, int] = {}
-        for b, u in enumerate(self._ids):
-            if not u:
-                raise DumpError(f"{self.name}: /utt_ids[{b}] is empty")
-            if u in self._index:
-                raise DumpError(f"{self.name}: utterance id {show(u)} appears twice in /utt_ids "
-                                f"(entries {self._index[u]} and {b})")
-            self._index[u] = b
-        self._logits_storage = self._storage(x, "/logits")
-
     def _small(self, ds: h5py.Dataset, where: str) -> np.ndarray:
         """Read a small auxiliary dataset whole, after checking its storage and size."""
-        self._storage(ds, where)
+        self._checks.raw_run(ds, where)
         check_memory(ds.size * max(ds.dtype.itemsize, 8), f"{self.name}: {where} would")
-        self._verify_filtered(ds, where)
+        self._checks.verify_filtered(ds, where)
         return np.asarray(ds[()])
 
     def _read_vocab(self) -> list[str] | None:
@@ -354,111 +301,7 @@ class DumpReader:
             return vs
         if self.vocab is not None:
             return len(self.vocab)
-        if self.layout == "padded":
-            return int(self._logits.shape[-1])
-        return -1
-
-    # -- storage: is what HDF5 would read really in this file?
-    def _storage(self, ds: h5py.Dataset, where: str) -> tuple[int, int] | None:
-        """Check that ``ds``'s data is all stored in this file; return ``(byte offset,
-        bytes)`` when it is one raw run that may be read directly, else None."""
-        size = self._stat.st_size
-        dcpl = ds.id.get_create_plist()
-        here = self._in_this_file(ds)
-        if not here:
-            where += f" (in {show(ds.file.filename)})"
-        if dcpl.get_external_count():
-            raise DumpError(f"{self.name}: {where} keeps its data in external files, which "
-                            "rnntool does not read")
-        layout = dcpl.get_layout()
-        if layout == h5py.h5d.VIRTUAL:
-            raise DumpError(f"{self.name}: {where} is a virtual dataset (data in other files), "
-                            "which rnntool does not read")
-        item = ds.dtype.itemsize
-        nbytes = int(np.prod(ds.shape, dtype=np.float64)) * item
-        if nbytes == 0 or layout == h5py.h5d.COMPACT:
-            return None
-        # Raw reads only of the standard little-endian IEEE types: HDF5 converts any
-        # other float layout (h5py may still call it float32) on reading.
-        raw = here and not dcpl.get_nfilters() and any(
-            ds.id.get_type().equal(t) for t in _RAW_TYPES)
-        if layout == h5py.h5d.CONTIGUOUS:
-            start = ds.id.get_offset()
-            if start is None:
-                raise DumpError(f"{self.name}: {where} was never written (no data stored; HDF5 "
-                                "would read zeros)")
-            if here and start + nbytes > size:
-                raise DumpError(f"{self.name}: {where} declares {nbytes} bytes at offset {start}, "
-                                f"past the end of the file ({size} bytes): truncated?")
-            return (start, nbytes) if raw and start % item == 0 else None
-        chunks = ds.chunks
-        expected = int(np.prod([-(-n // c) for n, c in zip(ds.shape, chunks, strict=True)],
-                               dtype=np.float64))
-        chunk_bytes = int(np.prod(chunks, dtype=np.float64)) * item
-        if chunk_bytes > max(2 * nbytes, 1 << 26):
-            raise DumpError(f"{self.name}: {where} declares chunks of {chunk_bytes} bytes for "
-                            f"{nbytes} bytes of data")
-        info = []
-        ds.id.chunk_iter(info.append)
-        # Every chunk of the grid must be stored (a chunk outside the extent does not count):
-        # HDF5 reads a missing one as the fill value.
-        on_grid = {c.chunk_offset for c in info if all(
-            o % k == 0 and o < n for o, k, n in zip(c.chunk_offset, chunks, ds.shape, strict=True))}
-        if len(on_grid) < expected:
-            raise DumpError(f"{self.name}: {where}: only {len(on_grid)} of its {expected} chunks "
-                            "are stored (a partly written or truncated dump; HDF5 would read "
-                            "zeros)")
-        if here:
-            end = max(c.byte_offset + c.size for c in info)
-            if end > size:
-                raise DumpError(f"{self.name}: {where} has chunks past the end of the file "
-                                f"({end} > {size} bytes): truncated?")
-        all_skipped = (1 << dcpl.get_nfilters()) - 1
-        for c in info:
-            if (c.filter_mask & all_skipped) == all_skipped and c.size != chunk_bytes:
-                # An unfiltered chunk shorter than the chunk: HDF5 would read past its end.
-                raise DumpError(f"{self.name}: {where}: a chunk at {c.chunk_offset} holds "
-                                f"{c.size} bytes, not {chunk_bytes}")
-        if not raw or tuple(chunks[1:]) != tuple(ds.shape[1:]):
-            return None
-        info.sort(key=lambda c: c.chunk_offset)
-        start = info[0].byte_offset
-        if start % item or any(c.byte_offset != start + k * chunk_bytes or c.filter_mask
-                               for k, c in enumerate(info)):
-            return None
-        return start, nbytes
-
-    def _verify_filtered(self, ds: h5py.Dataset, where: str) -> None:
-        """Every chunk of a filtered (compressed) dataset must decode to a whole chunk.
-
-        HDF5 does not check this: a chunk that decompresses short leaves the rest of
-        its buffer uninitialised, and the numbers change from run to run. The size
-        through deflate (zlib) and LZF is computed here from the stored bytes;
-        shuffle, Fletcher-32, n-bit and scale-offset cannot change it. Any other
-        filter is refused (its output cannot be checked). Once per dataset.
-        """
-        key = (ds.file.filename, ds.name)
-        if key in self._verified:
-            return
-        dcpl = ds.id.get_create_plist()
-        filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
-        if ds.chunks is None or not filters:
-            return
-        unknown = [f for f in filters if f not in _CHECKED_FILTERS]
-        if unknown:
-            raise DumpError(f"{self.name}: {where} uses HDF5 filter {unknown[0]}, whose output "
-                            "rnntool cannot check; store it raw, with gzip or with lzf")
-        chunk_bytes = int(np.prod(ds.chunks)) * ds.dtype.itemsize
-        info = []
-        ds.id.chunk_iter(info.append)
-        for c in info:
-            mask, data = ds.id.read_direct_chunk(c.chunk_offset)
-            got = _decoded_size(data, filters, mask, chunk_bytes)
-            if got != chunk_bytes:
-                how = "does not decode" if got < 0 else f"decodes to {got} bytes, not {chunk_bytes}"
-                raise DumpError(f"{self.name}: {where}: the chunk at {c.chunk_offset} {how} "
-                                "(corrupt)")
-        self._verified.add(key)
+        return self._layout.V
 
     def _check_unchanged(self, utt_id: str | None = None) -> None:
         """The file must still be the one opened, with the size and times it had."""
@@ -505,15 +348,7 @@ class DumpReader:
         return list(self._ids)
 
     def __contains__(self, utt_id: str) -> bool:
-        if self.layout == "padded":
-            return utt_id in self._index
-        return isinstance(utt_id, str) and utt_id in self._idset
-
-    @property
-    def _idset(self) -> set[str]:
-        if not hasattr(self, "_idset_cache"):
-            self._idset_cache = set(self._ids)
-        return self._idset_cache
+        return self._layout.contains(utt_id)
 
     def _err(self, utt_id: str, msg: str) -> DumpError:
         return DumpError(f"{self.name}: utterance {show(utt_id)}: {msg}")
@@ -534,118 +369,28 @@ class DumpReader:
             raise self._err(utt_id, f"unreadable ({_first_line(e)})") from None
 
     def _info(self, utt_id: str) -> UttInfo:
-        if self.layout == "padded":
-            info = self._info_padded(utt_id)
-        else:
-            info = self._info_keyed(utt_id)
+        info = self._layout.info(utt_id)
         if info.dtype not in _FLOAT_DTYPES:
             raise self._err(utt_id, f"logits dtype {info.dtype} is not float16/32/64")
         if info.V < 1:
             raise self._err(utt_id, "V = 0: logits need at least one entry per node")
         if self.vocab_size > 0 and self.vocab_size != info.V:
             raise self._err(utt_id, f"V = {info.V} but the dump's vocab size is {self.vocab_size}")
-        if not -info.V <= self.blank < info.V:
+        if normalise_blank(self.blank, info.V) is None:
             raise DumpError(f"{self.name}: blank = {self.blank} is outside [-V, V) for V = "
                             f"{info.V}")
         return info
-
-    def _info_padded(self, utt_id: str) -> UttInfo:
-        b = self._index[utt_id]
-        x = self._logits
-        T_b, U_b = int(self._t_len[b]), int(self._u_len[b])  # exact, whatever the int type
-        if T_b <= 0:
-            raise self._err(utt_id, f"logit_lengths[{b}] = {T_b}, an utterance needs T >= 1")
-        if U_b < 0:
-            raise self._err(utt_id, f"label_lengths[{b}] = {U_b} is negative")
-        if T_b > x.shape[1]:
-            raise self._err(utt_id, f"logit_lengths[{b}] = {T_b} exceeds the padded T = "
-                            f"{x.shape[1]}")
-        if U_b + 1 > x.shape[2] or U_b > self._labels.shape[1]:
-            raise self._err(utt_id, f"label_lengths[{b}] = {U_b} exceeds the padded U+1 = "
-                            f"{x.shape[2]} or the labels' width {self._labels.shape[1]}")
-        region = None
-        if self._logits_storage is not None:
-            per_utt = self._logits_storage[1] // x.shape[0]
-            region = (self._logits_storage[0] + b * per_utt, tuple(x.shape[1:]))
-        return UttInfo(utt_id, T_b, U_b, int(x.shape[3]), _native(x.dtype), region=region)
-
-    def _info_keyed(self, utt_id: str) -> UttInfo:
-        g = self._child(self._utts, utt_id)
-        if not isinstance(g, h5py.Group):
-            raise self._err(utt_id, "is not a group")
-        x, y = self._child(g, "logits"), self._child(g, "labels")
-        for name, ds in (("logits", x), ("labels", y)):
-            if ds is None:
-                raise self._err(utt_id, f"missing dataset {name}")
-            if not isinstance(ds, h5py.Dataset):
-                raise self._err(utt_id, f"{name} is not a dataset")
-        if x.ndim != 3:
-            raise self._err(utt_id, f"logits must be (T, U+1, V), got shape {x.shape}")
-        if y.ndim != 1:
-            raise self._err(utt_id, f"labels must be (U,), got shape {y.shape}")
-        T, U1, V = x.shape
-        if T == 0:
-            raise self._err(utt_id, "T = 0, an utterance needs T >= 1")
-        if y.shape[0] != U1 - 1:
-            raise self._err(utt_id, f"{y.shape[0]} labels but logits have U+1 = {U1}")
-        if y.dtype.kind not in "iu":
-            raise self._err(utt_id, f"labels dtype {y.dtype} is not an integer type")
-        attrs = self._utt_attrs(utt_id, g)
-        stored = self._storage(x, "logits")
-        self._storage(y, "labels")
-        check_memory(y.size * 8, f"{self.name}: utterance {show(utt_id)}: its labels would")
-        self._verify_filtered(y, f"utterance {show(utt_id)}: labels")
-        self._labels_read = (utt_id, np.asarray(y[()]))  # for labels(), next
-        grads = self._child(g, "grads") if "grads" in g else None
-        if grads is not None:
-            if not isinstance(grads, h5py.Dataset) or grads.shape != x.shape:
-                raise self._err(utt_id, f"grads shape {getattr(grads, 'shape', None)} != logits "
-                                f"{x.shape}")
-            if _native(grads.dtype) not in _FLOAT_DTYPES:
-                raise self._err(utt_id, f"grads dtype {grads.dtype} is not float16/32/64")
-            self._storage(grads, "grads")
-        region = None if stored is None else (stored[0], (T, U1, V))
-        return UttInfo(utt_id, T, U1 - 1, V, _native(x.dtype), attrs, grads is not None, region)
-
-    def _utt_attrs(self, utt_id: str, g: h5py.Group) -> dict:
-        """The attributes rnntool uses (``loss``: a real number; ``text``: a string),
-        checked; any other attribute is ignored."""
-        attrs = {}
-        if "loss" in g.attrs:
-            v = np.asarray(g.attrs["loss"])
-            if v.size != 1 or v.dtype.kind not in "iuf" or v.dtype == np.bool_:
-                raise self._err(utt_id, f"attribute loss = {_shown(v)} is not a "
-                                "number")
-            attrs["loss"] = float(v.reshape(()))
-        if "text" in g.attrs:
-            v = g.attrs["text"]
-            if not isinstance(v, str | bytes):
-                raise self._err(utt_id, f"attribute text = {_shown(v)} is not a string")
-            try:
-                attrs["text"] = v.decode("utf-8") if isinstance(v, bytes) else v
-            except UnicodeDecodeError:
-                raise self._err(utt_id, "attribute text is not UTF-8") from None
-        return attrs
 
     def labels(self, utt_id: str, info: UttInfo | None = None) -> np.ndarray:
         """``(U,)`` int64 labels, checked against V and blank (values as stored)."""
         info = info or self.info(utt_id)
         try:
-            if self.layout == "padded":
-                y = np.asarray(self._labels[self._index[utt_id], : info.U])
-            elif self._labels_read[0] == utt_id:
-                y = self._labels_read[1]
-            else:
-                y = np.asarray(self._child(self._utts, utt_id)["labels"][()])
+            y = self._layout.labels(utt_id, info)
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise self._err(utt_id, f"labels unreadable ({_first_line(e)})") from None
-        blank = self.blank % info.V
-        # Compared in the stored dtype, so that no value wraps (uint64) before it is checked.
-        bad = (y < 0) | (y >= info.V) | (y == blank)
-        if bad.any():
-            u = int(np.argmax(bad))
-            why = "equals blank" if int(y[u]) == blank else f"is outside [0, {info.V})"
-            raise self._err(utt_id, f"labels[{u}] = {int(y[u])} {why}")
+        bad = bad_label(y, info.V, normalise_blank(self.blank, info.V))
+        if bad is not None:
+            raise self._err(utt_id, bad.message())
         self._check_unchanged(utt_id)
         return y.astype(np.int64)
 
@@ -661,12 +406,8 @@ class DumpReader:
             if info.region is not None and self._direct_allowed(info):
                 self._pread(info, dest)
             else:
-                src = self._logits if self.layout == "padded" else self._child(
-                    self._utts, utt_id)["logits"]
-                self._verify_filtered(src, f"utterance {show(utt_id)}: logits"
-                                      if self.layout == "keyed" else "/logits")
-                sel = (np.s_[self._index[utt_id], : info.T, : info.U + 1, :]
-                       if self.layout == "padded" else np.s_[...])
+                src, sel, name = self._layout.logits(utt_id, info)
+                self._checks.verify_filtered(src, name)
                 if out.dtype == src.dtype and out.flags.c_contiguous:
                     src.read_direct(out, sel, np.s_[where] if where != () else np.s_[...])
                 else:
@@ -691,37 +432,16 @@ class DumpReader:
             self._pread(info, one)
         except DumpError:
             return False
-        if self.layout == "padded":
-            ref = self._logits[self._index[info.utt_id], :1, : info.U + 1, :]
-        else:
-            ref = self._child(self._utts, info.utt_id)["logits"][:1]
-        return one.tobytes() == np.ascontiguousarray(ref, info.dtype).tobytes()
+        src, sel, _ = self._layout.logits(info.utt_id, info, frames=1)
+        return one.tobytes() == np.ascontiguousarray(src[sel], info.dtype).tobytes()
 
     def _pread(self, info: UttInfo, dest: np.ndarray) -> None:
         """Read the utterance's raw region into ``dest`` ``(T, U+1, V)`` (C-contiguous rows)."""
-        start, (_, U1_s, V) = info.region
-        item = info.dtype.itemsize
-        frame = U1_s * V * item  # bytes per frame in the file
-        row = dest.shape[1] * V * item  # bytes per frame wanted
-        runs: list[list] = []  # [file offset, buffers, end offset]: consecutive frames merged
-        for t in range(dest.shape[0]):
-            offset = start + t * frame
-            view = memoryview(dest[t]).cast("B")
-            if runs and row == frame and runs[-1][2] == offset:
-                runs[-1][1].append(view)
-                runs[-1][2] += row
-            else:
-                runs.append([offset, [view], offset + row])
-        for offset, views, _ in runs:
-            for k in range(0, len(views), _IOV_MAX):
-                chunk = views[k : k + _IOV_MAX]
-                want = sum(v.nbytes for v in chunk)
-                got = os.preadv(self._fd, chunk, offset)
-                if got != want:  # a regular file's read is short only at its end
-                    self._check_unchanged(info.utt_id)
-                    raise self._err(info.utt_id, f"the file ends inside its logits ({got} of "
-                                    f"{want} bytes at offset {offset})")
-                offset += want
+        short = info.region.read_into(self._fd, dest, info.dtype.itemsize)
+        if short is not None:
+            self._check_unchanged(info.utt_id)
+            raise self._err(info.utt_id, f"the file ends inside its logits ({short.got} of "
+                            f"{short.want} bytes at offset {short.offset})")
 
     def read(self, utt_id: str, with_grads: bool = False) -> Utterance:
         """One utterance, validated (not for finiteness: the engine reports NaN losses)."""
@@ -734,8 +454,8 @@ class DumpReader:
         grads = None
         if with_grads and info.has_grads:
             try:
-                ds = self._child(self._utts, utt_id)["grads"]
-                self._verify_filtered(ds, f"utterance {show(utt_id)}: grads")
+                ds, name = self._layout.grads(utt_id)
+                self._checks.verify_filtered(ds, name)
                 grads = np.asarray(ds[()])
             except (OSError, ValueError, TypeError, KeyError) as e:
                 raise self._err(utt_id, f"grads unreadable ({_first_line(e)})") from None
@@ -760,65 +480,206 @@ class DumpReader:
         return self._stat.st_size
 
 
-_RAW_TYPES = (h5py.h5t.IEEE_F16LE, h5py.h5t.IEEE_F32LE, h5py.h5t.IEEE_F64LE)
-_SIZE_KEEPING = (h5py.h5z.FILTER_SHUFFLE,)
-_FULL_OUTPUT = (h5py.h5z.FILTER_NBIT, h5py.h5z.FILTER_SCALEOFFSET)  # decode to whole chunks
-_CHECKED_FILTERS = (h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_LZF, h5py.h5z.FILTER_FLETCHER32,
-                    *_SIZE_KEEPING, *_FULL_OUTPUT)
+# --------------------------------------------------------------------------- layouts
+# What a layout stores where. Each class has the same attributes and methods, which
+# DumpReader calls and nothing else does:
+#
+#   kind                     "keyed" | "padded" (DumpReader.layout)
+#   ids                      the utterance ids, in the file's order
+#   V                        the vocabulary size the layout fixes, -1 if none
+#   contains(utt_id)         whether the dump has that utterance
+#   info(utt_id)             its UttInfo, lengths and storage checked (DumpReader adds
+#                            the checks every layout shares: dtype, V, blank)
+#   labels(utt_id, info)     its (U,) labels as stored (DumpReader checks their values)
+#   logits(utt_id, info, frames=None)
+#                            (dataset, selection, name for messages) of its logits
+#                            (T, U+1, V), or only their first ``frames`` frames
+#   grads(utt_id)            (dataset, name) of its stored gradient (info.has_grads)
+#
+# Each takes the reader for what is shared: _child (links), _checks (storage),
+# _small (small datasets), _decode_id, _err, name.
 
 
-def _decoded_size(data: bytes, filters: list[int], mask: int, whole: int) -> int:
-    """Bytes a stored chunk decodes to through the filter pipeline (applied in reverse;
-    a filter whose bit is set in ``mask`` was skipped when the chunk was written)."""
-    for i in reversed(range(len(filters))):
-        if mask >> i & 1:
-            continue
-        f = filters[i]
-        if f == h5py.h5z.FILTER_FLETCHER32:
-            data = data[:-4]
-        elif f == h5py.h5z.FILTER_DEFLATE:
+class _KeyedLayout:
+    """``/utts/<utt_id>/{logits,labels,grads}``, one group per utterance (DumpWriter's)."""
+
+    kind = "keyed"
+    V = -1  # each utterance has its own logits: nothing fixes V before one is read
+
+    def __init__(self, r: DumpReader, utts: h5py.Group) -> None:
+        self._r = r
+        self._utts = utts
+        names = list(utts)  # (not decoded inside h5py's iteration, which holds a lock)
+        self.ids = [r._decode_id(k, "in /utts") for k in names]
+        self._idset = set(self.ids)
+        self._labels_read: tuple[str | None, np.ndarray | None] = (None, None)
+
+    def contains(self, utt_id: str) -> bool:
+        return isinstance(utt_id, str) and utt_id in self._idset
+
+    def info(self, utt_id: str) -> UttInfo:
+        r = self._r
+        g = r._child(self._utts, utt_id)
+        if not isinstance(g, h5py.Group):
+            raise r._err(utt_id, "is not a group")
+        x, y = r._child(g, "logits"), r._child(g, "labels")
+        for name, ds in (("logits", x), ("labels", y)):
+            if ds is None:
+                raise r._err(utt_id, f"missing dataset {name}")
+            if not isinstance(ds, h5py.Dataset):
+                raise r._err(utt_id, f"{name} is not a dataset")
+        if x.ndim != 3:
+            raise r._err(utt_id, f"logits must be (T, U+1, V), got shape {x.shape}")
+        if y.ndim != 1:
+            raise r._err(utt_id, f"labels must be (U,), got shape {y.shape}")
+        T, U1, V = x.shape
+        if T == 0:
+            raise r._err(utt_id, "T = 0, an utterance needs T >= 1")
+        if y.shape[0] != U1 - 1:
+            raise r._err(utt_id, f"{y.shape[0]} labels but logits have U+1 = {U1}")
+        if y.dtype.kind not in "iu":
+            raise r._err(utt_id, f"labels dtype {y.dtype} is not an integer type")
+        attrs = self._attrs(utt_id, g)
+        stored = r._checks.raw_run(x, "logits")
+        r._checks.raw_run(y, "labels")
+        check_memory(y.size * 8, f"{r.name}: utterance {show(utt_id)}: its labels would")
+        r._checks.verify_filtered(y, f"utterance {show(utt_id)}: labels")
+        self._labels_read = (utt_id, np.asarray(y[()]))  # for labels(), next
+        grads = r._child(g, "grads") if "grads" in g else None
+        if grads is not None:
+            if not isinstance(grads, h5py.Dataset) or grads.shape != x.shape:
+                raise r._err(utt_id, f"grads shape {getattr(grads, 'shape', None)} != logits "
+                             f"{x.shape}")
+            if native(grads.dtype) not in _FLOAT_DTYPES:
+                raise r._err(utt_id, f"grads dtype {grads.dtype} is not float16/32/64")
+            r._checks.raw_run(grads, "grads")
+        region = None if stored is None else RawRegion(stored[0], (T, U1, V))
+        return UttInfo(utt_id, T, U1 - 1, V, native(x.dtype), attrs, grads is not None, region)
+
+    def _attrs(self, utt_id: str, g: h5py.Group) -> dict:
+        """The attributes rnntool uses (``loss``: a real number; ``text``: a string),
+        checked; any other attribute is ignored."""
+        attrs = {}
+        if "loss" in g.attrs:
+            v = np.asarray(g.attrs["loss"])
+            if v.size != 1 or v.dtype.kind not in "iuf" or v.dtype == np.bool_:
+                raise self._r._err(utt_id, f"attribute loss = {_shown(v)} is not a number")
+            attrs["loss"] = float(v.reshape(()))
+        if "text" in g.attrs:
+            v = g.attrs["text"]
+            if not isinstance(v, str | bytes):
+                raise self._r._err(utt_id, f"attribute text = {_shown(v)} is not a string")
             try:
-                d = zlib.decompressobj()
-                data = d.decompress(data, whole + 1)  # never more than a chunk and a byte
-            except zlib.error:
-                return -1
-        elif f == h5py.h5z.FILTER_LZF:
-            if any(not (mask >> j & 1) for j in range(i)) and any(
-                    filters[j] not in _SIZE_KEEPING + _FULL_OUTPUT for j in range(i)):
-                return -1  # something decoded after LZF would need its bytes
-            return _lzf_size(data)
-        elif f in _FULL_OUTPUT:
-            return whole
-    return len(data)
+                attrs["text"] = v.decode("utf-8") if isinstance(v, bytes) else v
+            except UnicodeDecodeError:
+                raise self._r._err(utt_id, "attribute text is not UTF-8") from None
+        return attrs
+
+    def labels(self, utt_id: str, info: UttInfo) -> np.ndarray:
+        if self._labels_read[0] == utt_id:
+            return self._labels_read[1]
+        return np.asarray(self._r._child(self._utts, utt_id)["labels"][()])
+
+    def logits(self, utt_id: str, info: UttInfo, frames: int | None = None):
+        ds = self._r._child(self._utts, utt_id)["logits"]
+        return ds, np.s_[...] if frames is None else np.s_[:frames], \
+            f"utterance {show(utt_id)}: logits"
+
+    def grads(self, utt_id: str):
+        return self._r._child(self._utts, utt_id)["grads"], f"utterance {show(utt_id)}: grads"
 
 
-def _lzf_size(data: bytes) -> int:
-    """Length of the output an LZF stream (h5py's lzf filter: no header) decodes to,
-    walking its tokens without producing it; -1 if the stream is malformed."""
-    n, i, end = 0, 0, len(data)
-    while i < end:
-        ctrl = data[i]
-        i += 1
-        if ctrl < 32:  # a literal run of ctrl + 1 bytes
-            i += ctrl + 1
-            n += ctrl + 1
-        else:  # a back reference of length (ctrl >> 5) + 2, 7 meaning "one more byte"
-            length = ctrl >> 5
-            if length == 7:
-                if i >= end:
-                    return -1
-                length += data[i]
-                i += 1
-            if i >= end or ((ctrl & 31) << 8 | data[i]) + 1 > n:
-                return -1
-            i += 1
-            n += length + 2
-    return n if i == end else -1
+class _PaddedLayout:
+    """Root datasets of a padded batch, as a training loop dumps it: ``logits (B, T,
+    U+1, V)``, ``labels (B, Umax)``, ``logit_lengths (B,)``, ``label_lengths (B,)``,
+    optional ``utt_ids (B,)`` (else the batch index). No grads."""
 
+    kind = "padded"
 
-def _native(dtype: np.dtype) -> np.dtype:
-    """A float dtype in native byte order (HDF5 converts big-endian data on reading)."""
-    return dtype.newbyteorder("=") if dtype.kind == "f" else dtype
+    def __init__(self, r: DumpReader) -> None:
+        self._r = r
+        f = r._f
+        x = r._child(f, "logits")
+        if not isinstance(x, h5py.Dataset) or x.ndim != 4:
+            raise DumpError(f"{r.name}: /logits must be a (B, T, U+1, V) dataset, got "
+                            f"{getattr(x, 'shape', type(x).__name__)}")
+        self._logits = x
+        self.V = int(x.shape[-1])
+        B = x.shape[0]
+        arrays = {}
+        for name in ("logit_lengths", "label_lengths", "labels"):
+            ds = r._child(f, name)
+            want = 2 if name == "labels" else 1
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != want:
+                raise DumpError(f"{r.name}: /{name} must be a {want}-D dataset, got "
+                                f"{getattr(ds, 'shape', type(ds).__name__)}")
+            if ds.dtype.kind not in "iu":
+                raise DumpError(f"{r.name}: /{name} has dtype {ds.dtype}, not an integer type")
+            if ds.shape[0] != B:
+                raise DumpError(f"{r.name}: batch sizes disagree: /logits has {B}, /{name} "
+                                f"{ds.shape[0]}")
+            r._checks.raw_run(ds, f"/{name}")
+            arrays[name] = ds
+        self._labels = arrays["labels"]
+        self._t_len = r._small(arrays["logit_lengths"], "/logit_lengths")
+        self._u_len = r._small(arrays["label_lengths"], "/label_lengths")
+        if "utt_ids" in f:
+            ds = r._child(f, "utt_ids")
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.shape[0] != B:
+                raise DumpError(f"{r.name}: /utt_ids must be (B,) = ({B},), got "
+                                f"{getattr(ds, 'shape', type(ds).__name__)}")
+            if ds.dtype.kind not in "iuSOU":
+                raise DumpError(f"{r.name}: /utt_ids has dtype {ds.dtype}, neither strings "
+                                "nor integers")
+            raw = r._small(ds, "/utt_ids")
+            self.ids = [r._decode_id(v, f"at /utt_ids[{b}]") if isinstance(v, bytes | str)
+                        else str(int(v)) for b, v in enumerate(raw.tolist())]
+        else:
+            self.ids = [str(b) for b in range(B)]
+        self._index: dict[str, int] = {}
+        for b, u in enumerate(self.ids):
+            if not u:
+                raise DumpError(f"{r.name}: /utt_ids[{b}] is empty")
+            if u in self._index:
+                raise DumpError(f"{r.name}: utterance id {show(u)} appears twice in /utt_ids "
+                                f"(entries {self._index[u]} and {b})")
+            self._index[u] = b
+        self._storage = r._checks.raw_run(x, "/logits")
+
+    def contains(self, utt_id: str) -> bool:
+        return utt_id in self._index
+
+    def info(self, utt_id: str) -> UttInfo:
+        r = self._r
+        b = self._index[utt_id]
+        x = self._logits
+        T_b, U_b = int(self._t_len[b]), int(self._u_len[b])  # exact, whatever the int type
+        broken = length_faults(T_b, U_b, x.shape[1], x.shape[2], self._labels.shape[1])
+        if broken["T_negative"] or broken["T_zero"]:
+            raise r._err(utt_id, f"logit_lengths[{b}] = {T_b}, an utterance needs T >= 1")
+        if broken["U_negative"]:
+            raise r._err(utt_id, f"label_lengths[{b}] = {U_b} is negative")
+        if broken["T_over"]:
+            raise r._err(utt_id, f"logit_lengths[{b}] = {T_b} exceeds the padded T = "
+                         f"{x.shape[1]}")
+        if broken["U_over"] or broken["U_over_labels"]:
+            raise r._err(utt_id, f"label_lengths[{b}] = {U_b} exceeds the padded U+1 = "
+                         f"{x.shape[2]} or the labels' width {self._labels.shape[1]}")
+        region = None
+        if self._storage is not None:
+            per_utt = self._storage[1] // x.shape[0]
+            region = RawRegion(self._storage[0] + b * per_utt, tuple(x.shape[1:]))
+        return UttInfo(utt_id, T_b, U_b, int(x.shape[3]), native(x.dtype), region=region)
+
+    def labels(self, utt_id: str, info: UttInfo) -> np.ndarray:
+        return np.asarray(self._labels[self._index[utt_id], : info.U])
+
+    def logits(self, utt_id: str, info: UttInfo, frames: int | None = None):
+        T = info.T if frames is None else frames
+        return self._logits, np.s_[self._index[utt_id], :T, : info.U + 1, :], "/logits"
+
+    def grads(self, utt_id: str):
+        raise KeyError("grads")  # never asked: a padded dump's info has has_grads False
 
 
 def _link_target(link) -> str:
