@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TransducerLoss", "rnnt_loss", "reference_rnnt_loss", "align", "Alignment",
-    "DumpWriter", "DumpReader", "DumpError", "DumpWriteError", "__version__",
+    "DumpWriter", "DumpReader", "DumpError", "DumpWriteError", "ImpossibleLossWarning",
+    "__version__",
 ]
 
 _LAZY = {
@@ -24,6 +25,7 @@ _LAZY = {
     "DumpReader": "reader",
     "DumpError": "dump",
     "DumpWriteError": "dump",
+    "ImpossibleLossWarning": "engine",
 }
 
 
