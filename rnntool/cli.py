@@ -104,14 +104,14 @@ def _run(fn, args, kwargs):
 
 
 class _Utterance:
-    """Processing one utterance: its warnings are recorded, and its problems reported.
+    """Processing one utterance: its warnings are recorded, and its problem reported.
 
-    ``check(loss, ...)`` prints one line naming file and utterance when the loss
-    cannot be true (``score.loss_problem``) and says whether the utterance's
-    results mean anything (False for a non-finite loss). On leaving, warnings of
-    an utterance with a problem are dropped (consequences of it); the engine's
-    own ``rnnt_loss:`` warnings too (they name a batch index, and the CLI checks
-    the same values itself); any other becomes one line naming the utterance.
+    ``report(problem)`` prints one line naming file and utterance when the
+    library found that its loss cannot be true (``score.loss_problem``). On
+    leaving, warnings of an utterance with a problem are dropped (consequences of
+    it); the engine's own ``ImpossibleLossWarning``s too (they name a batch index,
+    and the library checks the same values itself); any other becomes one line
+    naming the utterance.
     """
 
     def __init__(self, path, utt_id: str) -> None:
@@ -127,20 +127,19 @@ class _Utterance:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        from .engine import ImpossibleLossWarning
+
         self._cm.__exit__(exc_type, exc, tb)
         if exc_type is None and self.problem is None:
             for message in _unique(w for w in self._caught
-                                   if not str(w.message).startswith("rnnt_loss: ")):
+                                   if not issubclass(w.category, ImpossibleLossWarning)):
                 print(f"rnntool: {self.where}: warning: {_line(message)}", file=sys.stderr)
 
-    def check(self, loss: float, T: int, U: int, float64: bool = False,
-              input_eps: float = 0.0) -> bool:
-        from .score import loss_problem
-
-        self.problem = loss_problem(loss, T, U, float64, input_eps)
-        if self.problem is not None:
-            print(f"rnntool: {self.where}: {self.problem}", file=sys.stderr)
-        return math.isfinite(loss)
+    def report(self, problem: str | None) -> None:
+        """Print ``problem`` (why the utterance's loss cannot be true), if any."""
+        self.problem = problem
+        if problem is not None:
+            print(f"rnntool: {self.where}: {problem}", file=sys.stderr)
 
 
 def _version(value: bool) -> None:
@@ -189,24 +188,14 @@ def _check_format(fmt: str | None, output: str | None) -> str:
     return fmt
 
 
-def _resolve_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda"):
-        raise fail(f"--device {device!r} is not one of auto, cpu, cuda")
-    if device == "auto":
-        # No NVIDIA device node, no CUDA: skip importing torch (a second of start-up;
-        # CPU scoring of raw dumps never needs it).
-        if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")):
-            return "cpu"
-        import torch
+def _backend(device: str) -> str:
+    """The engine backend that ``--device`` selects (``devices.backend_for``)."""
+    from .devices import backend_for
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise fail("--device cuda: no usable CUDA GPU here (torch.cuda.is_available() "
-                       "is False); use --device cpu")
-    return device
+    try:
+        return backend_for(device)
+    except ValueError as e:
+        raise fail(f"--device {e}" + ("; use --device cpu" if device == "cuda" else "")) from None
 
 
 def _wanted(utts: list[str] | None, utt_list: str | None) -> list[str] | None:
@@ -326,7 +315,7 @@ def score(
     fmt: Format = None,
     device: Device = "auto",
     blank: Blank = None,
-    utt: Utts = None,
+    utts: Utts = None,
     utt_list: UttList = None,
     batch_mb: Annotated[int, typer.Option("--batch-mb", help="Memory budget of one padded "
                                           "batch, MiB.")] = 64,
@@ -347,37 +336,25 @@ def score(
     """
     from .output import open_output, render
     from .reader import show
-    from .score import SCORE_FIELDS, STORED_FIELDS, loss_problem, score_reader, summarize
+    from .score import score_dumps, score_fields, summarize
 
-    ins = _inputs_of(inputs, utt_list)
-    fmt = _output_format(fmt, output, ins)
-    dev = _resolve_device(device)
-    rows = []
-    with _selection(inputs, blank, utt, utt_list, direct=not via_hdf5,
-                    output=output) as selected:
-        total = sum(len(ids) for _, ids in selected)
-        with _progress(quiet) as bar:
-            task = bar.add_task("scoring", total=total)
-            for reader, ids in selected:
-                order = {u: i for i, u in enumerate(ids)}
-                got = list(score_reader(reader, ids, device=dev, budget_bytes=batch_mb << 20,
-                                        on_batch=lambda n: bar.advance(task, n)))
-                got.sort(key=lambda r: order[r["utt_id"]])
-                for r in got:
-                    r["_file"] = reader.name
-                rows += got
-    fields = SCORE_FIELDS + (STORED_FIELDS if any("stored_loss" in r for r in rows) else [])
-    with open_output(output, ins) as out:
-        render(rows, fields, fmt, out, title="RNN-T loss per utterance")
-    summary = summarize(rows)
+    reads = _inputs_of(inputs, utt_list)
+    fmt = _output_format(fmt, output, reads)
+    backend = _backend(device)
+    with (_selection(inputs, blank, utts, utt_list, direct=not via_hdf5, output=output)
+          as selected, _progress(quiet) as bar):
+        task = bar.add_task("scoring", total=sum(len(ids) for _, ids in selected))
+        rows = score_dumps(selected, backend=backend, budget_bytes=batch_mb << 20,
+                           on_batch=lambda n: bar.advance(task, n))
+    with open_output(output, reads) as out:
+        render(rows, score_fields(rows), fmt, out, title="RNN-T loss per utterance")
     err = _stderr()
-    problems = 0
-    for r in rows:
-        why = loss_problem(r["loss"], r["T"], r["U"], r["_float64"], r["_input_eps"])
-        if why is not None:
-            problems += 1
-            err.print(f"rnntool: {r['_file']}: utterance {show(r['utt_id'])}: {why}", markup=False)
+    problems = [r for r in rows if r["_problem"] is not None]
+    for r in problems:
+        err.print(f"rnntool: {r['_file']}: utterance {show(r['utt_id'])}: {r['_problem']}",
+                  markup=False)
     if not quiet:
+        summary = summarize(rows)
         err.print(f"{summary['count']} utterances, mean loss {summary['mean']:.4f}, "
                   f"total {summary['total']:.4f} nats ({summary['finite']} finite)", markup=False)
         if summary["worst"]:
@@ -408,63 +385,16 @@ def inspect(
     """
     import json
 
-    import numpy as np
-
-    from .dump import DumpError, log_prob_problem
-    from .reader import DumpReader, probe, show
-    from .score import loss_problem, score_reader
+    from .analysis import inspect_dump
+    from .reader import DumpReader, probe
 
     fmt = fmt or "text"
     if fmt not in ("text", "json"):
         raise fail(f"--format {fmt!r} is not one of text, json")
-    found: dict[str, list[str]] = {}  # utterance -> its problems, in file order
     probe(input, blank)
-    with DumpReader(input, blank=blank) as r:
-        infos = []
-        for u in r.utt_ids:
-            found[u] = []
-            try:
-                one = r.read(u)
-                info, x = one.info, one.logits
-                n_bad = int(np.count_nonzero(np.isnan(x) | np.isposinf(x)))
-                if n_bad:
-                    found[u].append(f"{r.name}: utterance {show(u)}: {n_bad} NaN or +inf logits")
-                if r.input_kind == "log_probs":
-                    why = log_prob_problem(x)
-                    if why is not None:
-                        found[u].append(f"{r.name}: utterance {show(u)}: {why}")
-                infos.append(info)
-            except DumpError as e:
-                found[u].append(str(e))
-        # Losses that cannot be true: +inf (no alignment possible) or negative (NaN
-        # losses come from the NaN/+inf logits already reported).
-        for row in score_reader(r, [i.utt_id for i in infos], device="cpu"):
-            why = loss_problem(row["loss"], row["T"], row["U"], row["_float64"],
-                               row["_input_eps"])
-            if why is not None and not math.isnan(row["loss"]):
-                found[row["utt_id"]].append(f"{r.name}: utterance {show(row['utt_id'])}: {why}")
-        problems = [p for ps in found.values() for p in ps]
-
-        def span(vals):
-            return [min(vals), max(vals)] if vals else None
-
-        facts = {
-            "file": str(input),
-            "layout": r.layout,
-            "blank": r.blank,
-            "vocab_size": r.vocab_size,
-            "vocab": "yes" if r.vocab is not None else "no",
-            "input_kind": r.input_kind,
-            "utterances": len(r),
-            "T": span([i.T for i in infos]),
-            "U": span([i.U for i in infos]),
-            "V": span([i.V for i in infos]),
-            "dtypes": sorted({str(i.dtype) for i in infos}),
-            "with_stored_loss": sum("loss" in i.attrs for i in infos),
-            "with_grads": sum(i.has_grads for i in infos),
-            "size_bytes": r.file_size(),
-            "problems": len(problems),
-        }
+    with DumpReader(input, blank=blank) as reader:
+        report = inspect_dump(reader)
+    facts = report.facts()
     if fmt == "json":
         print(json.dumps(facts, indent=1))
     else:
@@ -474,9 +404,9 @@ def inspect(
             if k == "size_bytes":
                 k, v = "size", f"{v / 2**20:.2f} MiB ({v} bytes)"
             print(f"{k}\t{v}")
-    for p in problems:
+    for p in report.problems:
         print(f"rnntool: {p}", file=sys.stderr)
-    if problems:
+    if report.problems:
         raise typer.Exit(1)
 
 
@@ -484,21 +414,8 @@ def inspect(
 def _utterances(selected, with_grads: bool = False):
     """Yield ``(reader, Utterance)`` one at a time, validated, in input order."""
     for reader, ids in selected:
-        for u in ids:
-            yield reader, reader.read(u, with_grads=with_grads)
-
-
-def _tensors(utt, device: str):
-    import torch
-
-    dev = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
-    x = torch.from_numpy(utt.logits)[None].to(dev)
-    y = torch.from_numpy(utt.labels)[None].to(dev)
-    return x, y, torch.tensor([utt.info.T]), torch.tensor([utt.info.U])
-
-
-ALIGN_FIELDS = ["utt_id", "position", "token_id", "token", "frame", "expected_frame",
-                "frame_posterior"]
+        for utt_id in ids:
+            yield reader, reader.read(utt_id, with_grads=with_grads)
 
 
 @app.command("align")
@@ -509,7 +426,7 @@ def align_cmd(
     fmt: Format = None,
     device: Device = "auto",
     blank: Blank = None,
-    utt: Utts = None,
+    utts: Utts = None,
     utt_list: UttList = None,
     quiet: Quiet = False,
 ) -> None:
@@ -524,45 +441,32 @@ def align_cmd(
     the others are still aligned, and the exit code is 1 (also for a loss below
     0 beyond rounding, whose rows are written). Posteriors are within [0, 1].
     """
-    import numpy as np
-
-    from .align import align
+    from .analysis import ALIGN_FIELDS, align_utterance
     from .output import open_output, render
     from .reader import show
-    from .score import input_eps
 
-    ins = _inputs_of(inputs, utt_list)
-    fmt = _output_format(fmt, output, ins)
-    dev = _resolve_device(device)
+    reads = _inputs_of(inputs, utt_list)
+    fmt = _output_format(fmt, output, reads)
+    backend = _backend(device)
     rows, summary, problems = [], [], 0
-    with _selection(inputs, blank, utt, utt_list, output=output) as selected:
-        for reader, u in _utterances(selected):
-            with _Utterance(reader.path, u.info.utt_id) as one:
-                (al,) = align(*_tensors(u, dev), blank=reader.blank,
-                              fused_log_softmax=reader.input_kind == "logits", backend=dev)
-                usable = one.check(al.loss, al.T, al.U, u.logits.dtype == np.float64,
-                                   input_eps(reader, u.logits.dtype))
-            problems += one.problem is not None
-            if not usable:
-                continue
-            summary.append((u.info.utt_id, al.best_log_prob, al.loss))
-            for pos in range(al.U):
-                tok = int(u.labels[pos])
-                rows.append({
-                    "utt_id": u.info.utt_id, "position": pos, "token_id": tok,
-                    "token": reader.vocab[tok] if reader.vocab else "",
-                    "frame": int(al.frames[pos]),
-                    "expected_frame": float(al.expected_frames[pos]),
-                    "frame_posterior": float(al.frame_posteriors[pos]),
-                })
-    with open_output(output, ins) as out:
+    with _selection(inputs, blank, utts, utt_list, output=output) as selected:
+        for reader, utt in _utterances(selected):
+            with _Utterance(reader.path, utt.info.utt_id) as one:
+                aligned = align_utterance(reader, utt, backend=backend)
+                one.report(aligned.problem)
+            problems += aligned.problem is not None
+            if aligned.finite:
+                rows += aligned.rows()
+                summary.append((aligned.utt_id, aligned.best_log_prob, aligned.loss,
+                                aligned.best_path_share))
+    with open_output(output, reads) as out:
         render(rows, ALIGN_FIELDS, fmt, out, title="Token emission frames")
     if fmt == "table" and not quiet:
         err = _stderr()
-        for utt_id, best, loss in summary:
+        for utt_id, best, loss, share in summary:
             err.print(f"{show(utt_id)}: best path log P = {best:.4f}, all paths log P = "
                       f"{-loss:.4f} (loss {loss:.4f}); best path holds "
-                      f"{math.exp(best + loss):.1%} of the probability", markup=False)
+                      f"{share:.1%} of the probability", markup=False)
     if problems:
         raise typer.Exit(1)
 
@@ -574,7 +478,7 @@ def plot(
     out_dir: Annotated[Path, typer.Option("--out-dir", "-d", help="Directory for the PNGs.")],
     device: Device = "auto",
     blank: Blank = None,
-    utt: Utts = None,
+    utts: Utts = None,
     utt_list: UttList = None,
     quiet: Quiet = False,
 ) -> None:
@@ -586,20 +490,15 @@ def plot(
     finite gets no PNG: one line on stderr names it, the others are still drawn,
     and the exit code is 1 (also for a loss below 0 beyond rounding, drawn).
     """
-    import numpy as np
-
-    from .align import align
-    from .loss import rnnt_loss
-    from .output import atomic_file, confined_name
-    from .plots import plot_utterance
+    from .analysis import align_utterance
+    from .plots import save_png
     from .reader import show
-    from .score import input_eps
 
     if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
         raise fail(f"{show(out_dir)}: exists and is not a directory"
                    + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
-    dev = _resolve_device(device)
-    with _selection(inputs, blank, utt, utt_list) as selected:
+    backend = _backend(device)
+    with _selection(inputs, blank, utts, utt_list) as selected:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -607,27 +506,14 @@ def plot(
         # A PNG must never replace an input (a dump named like one, in the out dir).
         reads = _inputs_of(inputs, utt_list) + _linked(r for r, _ in selected)
         n = problems = 0
-        for reader, u in _utterances(selected):
-            with _Utterance(reader.path, u.info.utt_id) as one:
-                x, y, T, U = _tensors(u, dev)
-                fused = reader.input_kind == "logits"
-                (al,) = align(x, y, T, U, blank=reader.blank, fused_log_softmax=fused,
-                              backend=dev)
-                if one.check(al.loss, al.T, al.U, u.logits.dtype == np.float64,
-                             input_eps(reader, u.logits.dtype)):
-                    xg = x.clone().requires_grad_(True)
-                    rnnt_loss(xg, y, T, U, blank=reader.blank, reduction="sum",
-                              fused_log_softmax=fused, backend=dev).backward()
-                    gnorm = xg.grad[0].double().norm(dim=-1).cpu().numpy()
-                    tokens = [reader.vocab[int(t)] for t in u.labels] if reader.vocab else None
-                    # A file name from an untrusted id: confined to out_dir (percent-encoded).
-                    dest = out_dir / confined_name(u.info.utt_id, ".png")
-                    with atomic_file(dest, inputs=reads) as png:
-                        plot_utterance(png, utt_id=u.info.utt_id, loss=al.loss,
-                                       best_log_prob=al.best_log_prob, occupancy=al.occupancy,
-                                       best_path=al.path, grad_norm=gnorm, tokens=tokens)
+        for reader, utt in _utterances(selected):
+            with _Utterance(reader.path, utt.info.utt_id) as one:
+                aligned = align_utterance(reader, utt, backend=backend, grad_norms=True)
+                one.report(aligned.problem)
+                if aligned.finite:
+                    save_png(out_dir, aligned, inputs=reads)
                     n += 1
-            problems += one.problem is not None
+            problems += aligned.problem is not None
     if not quiet:
         _stderr().print(f"wrote {n} PNGs to {out_dir}", markup=False)
     if problems:
@@ -635,9 +521,6 @@ def plot(
 
 
 # --------------------------------------------------------------------------- grad-check
-GRADCHECK_FIELDS = ["utt_id", "check", "max_abs_err", "max_rel_err", "atol", "rtol", "result"]
-
-
 @app.command("grad-check")
 @command
 def grad_check(
@@ -646,7 +529,7 @@ def grad_check(
     fmt: Format = None,
     device: Device = "auto",
     blank: Blank = None,
-    utt: Utts = None,
+    utts: Utts = None,
     utt_list: UttList = None,
     samples: Annotated[int, typer.Option("--samples", help="Finite-difference probes per "
                                          "utterance.")] = 20,
@@ -665,34 +548,28 @@ def grad_check(
     it, the others are still checked, and the exit code is 1 (also for a loss
     below 0 beyond rounding, whose checks are written).
     """
-    from .gradcheck import cuda_usable, grad_check_utterance
+    from .devices import cuda_usable
+    from .gradcheck import GRADCHECK_FIELDS, check_utterance
     from .output import open_output, render
     from .reader import show
-    from .score import input_eps
 
-    ins = _inputs_of(inputs, utt_list)
-    fmt = _output_format(fmt, output, ins)
+    reads = _inputs_of(inputs, utt_list)
+    fmt = _output_format(fmt, output, reads)
     if samples < 0 or not (math.isfinite(rtol) and rtol >= 0) or not (
             math.isfinite(atol) and atol >= 0):
         raise fail("--samples, --rtol and --atol must be finite and not negative")
-    dev = _resolve_device(device)
+    backend = _backend(device)
     rows, problems = [], 0
-    with _selection(inputs, blank, utt, utt_list, output=output) as selected:
-        both = dev == "cpu" and cuda_usable()
-        for reader, u in _utterances(selected, with_grads=True):
-            with _Utterance(reader.path, u.info.utt_id) as one:
-                checks = grad_check_utterance(
-                    u.logits, u.labels, blank=reader.blank,
-                    fused=reader.input_kind == "logits", backend=dev, samples=samples,
-                    rtol=rtol, atol=atol, stored=u.grads, compare_cuda=both,
-                )
-                one.check(checks.loss, u.info.T, u.info.U, True, input_eps(reader, u.logits.dtype))
-            problems += one.problem is not None
-            for c in checks:
-                rows.append({"utt_id": u.info.utt_id, "_file": reader.name, "check": c.check,
-                             "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err,
-                             "atol": atol, "rtol": rtol, "result": "PASS" if c.passed else "FAIL"})
-    with open_output(output, ins) as out:
+    with _selection(inputs, blank, utts, utt_list, output=output) as selected:
+        compare_cuda = backend == "cpu" and cuda_usable()
+        for reader, utt in _utterances(selected, with_grads=True):
+            with _Utterance(reader.path, utt.info.utt_id) as one:
+                checked = check_utterance(reader, utt, backend=backend, samples=samples,
+                                          rtol=rtol, atol=atol, compare_cuda=compare_cuda)
+                one.report(checked.problem)
+            problems += checked.problem is not None
+            rows += checked.rows
+    with open_output(output, reads) as out:
         render(rows, GRADCHECK_FIELDS, fmt, out,
                title=f"Gradient checks (atol {atol:g}, rtol {rtol:g})",
                specs=dict.fromkeys(("max_abs_err", "max_rel_err", "atol", "rtol"), ".3e"))

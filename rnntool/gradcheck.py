@@ -2,18 +2,27 @@
 finite differences, a trainer's stored gradient, and CPU against CUDA.
 
 All gradients here are of one utterance's own loss ``-log P(y|x)`` w.r.t. its
-``(T, U+1, V)`` logits, with no reduction scaling.
+``(T, U+1, V)`` logits, with no reduction scaling. ``grad_check_utterance``
+works on arrays; ``check_utterance`` on an utterance of a dump, as
+``rnntool grad-check`` does, and returns its rows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from .devices import cuda_usable, tensor_device
 from .loss import rnnt_loss
 from .reference import reference_gradients, reference_loss_value
+
+if TYPE_CHECKING:
+    from .reader import DumpReader, Utterance
+
+GRADCHECK_FIELDS = ["utt_id", "check", "max_abs_err", "max_rel_err", "atol", "rtol", "result"]
 
 
 @dataclass
@@ -56,18 +65,25 @@ def finite_difference_indices(grad: np.ndarray, samples: int, seed: int = 0) -> 
     return np.unique(np.concatenate([top, rest]))[:k]
 
 
-def engine_gradient(logits: np.ndarray, targets: np.ndarray, blank: int, fused: bool,
-                    backend: str) -> np.ndarray:
-    """d loss / d logits ``(T, U+1, V)`` from the engine, in float64 (computed in the
-    logits' own dtype, as a trainer would get it)."""
-    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+def utterance_gradient(logits: np.ndarray, targets: np.ndarray, *, blank: int,
+                       fused: bool = True, backend: str = "cpu") -> torch.Tensor:
+    """d loss / d logits ``(T, U+1, V)`` of one utterance from the engine, as a trainer
+    would get it: in the logits' own dtype, on ``backend``'s device (``tensor_device``)."""
+    device = tensor_device(backend)
     x = torch.from_numpy(np.ascontiguousarray(logits))[None].to(device).requires_grad_(True)
     y = torch.from_numpy(np.asarray(targets, np.int64))[None].to(device)
     T, U1 = logits.shape[:2]
     loss = rnnt_loss(x, y, torch.tensor([T]), torch.tensor([U1 - 1]), blank=blank,
                      reduction="sum", fused_log_softmax=fused, backend=backend)
     loss.backward()
-    return x.grad[0].double().cpu().numpy()
+    return x.grad[0]
+
+
+def engine_gradient(logits: np.ndarray, targets: np.ndarray, blank: int, fused: bool,
+                    backend: str) -> np.ndarray:
+    """``utterance_gradient`` as a float64 numpy array."""
+    return utterance_gradient(logits, targets, blank=blank, fused=fused,
+                              backend=backend).double().cpu().numpy()
 
 
 def grad_check_utterance(
@@ -123,11 +139,45 @@ def grad_check_utterance(
     return checks
 
 
-def cuda_usable() -> bool:
-    """True where backend='cuda' runs: a real GPU, or Numba's simulator when it is on."""
-    try:
-        from . import cuda
-    except ImportError:
-        return False
-    return cuda.SIMULATOR or (torch.cuda.is_available() and cuda.cuda.is_available())
+@dataclass
+class CheckedUtterance:
+    """The gradient checks of one utterance of a dump.
+
+    ``rows``: one per check (``GRADCHECK_FIELDS``, and ``_file``: the dump's name,
+    for messages), none when the loss is not finite; ``loss``: the float64
+    reference loss; ``problem``: why that loss cannot be true
+    (``score.loss_problem``), None if it can.
+    """
+
+    utt_id: str
+    loss: float
+    problem: str | None
+    rows: list[dict] = field(default_factory=list)
+
+
+def check_utterance(
+    reader: DumpReader, utt: Utterance, *, backend: str = "cpu", samples: int = 20,
+    rtol: float = 1e-3, atol: float = 1e-5, compare_cuda: bool | None = None,
+) -> CheckedUtterance:
+    """``grad_check_utterance`` on one utterance of ``reader`` (read with
+    ``reader.read(..., with_grads=True)``: a stored ``grads`` is checked too), with the
+    dump's blank and input kind. ``compare_cuda`` None: CPU against CUDA whenever
+    the backend is not CUDA and CUDA runs here (``cuda_usable``)."""
+    from .score import utterance_problem
+
+    if compare_cuda is None:
+        compare_cuda = backend != "cuda" and cuda_usable()
+    checks = grad_check_utterance(
+        utt.logits, utt.labels, blank=reader.blank, fused=reader.input_kind == "logits",
+        backend=backend, samples=samples, rtol=rtol, atol=atol, stored=utt.grads,
+        compare_cuda=compare_cuda,
+    )
+    utt_id = utt.info.utt_id
+    return CheckedUtterance(
+        utt_id=utt_id, loss=checks.loss,
+        problem=utterance_problem(reader, utt.info, checks.loss, float64=True),
+        rows=[{"utt_id": utt_id, "_file": reader.name, "check": c.check,
+               "max_abs_err": c.max_abs_err, "max_rel_err": c.max_rel_err, "atol": atol,
+               "rtol": rtol, "result": "PASS" if c.passed else "FAIL"} for c in checks],
+    )
 

@@ -2,14 +2,23 @@
 
 matplotlib with the Agg backend (no display). Long utterances are reduced by
 taking the max over blocks of frames / label positions, and the figure says so.
+``plot_utterance`` draws arrays into a file; ``save_png`` writes an aligned
+utterance (``analysis.align_utterance(..., grad_norms=True)``) into a directory,
+atomically, under a name made from its id.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .analysis import AlignedUtterance
 
 MAX_T = 1000  # displayed columns at most
 MAX_U = 300  # displayed rows at most
@@ -77,3 +86,29 @@ def plot_utterance(
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
+
+
+def save_png(out_dir: str | os.PathLike, aligned: AlignedUtterance,
+             inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write ``aligned``'s heatmaps (``plot_utterance``) as ``out_dir/<name>.png`` and
+    return that path.
+
+    The name is ``output.confined_name`` of the utterance id (percent-encoded,
+    never outside ``out_dir``). The PNG is written through ``output.atomic_file``:
+    a temporary file renamed onto the name on success, so the PNG is there whole
+    or not at all, and a symbolic link planted at the name is replaced, never
+    written through. A name that is one of ``inputs`` is refused (OutputError).
+    ``aligned`` must have a finite loss and its ``grad_norm``.
+    """
+    from .output import atomic_file, confined_name
+
+    if aligned.grad_norm is None:
+        raise ValueError(f"utterance {aligned.utt_id!r}: no gradient norms to plot "
+                         "(align_utterance(..., grad_norms=True) of a finite loss)")
+    dest = Path(out_dir) / confined_name(aligned.utt_id, ".png")
+    al = aligned.alignment
+    with atomic_file(dest, inputs=inputs) as png:
+        plot_utterance(png, utt_id=aligned.utt_id, loss=al.loss, best_log_prob=al.best_log_prob,
+                       occupancy=al.occupancy, best_path=al.path, grad_norm=aligned.grad_norm,
+                       tokens=aligned.tokens)
+    return dest

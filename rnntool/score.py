@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .engine import ImpossibleLossWarning
 from .lattice import negative_loss_tolerance
 from .reader import DumpReader, UttInfo, check_memory, group_by_budget, padded_bytes, show
 
@@ -43,17 +44,46 @@ def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
     return logits, labels, t_len, u_len
 
 
+def score_dumps(
+    selected: Sequence[tuple[DumpReader, Sequence[str]]],
+    *,
+    backend: str = "cpu",
+    budget_bytes: int = DEFAULT_BATCH_BYTES,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """The rows of ``score_reader`` for every ``(reader, utterance ids)`` in ``selected``,
+    in input order (file by file, each file's ids in the order given), each with
+    ``_file``: the reader's name, for messages."""
+    rows = []
+    for reader, ids in selected:
+        order = {u: i for i, u in enumerate(ids)}
+        got = list(score_reader(reader, ids, backend=backend, budget_bytes=budget_bytes,
+                                on_batch=on_batch))
+        got.sort(key=lambda r: order[r["utt_id"]])
+        for r in got:
+            r["_file"] = reader.name
+        rows += got
+    return rows
+
+
+def score_fields(rows: Sequence[dict]) -> list[str]:
+    """The fields to show of ``rows``: ``SCORE_FIELDS``, and ``STORED_FIELDS`` when any
+    utterance carries the trainer's own loss."""
+    return SCORE_FIELDS + (STORED_FIELDS if any("stored_loss" in r for r in rows) else [])
+
+
 def score_reader(
     reader: DumpReader,
     utt_ids: Sequence[str],
     *,
-    device: str = "cpu",
+    backend: str = "cpu",
     budget_bytes: int = DEFAULT_BATCH_BYTES,
     on_batch: Callable[[int], None] | None = None,
 ) -> Iterator[dict]:
-    """Yield one row per utterance (fields ``SCORE_FIELDS`` [+ ``STORED_FIELDS``]).
+    """Yield one row per utterance (fields ``SCORE_FIELDS`` [+ ``STORED_FIELDS``]), and
+    ``_problem``: why its loss cannot be true (``utterance_problem``), else None.
 
-    ``device`` is ``"cpu"`` or ``"cuda"``; ``on_batch(n)`` is called after each
+    ``backend`` is ``"cpu"`` or ``"cuda"``; ``on_batch(n)`` is called after each
     batch of ``n`` utterances (progress). Rows come in processing order, not
     input order. Raises ``DumpError`` for bad input before scoring anything, and
     when the file changes while it is read.
@@ -65,7 +95,7 @@ def score_reader(
     """
     items = reader.checked(utt_ids)  # validates every utterance before scoring any
     groups = list(group_by_budget(items, budget_bytes))
-    yield from _score_batches(reader, groups, device, on_batch)
+    yield from _score_batches(reader, groups, backend, on_batch)
 
 
 def _cpu_losses(reader, logits, targets, logit_lengths, target_lengths) -> np.ndarray:
@@ -86,10 +116,11 @@ def _torch_losses(reader, logits, targets, logit_lengths, target_lengths,
                   backend) -> np.ndarray:
     import torch
 
+    from .devices import tensor_device
     from .loss import rnnt_loss
 
     tensors = [torch.from_numpy(a) for a in (logits, targets, logit_lengths, target_lengths)]
-    if backend == "cuda" and torch.cuda.is_available():  # else: the simulator's CPU tensors
+    if tensor_device(backend) == "cuda":  # else: the simulator's CPU tensors
         tensors = [a.to("cuda", non_blocking=True) for a in tensors]
     with torch.no_grad(), _quiet_nonfinite():
         return rnnt_loss(
@@ -98,7 +129,7 @@ def _torch_losses(reader, logits, targets, logit_lengths, target_lengths,
         ).cpu().numpy()
 
 
-def _score_batches(reader, groups, device, on_batch):
+def _score_batches(reader, groups, backend, on_batch):
     if not groups:
         return
     # Two buffers: the engine scores one while the helper thread fills the other.
@@ -115,13 +146,13 @@ def _score_batches(reader, groups, device, on_batch):
             batch = pending.result()
             if k + 1 < len(groups):
                 pending = pool.submit(_load_batch, reader, groups[k + 1], stores[(k + 1) % 2])
-            if device == "cuda":
-                losses = _torch_losses(reader, *batch, device)
+            if backend == "cuda":
+                losses = _torch_losses(reader, *batch, backend)
             else:
                 losses = _cpu_losses(reader, *batch)
             del batch
             for (info, _), loss in zip(group, losses, strict=True):
-                yield _row(info, float(loss), input_eps(reader, info.dtype))
+                yield _row(reader, info, float(loss))
             if on_batch is not None:
                 on_batch(len(group))
 
@@ -151,7 +182,17 @@ def loss_problem(loss: float, T: int, U: int, float64: bool = False,
     return None
 
 
-def _row(info: UttInfo, loss: float, eps: float) -> dict:
+def utterance_problem(reader: DumpReader, info: UttInfo, loss: float,
+                      float64: bool | None = None) -> str | None:
+    """``loss_problem`` of one utterance of ``reader``: its lengths, and the rounding its
+    stored values carry (``input_eps``). ``float64``: whether ``loss`` was computed in
+    float64 (default: when the logits are float64, as the engine does)."""
+    if float64 is None:
+        float64 = info.dtype == np.float64
+    return loss_problem(loss, info.T, info.U, float64, input_eps(reader, info.dtype))
+
+
+def _row(reader: DumpReader, info: UttInfo, loss: float) -> dict:
     row = {
         "utt_id": info.utt_id,
         "T": info.T,
@@ -159,8 +200,7 @@ def _row(info: UttInfo, loss: float, eps: float) -> dict:
         "loss": loss,
         "loss_per_frame": loss / info.T,
         "loss_per_token": loss / max(info.U, 1),
-        "_float64": info.dtype == np.float64,
-        "_input_eps": eps,
+        "_problem": utterance_problem(reader, info, loss),
     }
     if "loss" in info.attrs:
         stored = float(info.attrs["loss"])
@@ -170,15 +210,16 @@ def _row(info: UttInfo, loss: float, eps: float) -> dict:
 
 
 class _quiet_nonfinite:
-    """The CLI reports non-finite and negative losses itself, by utterance id, not by
-    batch index; and torch's note that mapped file pages are read-only is expected here."""
+    """The rows report impossible losses themselves (``_problem``, by utterance id, not by
+    batch index): the engine's ``ImpossibleLossWarning``s are dropped; and torch's note
+    that mapped file pages are read-only is expected here."""
 
     def __enter__(self):
         import warnings
 
         self._cm = warnings.catch_warnings()
         self._cm.__enter__()
-        warnings.filterwarnings("ignore", message="rnnt_loss: ", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", category=ImpossibleLossWarning)
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
     def __exit__(self, *exc):

@@ -1,0 +1,237 @@
+"""What ``rnntool inspect``, ``align`` and ``plot`` compute, as library functions.
+
+Each takes an open ``DumpReader`` (and one ``Utterance`` read from it) and
+returns a typed result: facts, rows and the problems found, never printed.
+The command line renders them; a notebook can use them as they are.
+
+- ``inspect_dump(reader) -> DumpReport``: a dump's facts and every problem in it.
+- ``align_utterance(reader, utt, backend=...) -> AlignedUtterance``: an
+  utterance's alignment, its rows (one per token) and whether its loss can be
+  true; with ``grad_norms=True`` also the per-node gradient norms ``plot`` draws.
+
+torch is imported only by the functions that run the engine on tensors
+(``align_utterance``, ``gradient_norms``): ``inspect_dump`` scores on the CPU
+engine without it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .align import Alignment
+    from .reader import DumpReader, Utterance
+
+ALIGN_FIELDS = ["utt_id", "position", "token_id", "token", "frame", "expected_frame",
+                "frame_posterior"]
+
+
+# --------------------------------------------------------------------------- inspect
+@dataclass
+class DumpReport:
+    """What ``inspect`` finds in one dump.
+
+    ``T``, ``U``, ``V``: ``(min, max)`` over the utterances that could be read
+    (None when none could); ``dtypes``: their logits' dtypes, sorted;
+    ``with_stored_loss``/``with_grads``: how many carry a trainer's loss or
+    gradient. ``problems``: one line each (naming the file and the utterance),
+    in file order, every problem of an utterance together.
+    """
+
+    file: str
+    layout: str
+    blank: int
+    vocab_size: int
+    has_vocab: bool
+    input_kind: str
+    utterances: int
+    T: tuple[int, int] | None
+    U: tuple[int, int] | None
+    V: tuple[int, int] | None
+    dtypes: list[str]
+    with_stored_loss: int
+    with_grads: int
+    size_bytes: int
+    problems: list[str] = field(default_factory=list)
+
+    def facts(self) -> dict:
+        """The report as ``inspect`` shows it, in its order: JSON-ready values, ranges as
+        ``[min, max]`` lists, ``vocab`` as ``"yes"``/``"no"``, ``problems`` as a count."""
+        def span(s):
+            return list(s) if s is not None else None
+
+        return {
+            "file": self.file,
+            "layout": self.layout,
+            "blank": self.blank,
+            "vocab_size": self.vocab_size,
+            "vocab": "yes" if self.has_vocab else "no",
+            "input_kind": self.input_kind,
+            "utterances": self.utterances,
+            "T": span(self.T),
+            "U": span(self.U),
+            "V": span(self.V),
+            "dtypes": self.dtypes,
+            "with_stored_loss": self.with_stored_loss,
+            "with_grads": self.with_grads,
+            "size_bytes": self.size_bytes,
+            "problems": len(self.problems),
+        }
+
+
+def inspect_dump(reader: DumpReader) -> DumpReport:
+    """Read every utterance of ``reader`` and report what the dump holds and every problem.
+
+    Problems: whatever makes an utterance unreadable (``DumpError``: bad labels,
+    lengths or shapes); NaN or +inf logits; for ``input_kind="log_probs"`` rows
+    that do not normalise (``dump.log_prob_problem``); and a loss that is +inf or
+    negative beyond rounding (``score.loss_problem``; a NaN loss comes from NaN
+    logits, already reported). Scores on the CPU engine (no torch).
+    """
+    from .dump import DumpError, log_prob_problem
+    from .reader import show
+    from .score import score_reader
+
+    found: dict[str, list[str]] = {}  # utterance -> its problems, in file order
+    infos = []
+    for u in reader.utt_ids:
+        found[u] = []
+        try:
+            one = reader.read(u)
+            info, x = one.info, one.logits
+            n_bad = int(np.count_nonzero(np.isnan(x) | np.isposinf(x)))
+            if n_bad:
+                found[u].append(f"{reader.name}: utterance {show(u)}: {n_bad} NaN or +inf logits")
+            if reader.input_kind == "log_probs":
+                why = log_prob_problem(x)
+                if why is not None:
+                    found[u].append(f"{reader.name}: utterance {show(u)}: {why}")
+            infos.append(info)
+        except DumpError as e:
+            found[u].append(str(e))
+    for row in score_reader(reader, [i.utt_id for i in infos], backend="cpu"):
+        if row["_problem"] is not None and not math.isnan(row["loss"]):
+            found[row["utt_id"]].append(
+                f"{reader.name}: utterance {show(row['utt_id'])}: {row['_problem']}")
+
+    def span(vals):
+        return (min(vals), max(vals)) if vals else None
+
+    return DumpReport(
+        file=reader.path,
+        layout=reader.layout,
+        blank=reader.blank,
+        vocab_size=reader.vocab_size,
+        has_vocab=reader.vocab is not None,
+        input_kind=reader.input_kind,
+        utterances=len(reader),
+        T=span([i.T for i in infos]),
+        U=span([i.U for i in infos]),
+        V=span([i.V for i in infos]),
+        dtypes=sorted({str(i.dtype) for i in infos}),
+        with_stored_loss=sum("loss" in i.attrs for i in infos),
+        with_grads=sum(i.has_grads for i in infos),
+        size_bytes=reader.file_size(),
+        problems=[p for ps in found.values() for p in ps],
+    )
+
+
+# --------------------------------------------------------------------------- align / plot
+@dataclass
+class AlignedUtterance:
+    """One utterance of a dump, aligned on the engine.
+
+    ``alignment``: the engine's ``Alignment``; ``labels`` ``(U,)`` and their
+    ``tokens`` (the dump's vocab names, None without a vocab); ``problem``: why
+    the loss cannot be true (``score.loss_problem``), None if it can;
+    ``grad_norm`` ``(T, U+1)``: ``||d loss / d logits[t, u, :]||``, when asked for
+    and the loss is finite.
+    """
+
+    utt_id: str
+    labels: np.ndarray
+    tokens: list[str] | None
+    alignment: Alignment
+    problem: str | None
+    grad_norm: np.ndarray | None = None
+
+    @property
+    def loss(self) -> float:
+        return self.alignment.loss
+
+    @property
+    def best_log_prob(self) -> float:
+        return self.alignment.best_log_prob
+
+    @property
+    def finite(self) -> bool:
+        """Whether there is an alignment to show: False for a NaN or inf loss."""
+        return math.isfinite(self.alignment.loss)
+
+    @property
+    def best_path_share(self) -> float:
+        """The share of P(y|x) the single best path holds: ``exp(best_log_prob + loss)``."""
+        return math.exp(self.alignment.best_log_prob + self.alignment.loss)
+
+    def rows(self) -> list[dict]:
+        """One row per token (``ALIGN_FIELDS``); none when the loss is not finite."""
+        if not self.finite:
+            return []
+        al = self.alignment
+        return [{
+            "utt_id": self.utt_id, "position": pos, "token_id": int(self.labels[pos]),
+            "token": self.tokens[pos] if self.tokens else "",
+            "frame": int(al.frames[pos]),
+            "expected_frame": float(al.expected_frames[pos]),
+            "frame_posterior": float(al.frame_posteriors[pos]),
+        } for pos in range(al.U)]
+
+
+def _tensors(utt: Utterance, backend: str):
+    """The utterance as a batch of one: logits, targets and lengths, on ``backend``'s device."""
+    import torch
+
+    from .devices import tensor_device
+
+    device = tensor_device(backend)
+    x = torch.from_numpy(utt.logits)[None].to(device)
+    y = torch.from_numpy(utt.labels)[None].to(device)
+    return x, y, torch.tensor([utt.info.T]), torch.tensor([utt.info.U])
+
+
+def align_utterance(reader: DumpReader, utt: Utterance, *, backend: str = "cpu",
+                    grad_norms: bool = False) -> AlignedUtterance:
+    """Align one utterance of ``reader`` (read with ``reader.read``) on ``backend``.
+
+    With the dump's blank and input kind. ``grad_norms``: also the per-node
+    gradient norms (``gradient_norms``), when the loss is finite. Warnings the
+    engine raises (``ImpossibleLossWarning`` for an impossible loss) pass through.
+    """
+    from .align import align
+    from .score import utterance_problem
+
+    (al,) = align(*_tensors(utt, backend), blank=reader.blank,
+                  fused_log_softmax=reader.input_kind == "logits", backend=backend)
+    aligned = AlignedUtterance(
+        utt_id=utt.info.utt_id, labels=utt.labels,
+        tokens=[reader.vocab[int(t)] for t in utt.labels] if reader.vocab else None,
+        alignment=al, problem=utterance_problem(reader, utt.info, al.loss),
+    )
+    if grad_norms and aligned.finite:
+        aligned.grad_norm = gradient_norms(utt.logits, utt.labels, blank=reader.blank,
+                                           fused=reader.input_kind == "logits", backend=backend)
+    return aligned
+
+
+def gradient_norms(logits: np.ndarray, targets: np.ndarray, *, blank: int, fused: bool = True,
+                   backend: str = "cpu") -> np.ndarray:
+    """``(T, U+1)`` float64: at each lattice node the norm over V of the engine's gradient
+    of the utterance's loss, ``||d loss / d logits[t, u, :]||`` (``logits`` ``(T, U+1, V)``)."""
+    from .gradcheck import utterance_gradient
+
+    grad = utterance_gradient(logits, targets, blank=blank, fused=fused, backend=backend)
+    return grad.double().norm(dim=-1).cpu().numpy()
