@@ -1,9 +1,17 @@
-"""Shared test helpers: random padded batches and the reference's reductions."""
+"""Shared test helpers: random padded batches, the reference's reductions, running the CLI."""
 
 from __future__ import annotations
 
-import torch
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
 
+import torch
+from typer.testing import CliRunner
+
+from rnntool.cli import app
 from rnntool.loss import reduction_weights
 from rnntool.reference import reference_gradients
 
@@ -87,3 +95,34 @@ def write_padded_raw(path, logits, labels, logit_lengths, label_lengths, **root_
         for k, v in root_attrs.items():
             f.attrs[k] = v
 
+
+# --------------------------------------------------------------------------- the command line
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data" / "sample.h5"
+_runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    """Run ``rnntool ARGS`` in-process (CliRunner); arguments may be paths."""
+    return _runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def run_cli(*args, **kw):
+    """Run ``python -m rnntool ARGS`` as a real process from the repository root."""
+    return subprocess.run([sys.executable, "-m", "rnntool", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def rows_of(text, fmt="tsv"):
+    """The rows of TSV (or CSV) output, as dicts."""
+    return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
+
+
+def one_line_error(result, *needles):
+    """``result`` failed with exit code 2 and one ``rnntool: error:`` line holding ``needles``."""
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rnntool: error: "), result.stderr
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in err[0], err[0]

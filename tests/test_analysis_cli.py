@@ -7,8 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import random_batch
-from test_cli import SAMPLE, invoke, one_line_error
+from helpers import SAMPLE, invoke, one_line_error, random_batch
 
 from rnntool import align
 from rnntool.dump import DumpWriter

@@ -1,36 +1,19 @@
 """The command line: score and inspect, through CliRunner and as real subprocesses."""
 
-import csv
-import io
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import random_batch
+from helpers import ROOT, SAMPLE, invoke, one_line_error, random_batch, rows_of, run_cli
 from test_dump import BAD_DUMPS, bad_dump, write_padded
-from typer.testing import CliRunner
 
 from rnntool import __version__, rnnt_loss
-from rnntool.cli import app
 from rnntool.dump import DumpWriter
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "sample_data" / "sample.h5"
-runner = CliRunner()
-
-
-def invoke(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-def rows_of(text, fmt="tsv"):
-    return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
 
 
 @pytest.fixture
@@ -162,15 +145,6 @@ def test_score_nonfinite_loss_exit_1_and_others_written(tmp_path):
     assert "utterance b: loss is nan" in result.stderr
 
 
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("rnntool: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in err[0], err[0]
-
-
 @pytest.mark.parametrize("how, needle", BAD_DUMPS)
 def test_score_bad_dumps(tmp_path, how, needle):
     path = bad_dump(tmp_path / "bad.h5", how)
@@ -238,11 +212,6 @@ def test_inspect(dump, tmp_path):
     assert f"utterance {ids[4]}: 1 NaN or +inf logits" in problems[1]
 
 
-def _run_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "rnntool", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, **kw)
-
-
 def test_score_in_a_pipeline_with_head(tmp_path):
     x, y, T, U = random_batch(3000, 2, 1, 3, seed=29, mixed=False)
     path = tmp_path / "many.h5"
@@ -256,7 +225,7 @@ def test_score_in_a_pipeline_with_head(tmp_path):
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason="sample data not built")
 def test_score_sample_data_subprocess():
-    out = _run_cli("score", SAMPLE, "--format", "jsonl")
+    out = run_cli("score", SAMPLE, "--format", "jsonl")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 24 and all(r["loss"] > 0 for r in rows)

@@ -9,8 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import random_batch
-from test_cli import _run_cli, invoke
+from helpers import invoke, random_batch, run_cli
 
 from rnntool.dump import DumpWriter, log_prob_problem, log_prob_tolerance
 from rnntool.score import loss_problem, negative_loss_tolerance
@@ -117,7 +116,7 @@ def test_inspect(tmp_path, how):
 def test_plot_as_a_real_process_prints_no_raw_warning(tmp_path):
     # In-process runs cannot see what Python's own warning printer would write.
     path, _ = broken_dump(tmp_path / "d.h5", "nan")
-    out = _run_cli("plot", path, "--out-dir", tmp_path / "png", "-q")
+    out = run_cli("plot", path, "--out-dir", tmp_path / "png", "-q")
     assert out.returncode == 1
     assert out.stderr.splitlines() == [f"rnntool: {path}: utterance b: {WHY['nan']}"]
 
