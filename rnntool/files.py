@@ -133,12 +133,7 @@ def resolve_target(output: str, inputs: Sequence[str | os.PathLike] = (), *,
             raise OutputError(f"{name}: names the file descriptor {fd}, not a file; "
                               "give the file's own name")
         return Target(output, True, None, fd)
-    try:
-        st = os.lstat(output)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise cannot_write(name, e) from None
+    st = lstat_or_none(output, name)
     path = os.path.abspath(output)
     if st is not None and stat.S_ISLNK(st.st_mode):
         try:
@@ -159,15 +154,11 @@ def resolve_target(output: str, inputs: Sequence[str | os.PathLike] = (), *,
     elif stat.S_ISREG(st.st_mode):
         mode = stat.S_IMODE(st.st_mode)
         stream = False
-        for inp in inputs:
-            try:
-                sti = os.stat(inp)
-            except (OSError, ValueError):
-                continue
-            if (sti.st_dev, sti.st_ino) == (st.st_dev, st.st_ino):
-                same = os.fspath(inp) == output
-                raise OutputError(f"{name}: is also an input{'' if same else f' ({inp})'}; "
-                                  "refusing to overwrite it")
+        inp = same_file_among(st, inputs)
+        if inp is not None:
+            same = os.fspath(inp) == output
+            raise OutputError(f"{name}: is also an input{'' if same else f' ({inp})'}; "
+                              "refusing to overwrite it")
     elif is_stream(st.st_mode):
         if not streams:
             raise OutputError(f"{name}: is a {kind(st.st_mode)}, not a regular file; "
@@ -216,13 +207,34 @@ def resolve_target_inputs(dest: str, inputs: Sequence[str | os.PathLike]) -> Non
         st = os.lstat(dest)
     except OSError:
         return
+    inp = same_file_among(st, inputs)
+    if inp is not None:
+        raise OutputError(f"{dest}: is also an input ({inp}); refusing to overwrite it")
+
+
+def same_file_among(st: os.stat_result, inputs: Sequence[str | os.PathLike]):
+    """The first of ``inputs`` that is the file ``st`` describes (same device and inode:
+    through symbolic and hard links), or None; inputs that cannot be stat'ed are
+    skipped."""
     for inp in inputs:
         try:
             sti = os.stat(inp)
         except (OSError, ValueError):
             continue
         if (sti.st_dev, sti.st_ino) == (st.st_dev, st.st_ino):
-            raise OutputError(f"{dest}: is also an input ({inp}); refusing to overwrite it")
+            return inp
+    return None
+
+
+def lstat_or_none(path: str, name: str) -> os.stat_result | None:
+    """``os.lstat(path)``, None if nothing is there; any other OSError becomes
+    ``cannot_write(name, ...)``."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise cannot_write(name, e) from None
 
 
 def check_replaceable(path: str, name: str | None = None, *, links: bool = False) -> None:
@@ -308,5 +320,6 @@ def replacing(dest: str, mode: int | None, *, name: str | None = None, file_mode
 
 
 __all__ = ["OutputError", "Target", "cannot_write", "check_replaceable", "close_quietly",
-           "creation_mode", "fd_alias", "finish_temp", "is_stream", "kind", "replacing",
-           "resolve_target", "resolve_target_inputs", "umask", "umask_perms"]
+           "creation_mode", "fd_alias", "finish_temp", "is_stream", "kind", "lstat_or_none",
+           "replacing", "resolve_target", "resolve_target_inputs", "same_file_among", "umask",
+           "umask_perms"]

@@ -39,6 +39,7 @@ from .files import (
     fd_alias,
     is_stream,
     kind,
+    lstat_or_none,
     replacing,
     resolve_target,
     resolve_target_inputs,
@@ -251,12 +252,7 @@ def atomic_file(dest: str | os.PathLike, mode: str = "wb",
     dest = os.fspath(dest)
     keep = None
     resolve_target_inputs(dest, inputs)
-    try:
-        st = os.lstat(dest)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise cannot_write(dest, e) from None
+    st = lstat_or_none(dest, dest)
     if st is not None:
         if stat.S_ISREG(st.st_mode):
             keep = stat.S_IMODE(st.st_mode)
