@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .checks import bad_label, check_blank, first_length_fault
 from .engine import ENGINES, Engine, ForwardState, ImpossibleLossWarning, LossOptions, load_engine
 from .lattice import negative_loss_tolerance
 
@@ -265,10 +266,7 @@ def check_meta(
         )
     if V == 0:
         raise ValueError("logits has an empty vocabulary dim (V = 0)")
-    blank = as_index("blank", blank)
-    if not -V <= blank < V:
-        raise ValueError(f"blank={blank} is outside [-V, V) for V={V}")
-    return blank % V
+    return check_blank(as_index("blank", blank), V)
 
 
 def resolve_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -305,42 +303,23 @@ def check_inputs(
     targets = targets.contiguous()
     S = targets.shape[1]
 
-    def first(mask: torch.Tensor) -> int | None:
-        idx = torch.nonzero(mask)
-        return None if idx.numel() == 0 else int(idx[0, 0])
-
-    if (b := first(logit_lengths < 0)) is not None:
-        raise ValueError(
-            f"utterance {b}: logit_lengths[{b}] = {int(logit_lengths[b])} is negative"
-        )
-    if (b := first(target_lengths < 0)) is not None:
-        raise ValueError(
-            f"utterance {b}: target_lengths[{b}] = {int(target_lengths[b])} is negative"
-        )
-    if (b := first(logit_lengths == 0)) is not None:
-        raise ValueError(f"utterance {b}: logit_lengths[{b}] = 0, an utterance needs T >= 1")
-    if (b := first(logit_lengths > T)) is not None:
-        raise ValueError(
-            f"utterance {b}: logit_lengths[{b}] = {int(logit_lengths[b])} exceeds the "
-            f"logits' T dim {T}"
-        )
-    if (b := first(target_lengths + 1 > U1)) is not None:
-        raise ValueError(
-            f"utterance {b}: target_lengths[{b}] = {int(target_lengths[b])} needs U+1 = "
-            f"{int(target_lengths[b]) + 1} but the logits' U+1 dim is {U1}"
-        )
-    if (b := first(target_lengths > S)) is not None:
-        raise ValueError(
-            f"utterance {b}: target_lengths[{b}] = {int(target_lengths[b])} exceeds "
-            f"targets' dim {S}"
-        )
-    inside = torch.arange(S).unsqueeze(0) < target_lengths.unsqueeze(1)
-    bad = inside & ((targets < 0) | (targets >= V) | (targets == blank))
-    if bool(bad.any()):
-        b, u = (int(i) for i in torch.nonzero(bad)[0])
-        val = int(targets[b, u])
-        why = "equals blank" if val == blank else f"is outside [0, {V}) for V={V}"
-        raise ValueError(f"utterance {b}: targets[{b}, {u}] = {val} {why}")
+    fault = first_length_fault(logit_lengths.numpy(), target_lengths.numpy(), T, U1, S)
+    if fault is not None:
+        rule, b = fault
+        t, u = int(logit_lengths[b]), int(target_lengths[b])
+        raise ValueError(f"utterance {b}: " + {
+            "T_negative": f"logit_lengths[{b}] = {t} is negative",
+            "U_negative": f"target_lengths[{b}] = {u} is negative",
+            "T_zero": f"logit_lengths[{b}] = 0, an utterance needs T >= 1",
+            "T_over": f"logit_lengths[{b}] = {t} exceeds the logits' T dim {T}",
+            "U_over": f"target_lengths[{b}] = {u} needs U+1 = {u + 1} but the logits' U+1 "
+                      f"dim is {U1}",
+            "U_over_labels": f"target_lengths[{b}] = {u} exceeds targets' dim {S}",
+        }[rule])
+    inside = np.arange(S)[None, :] < target_lengths.numpy()[:, None]
+    bad = bad_label(targets.numpy(), V, blank, within=inside)
+    if bad is not None:
+        raise ValueError(f"utterance {bad.index[0]}: {bad.message('targets', show_v=True)}")
     return blank, targets, logit_lengths, target_lengths
 
 
