@@ -1,4 +1,4 @@
-"""The HDF5 dump format: writer, streaming reader, validation.
+"""The HDF5 dump format and its writer (``DumpWriter``); the reader is ``reader.py``.
 
 Keyed layout (what ``DumpWriter`` writes)::
 
@@ -14,8 +14,9 @@ Padded layout (read only), as a training loop dumps a batch: root datasets
 ``logits (B, T, U+1, V)``, ``labels (B, Umax)``, ``logit_lengths (B,)``,
 ``label_lengths (B,)``, optional ``utt_ids (B,)``; ids default to the batch index.
 
-The reader never loads a whole file: it reads one utterance's slice at a time,
-straight into the padded batch buffer the engine consumes.
+``rnntool/reader.py`` reads both layouts without loading a whole file, one
+utterance's slice at a time, straight into the padded batch buffer the engine
+consumes. Also here: the log-prob normalisation check ``inspect`` runs.
 """
 
 from __future__ import annotations
