@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import torch
 from typer.testing import CliRunner
 
 from rnntool.cli import app
+from rnntool.dump import DumpWriter
 from rnntool.loss import reduction_weights
 from rnntool.reference import reference_gradients
 
@@ -126,3 +129,122 @@ def one_line_error(result, *needles):
     assert "Traceback" not in result.output
     for n in needles:
         assert n in err[0], err[0]
+
+
+# --------------------------------------------------------------------------- the loss engine
+# The backends the engine suite runs on (the `backend` fixture of conftest.py). "cuda"
+# runs the CUDA kernels in Numba's simulator on CPU tensors here.
+BACKENDS = ("cpu", "cuda")
+
+# Tiny CUDA launch shapes, so that every multi-chunk path runs even on tiny inputs:
+# several v per thread and a tree reduction (threads_v=4), several rows per block,
+# grid-striding over rows (max_blocks=3), several u per thread (threads_diag=2).
+SMALL_LAUNCHES = {"threads_v": 4, "rows_per_block": 2, "threads_diag": 2, "max_blocks": 3}
+
+# The fixed public case: B=1, T=2, U=2, V=5, labels [1, 2], blank 0.
+PUBLIC_LOGITS = [
+    [[0.1, 0.6, 0.1, 0.1, 0.1], [0.1, 0.1, 0.6, 0.1, 0.1], [0.1, 0.1, 0.2, 0.8, 0.1]],
+    [[0.1, 0.6, 0.1, 0.1, 0.1], [0.1, 0.1, 0.2, 0.1, 0.1], [0.7, 0.1, 0.2, 0.1, 0.1]],
+]
+PUBLIC_LOSS = 4.495666
+
+# (loss atol, gradient atol) by dtype: the lattice is float32 except for float64,
+# and half inputs are rounded before the engine sees them (the reference
+# gets the same rounded values), so only the gradient's rounding differs.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-4, 2e-6),
+    torch.float16: (2e-4, 2e-3),
+    torch.bfloat16: (2e-4, 1e-2),
+}
+
+
+def run_engine(logits, labels, t_len, u_len, *, grad_output=None, backend="cpu",
+               reduction="none", **kw):
+    """``rnnt_loss``'s value and the gradient of ``grad_output`` (default ones) w.r.t. a
+    copy of ``logits``."""
+    from rnntool import rnnt_loss
+
+    x = logits.detach().clone().requires_grad_(True)
+    loss = rnnt_loss(x, labels, t_len, u_len, backend=backend, reduction=reduction, **kw)
+    if grad_output is None:
+        grad_output = torch.ones_like(loss)
+    loss.backward(grad_output.to(loss.dtype))
+    return loss.detach(), x.grad
+
+
+def assert_matches_reference(logits, labels, t_len, u_len, *, reduction="none", seed=0,
+                             backend="cpu", grad_rtol=None, **kw):
+    """``rnnt_loss`` on ``backend``: value and gradient (for a random ``grad_output``)
+    within ``TOL`` of the float64 reference's, the gradient in the input's dtype."""
+    dtype = logits.dtype
+    B = logits.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    go = torch.rand(B if reduction == "none" else (), generator=g, dtype=torch.float64) + 0.5
+    loss, grad = run_engine(
+        logits, labels, t_len, u_len, grad_output=go, reduction=reduction, backend=backend, **kw
+    )
+    ref_loss, ref_grad = reference_loss_and_grad(
+        logits.double(), labels, t_len, u_len, reduction=reduction, grad_output=go, **kw
+    )
+    loss_atol, grad_atol = TOL[dtype]
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    torch.testing.assert_close(loss.double(), ref_loss, atol=loss_atol, rtol=1e-5)
+    if grad_rtol is None:
+        grad_rtol = 1e-4 if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(grad.double(), ref_grad, atol=grad_atol, rtol=grad_rtol)
+
+
+def examples(backend: str, cuda: int = 12) -> int:
+    """hypothesis's ``max_examples`` for a property on ``backend``: the profile's on the
+    CPU, at most ``cuda`` on the CUDA kernels in Numba's simulator (seconds each)."""
+    from hypothesis import settings
+
+    n = settings().max_examples
+    return n if backend == "cpu" else min(n, cuda)
+
+
+# --------------------------------------------------------------------------- dumps
+def write_padded(path, logits, labels, t_len, u_len, utt_ids=None, **attrs):
+    """The padded layout a training loop dumps directly (root datasets)."""
+    with h5py.File(path, "w") as f:
+        f["logits"] = logits
+        f["labels"] = labels
+        f["logit_lengths"] = t_len
+        f["label_lengths"] = u_len
+        if utt_ids is not None:
+            f["utt_ids"] = np.array(utt_ids, dtype=h5py.string_dtype())
+        for k, v in attrs.items():
+            f.attrs[k] = v
+
+
+BAD_DUMPS = [  # (how the dump is broken, what the one-line error says)
+    ("label", "utterance u1: labels[0] = 99 is outside [0, 5)"),
+    ("blank_label", "utterance u1: labels[0] = 0 equals blank"),
+    ("missing", "utterance u1: missing dataset labels"),
+    ("dims", "utterance u1: logits must be (T, U+1, V)"),
+    ("T0", "utterance u1: T = 0"),
+]
+
+
+def bad_dump(path, how):
+    """A two-utterance dump whose second utterance is broken as ``how`` says."""
+    with DumpWriter(path) as w:
+        w.add("u0", np.zeros((3, 3, 5), np.float32), [1, 2])
+        w.add("u1", np.zeros((3, 3, 5), np.float32), [1, 2])
+    with h5py.File(path, "r+") as f:
+        if how == "label":
+            f["utts/u1/labels"][0] = 99
+        elif how == "blank_label":
+            f["utts/u1/labels"][0] = 0
+        elif how == "missing":
+            del f["utts/u1/labels"]
+        elif how == "dims":
+            del f["utts/u1/logits"]
+            f["utts/u1/logits"] = np.zeros((3, 4), np.float32)
+        elif how == "T0":
+            del f["utts/u1/logits"]
+            f["utts/u1/logits"] = np.zeros((0, 3, 5), np.float32)
+            del f["utts/u1/labels"]
+            f["utts/u1/labels"] = np.array([1, 2])
+    return path

@@ -9,8 +9,18 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, SAMPLE, invoke, one_line_error, random_batch, rows_of, run_cli
-from test_dump import BAD_DUMPS, bad_dump, write_padded
+from helpers import (
+    BAD_DUMPS,
+    ROOT,
+    SAMPLE,
+    bad_dump,
+    invoke,
+    one_line_error,
+    random_batch,
+    rows_of,
+    run_cli,
+    write_padded,
+)
 
 from rnntool import __version__, rnnt_loss
 from rnntool.dump import DumpWriter

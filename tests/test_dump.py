@@ -7,22 +7,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import random_batch
+from helpers import BAD_DUMPS, bad_dump, random_batch, write_padded
 
 from rnntool.dump import DumpError, DumpReader, DumpWriter
-
-
-def write_padded(path, logits, labels, t_len, u_len, utt_ids=None, **attrs):
-    """The padded layout a training loop dumps directly (root datasets)."""
-    with h5py.File(path, "w") as f:
-        f["logits"] = logits
-        f["labels"] = labels
-        f["logit_lengths"] = t_len
-        f["label_lengths"] = u_len
-        if utt_ids is not None:
-            f["utt_ids"] = np.array(utt_ids, dtype=h5py.string_dtype())
-        for k, v in attrs.items():
-            f.attrs[k] = v
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -120,38 +107,6 @@ def test_batches_sorted_and_within_budget(tmp_path):
             infos = [i for i, _ in g]
             padded = len(infos) * max(i.T for i in infos) * (max(i.U for i in infos) + 1) * 20
             assert len(g) == 1 or padded <= budget
-
-
-BAD_DUMPS = [  # (how the dump is broken, what the one-line error says)
-    ("label", "utterance u1: labels[0] = 99 is outside [0, 5)"),
-    ("blank_label", "utterance u1: labels[0] = 0 equals blank"),
-    ("missing", "utterance u1: missing dataset labels"),
-    ("dims", "utterance u1: logits must be (T, U+1, V)"),
-    ("T0", "utterance u1: T = 0"),
-]
-
-
-def bad_dump(path, how):
-    """A two-utterance dump whose second utterance is broken as ``how`` says."""
-    with DumpWriter(path) as w:
-        w.add("u0", np.zeros((3, 3, 5), np.float32), [1, 2])
-        w.add("u1", np.zeros((3, 3, 5), np.float32), [1, 2])
-    with h5py.File(path, "r+") as f:
-        if how == "label":
-            f["utts/u1/labels"][0] = 99
-        elif how == "blank_label":
-            f["utts/u1/labels"][0] = 0
-        elif how == "missing":
-            del f["utts/u1/labels"]
-        elif how == "dims":
-            del f["utts/u1/logits"]
-            f["utts/u1/logits"] = np.zeros((3, 4), np.float32)
-        elif how == "T0":
-            del f["utts/u1/logits"]
-            f["utts/u1/logits"] = np.zeros((0, 3, 5), np.float32)
-            del f["utts/u1/labels"]
-            f["utts/u1/labels"] = np.array([1, 2])
-    return path
 
 
 @pytest.mark.parametrize("how, message", BAD_DUMPS)

@@ -17,9 +17,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from helpers import random_batch
-from test_cli import invoke, rows_of
-from test_dump import write_padded
+from helpers import invoke, random_batch, rows_of, write_padded
 
 from rnntool.dump import DumpError, DumpWriter
 from rnntool.reader import DumpReader
