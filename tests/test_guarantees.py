@@ -2,6 +2,9 @@
 backend, degenerate batches, impossible results caught, float32 precision on long lattices.
 
 Bitwise comparisons are within one machine only; against the reference, tolerances.
+Tests that take ``backend`` run on the CPU and on the CUDA kernels (Numba's simulator
+here); the others are about the CPU kernels alone (threads, x86 generations) or
+compare the two backends.
 """
 
 import os
@@ -13,23 +16,19 @@ import numba
 import numpy as np
 import pytest
 import torch
-from helpers import random_batch
+from helpers import SMALL_LAUNCHES, assert_matches_reference, random_batch, run_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cuda import SMALL
-from test_loss import assert_matches_reference, run_engine
 
 from rnntool import align, rnnt_loss
 from rnntool import cuda as rcuda
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not rcuda.SIMULATOR, reason="the simulated CUDA backend runs CPU tensors"))]
 
 
 @pytest.fixture(autouse=True)
 def small_launches():
-    with rcuda.config(**SMALL):
+    with rcuda.config(**SMALL_LAUNCHES):
         yield
 
 
@@ -38,7 +37,7 @@ def loss_and_grad(x, y, T, U, backend="cpu"):
     return run_engine(x, y, T, U, backend=backend, reduction="none")
 
 
-def layouts(x, T, U):
+def layouts(x):
     """The same utterances as other tensors: (name, logits, index map into the batch)."""
     B, Tm, U1, V = x.shape
     padded = torch.full((B, Tm + 3, U1 + 2, V), 7.0, dtype=x.dtype)  # junk padding
@@ -54,15 +53,14 @@ def layouts(x, T, U):
 
 
 # --------------------------------------------------------------------------- 1. same bits
-@pytest.mark.parametrize("backend,dtype", [("cpu", d) for d in DTYPES] + [
-    pytest.param("cuda", d, marks=BACKENDS[1].marks) for d in (torch.float16, torch.float32)
-])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_bits_do_not_depend_on_layout_batch_or_padding(dtype, backend):
-    # V = 37 on the CPU: two full blocks of the 16-lane sum and a partial one.
-    V = 37 if backend == "cpu" else 7  # (the simulator is slow)
+    # V = 37 on the CPU: two full blocks of the 16-lane sum and a partial one; V = 7
+    # in the (slow) simulator, two chunks of its threads_v = 4.
+    V = 37 if backend == "cpu" else 7
     x, y, T, U = random_batch(4, 5, 3, V, seed=31, dtype=dtype)
     loss, grad = loss_and_grad(x, y, T, U, backend)
-    for name, other, perm in layouts(x, T, U):
+    for name, other, perm in layouts(x):
         yo, To, Uo = (y, T, U) if perm is None else (y[perm], T[perm], U[perm])
         lo, go = loss_and_grad(other, yo, To, Uo, backend)
         if perm is not None:
@@ -72,7 +70,7 @@ def test_bits_do_not_depend_on_layout_batch_or_padding(dtype, backend):
         for b in range(x.shape[0]):
             t, u1 = int(T[b]), int(U[b]) + 1
             assert torch.equal(go[b, :t, :u1, : x.shape[3]], grad[b, :t, :u1]), (name, b)
-    for b in range(x.shape[0] if backend == "cpu" else 1):  # alone, trimmed to its lengths
+    for b in range(x.shape[0]):  # alone, trimmed to its lengths
         t, u = int(T[b]), int(U[b])
         alone = x[b : b + 1, :t, : u + 1].contiguous()
         lb, gb = loss_and_grad(alone, y[b : b + 1, :u], T[b : b + 1], U[b : b + 1], backend)
@@ -82,6 +80,7 @@ def test_bits_do_not_depend_on_layout_batch_or_padding(dtype, backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bits_do_not_depend_on_the_thread_count(dtype):
+    # The CPU kernels' Numba thread pool; a CUDA launch's shape is test_cuda.py's.
     x, y, T, U = random_batch(6, 7, 4, 45, seed=2, dtype=dtype)
     before = numba.get_num_threads()
     results = []
@@ -99,11 +98,10 @@ def test_bits_do_not_depend_on_the_thread_count(dtype):
     assert torch.equal(results[1][0], results[0][0])  # without grad = with grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_alignments_do_not_depend_on_layout(backend):
     x, y, T, U = random_batch(3, 6, 3, 11, seed=4)
     want = align(x, y, T, U, backend=backend)
-    for name, other, perm in layouts(x, T, U):
+    for name, other, perm in layouts(x):
         if perm is not None:
             continue
         got = align(other, y, T, U, backend=backend)
@@ -157,7 +155,6 @@ def test_bits_do_not_depend_on_the_cpu_generation(tmp_path, cpu_name):
 
 
 # --------------------------------------------------------------------------- 2. strides
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_issue_strided_example_on_every_backend(backend, dtype, index_dtype):
@@ -181,7 +178,7 @@ def test_issue_strided_example_on_every_backend(backend, dtype, index_dtype):
 )
 def test_any_strides_on_the_simulated_cuda_backend(B, T, U, V, dtype, view, seed):
     x, y, t_len, u_len = random_batch(B, T, U, V, seed=seed, dtype=dtype)
-    strided = dict((n, o) for n, o, _ in layouts(x, t_len, u_len))[view]
+    strided = dict((n, o) for n, o, _ in layouts(x))[view]
     cpu_loss, cpu_grad = loss_and_grad(x, y, t_len, u_len, "cpu")
     loss, grad = loss_and_grad(strided, y, t_len, u_len, "cuda")
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
@@ -190,7 +187,6 @@ def test_any_strides_on_the_simulated_cuda_backend(B, T, U, V, dtype, view, seed
 
 
 # --------------------------------------------------------------------------- 3. degenerate
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction,want", [
     ("none", None), ("sum", 0.0), ("mean", float("nan")),
     ("mean_frames", float("nan")), ("mean_tokens", float("nan")),
@@ -214,7 +210,6 @@ def test_empty_batch_behaves_as_torch_losses(backend, reduction, want):
     assert align(x.detach(), empty[0], empty[1], empty[1], backend=backend) == []
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [
     (2, 1, 0, 3),  # T = 1, U = 0: one blank
     (2, 1, 2, 3),  # T = 1: every label at frame 0
@@ -237,7 +232,6 @@ def test_extreme_shapes_match_the_reference(backend, shape, dtype):
 
 
 # --------------------------------------------------------------------------- 5. impossible
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_negative_loss_warns_naming_the_utterance(backend):
     x, y, T, U = random_batch(2, 4, 2, 5, seed=1)
     lp = torch.log_softmax(x, -1)
@@ -255,32 +249,33 @@ def test_negative_loss_warns_naming_the_utterance(backend):
 
 
 @pytest.mark.parametrize("blank", [np.int64(2), np.int32(-1), torch.tensor(0), np.array(1)])
-def test_numpy_and_tensor_integers_as_blank(blank):
+def test_numpy_and_tensor_integers_as_blank(blank, backend):
     x, y, T, U = random_batch(2, 3, 2, 5, seed=3, blank=int(blank) % 5)
-    want = rnnt_loss(x, y, T, U, blank=int(blank))
-    assert torch.equal(rnnt_loss(x, y, T, U, blank=blank), want)
+    want = rnnt_loss(x, y, T, U, blank=int(blank), backend=backend)
+    assert torch.equal(rnnt_loss(x, y, T, U, blank=blank, backend=backend), want)
 
 
 @pytest.mark.parametrize("blank", [True, 1.0, np.float32(1), "1", torch.tensor(1.0)])
-def test_non_integer_blank_is_a_type_error(blank):
+def test_non_integer_blank_is_a_type_error(blank, backend):
     x, y, T, U = random_batch(1, 2, 1, 4, seed=0, blank=1)
     with pytest.raises(TypeError, match="blank must be an integer"):
-        rnnt_loss(x, y, T, U, blank=blank)
+        rnnt_loss(x, y, T, U, blank=blank, backend=backend)
 
 
 # --------------------------------------------------------------------------- 8. precision
-def test_float32_gradient_is_accurate_on_a_long_lattice():
+def test_float32_gradient_is_accurate_on_a_long_lattice(backend):
     """Float32 input, float64 truth: the gradient keeps ~6 digits however long the
     lattice (stage 2 in float64). With float32 alpha/beta this lattice's median
     relative error was ~1e-4 and torchaudio's ~1e-4 (benchmarks/bench_precision.py
     measures the long cases: T = 2000, U = 400)."""
     torch.manual_seed(20211224)
-    T, U, V = 600, 150, 24
+    # In the simulator (seconds per few hundred nodes) a 30 x 9 lattice, same bounds.
+    T, U, V = (600, 150, 24) if backend == "cpu" else (30, 8, 24)
     x64 = torch.rand(1, T, U + 1, V, dtype=torch.float64)
     y = torch.randint(1, V, (1, U))
     t_len, u_len = torch.tensor([T]), torch.tensor([U])
-    loss64, grad64 = loss_and_grad(x64, y, t_len, u_len)
-    loss32, grad32 = loss_and_grad(x64.float(), y, t_len, u_len)
+    loss64, grad64 = loss_and_grad(x64, y, t_len, u_len, backend)
+    loss32, grad32 = loss_and_grad(x64.float(), y, t_len, u_len, backend)
     big = grad64.abs() > 0.1
     rel = ((grad32.double() - grad64).abs() / grad64.abs())[big]
     assert float(rel.median()) < 2e-6 and float(rel.max()) < 2e-5
@@ -289,7 +284,6 @@ def test_float32_gradient_is_accurate_on_a_long_lattice():
     assert abs(float(loss32) - float(loss64)) / float(loss64) < 1e-6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_stage2_is_float64_on_every_backend(backend):
     from rnntool.engine import LossOptions
     from rnntool.loss import engine_for
@@ -300,7 +294,7 @@ def test_stage2_is_float64_on_every_backend(backend):
                for a in (state.log_like, state.alpha, state.beta))
 
 
-def test_rounded_16_bit_log_probs_are_not_called_impossible():
+def test_rounded_16_bit_log_probs_are_not_called_impossible(backend):
     """bfloat16 log-probs of 0.5 round to -0.69140625: the loss comes out slightly
     below 0 (-0.017 here) from the input's own rounding, which is no error."""
     T, U = 30, 5
@@ -310,5 +304,6 @@ def test_rounded_16_bit_log_probs_are_not_called_impossible():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss = rnnt_loss(lp.to(torch.bfloat16), torch.ones(1, U, dtype=torch.long),
-                         torch.tensor([T]), torch.tensor([U]), fused_log_softmax=False)
+                         torch.tensor([T]), torch.tensor([U]), fused_log_softmax=False,
+                         backend=backend)
     assert -0.1 < float(loss) < 0

@@ -5,15 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import PUBLIC_LOGITS, PUBLIC_LOSS
 
 from rnntool.reference import reference_gradients, reference_utterance_loss
-
-# The fixed public case: B=1, T=2, U=2, V=5, labels [1, 2], blank 0.
-PUBLIC_LOGITS = [
-    [[0.1, 0.6, 0.1, 0.1, 0.1], [0.1, 0.1, 0.6, 0.1, 0.1], [0.1, 0.1, 0.2, 0.8, 0.1]],
-    [[0.1, 0.6, 0.1, 0.1, 0.1], [0.1, 0.1, 0.2, 0.1, 0.1], [0.7, 0.1, 0.2, 0.1, 0.1]],
-]
-PUBLIC_LOSS = 4.495666
 
 
 def brute_force_loss(logits: torch.Tensor, labels: list[int], blank: int) -> float:
