@@ -21,7 +21,7 @@ measures the engine and the data path, not the disk; ``--cold`` (root, Linux)
 empties the page cache before each pass instead, as when a dump is scored once.
 
     python benchmarks/bench_score.py [--gb 1.0] [--small 20000] [--dir /tmp/rnntool-bench]
-                                     [--batch-mb 256] [--cold]
+                                     [--batch-mb 64] [--cold]
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--small", type=int, default=20000)
     ap.add_argument("--dir", default="/tmp/rnntool-bench")
-    ap.add_argument("--batch-mb", type=int, default=256)
+    ap.add_argument("--batch-mb", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cold", action="store_true",
                     help="empty the page cache before every timed pass (Linux, root): "
