@@ -132,6 +132,13 @@ def resolve_target(output: str, inputs: Sequence[str | os.PathLike] = (), *,
         if not streams:
             raise OutputError(f"{name}: names the file descriptor {fd}, not a file; "
                               "give the file's own name")
+        try:  # `-o /dev/stdout >> in.h5` would still write into an input
+            st_fd = os.fstat(fd)
+        except OSError as e:
+            raise cannot_write(name, e) from None
+        inp = same_file_among(st_fd, inputs) if stat.S_ISREG(st_fd.st_mode) else None
+        if inp is not None:
+            raise OutputError(f"{name}: is also an input ({inp}); refusing to overwrite it")
         return Target(output, True, None, fd)
     st = lstat_or_none(output, name)
     path = os.path.abspath(output)

@@ -167,10 +167,12 @@ class DumpReader:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
             raise DumpError(f"{self.name}: not a readable HDF5 file ({_first_line(e)})") from None
-        with contextlib.suppress(Exception):  # the HDF5 driver's own descriptor: the same file?
+        st_h5 = None  # the HDF5 driver's own descriptor: the same file as ours?
+        with contextlib.suppress(Exception):
             st_h5 = os.fstat(self._f.id.get_vfd_handle())
-            if (st_h5.st_dev, st_h5.st_ino) != (self._stat.st_dev, self._stat.st_ino):
-                raise DumpError(f"{self.name}: changed while being opened")
+        if st_h5 is not None and (st_h5.st_dev, st_h5.st_ino) != (self._stat.st_dev,
+                                                                   self._stat.st_ino):
+            raise DumpError(f"{self.name}: changed while being opened")
         self._check_unchanged()
         # Raw regions are read straight from the file only once one has been
         # proven to hold what HDF5 reads (a base address HDF5 accounts for and
@@ -386,7 +388,7 @@ class DumpReader:
         info = info or self.info(utt_id)
         try:
             y = self._layout.labels(utt_id, info)
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
             raise self._err(utt_id, f"labels unreadable ({_first_line(e)})") from None
         bad = bad_label(y, info.V, normalise_blank(self.blank, info.V))
         if bad is not None:
@@ -414,7 +416,7 @@ class DumpReader:
                     dest[...] = src[sel]
         except DumpError:
             raise
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
             raise self._err(utt_id, f"logits unreadable ({_first_line(e)})") from None
         self._check_unchanged(utt_id)
 
@@ -457,7 +459,7 @@ class DumpReader:
                 ds, name = self._layout.grads(utt_id)
                 self._checks.verify_filtered(ds, name)
                 grads = np.asarray(ds[()])
-            except (OSError, ValueError, TypeError, KeyError) as e:
+            except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
                 raise self._err(utt_id, f"grads unreadable ({_first_line(e)})") from None
             self._check_unchanged(utt_id)
         return Utterance(info, x, y, grads)
@@ -621,6 +623,7 @@ class _PaddedLayout:
             r._checks.raw_run(ds, f"/{name}")
             arrays[name] = ds
         self._labels = arrays["labels"]
+        r._checks.verify_filtered(self._labels, "/labels")  # no short chunk read as labels
         self._t_len = r._small(arrays["logit_lengths"], "/logit_lengths")
         self._u_len = r._small(arrays["label_lengths"], "/label_lengths")
         if "utt_ids" in f:
@@ -699,10 +702,14 @@ def probe(path: str | os.PathLike, blank: int | None = None) -> None:
     """
     if not hasattr(os, "fork"):
         return
+    import signal
+
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 0
         try:
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # not the parent's handlers
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
             os.dup2(null, 2)
@@ -710,10 +717,14 @@ def probe(path: str | os.PathLike, blank: int | None = None) -> None:
         except BaseException:
             code = 3
         os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # interrupted: never leave the child parsing a hostile file
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
     if os.WIFSIGNALED(status):
-        import signal
-
         sig = signal.Signals(os.WTERMSIG(status)).name
         raise DumpError(f"{show(os.fspath(path))}: the HDF5 library crashed ({sig}) reading the "
                         "file's structure: the file is corrupt")

@@ -629,3 +629,25 @@ def test_grad_check_failure_lines_name_the_file_and_stay_one_line(tmp_path):
     assert lines and all(ln.startswith(f"rnntool: {path}: utterance x\\n") for ln in lines)
     assert "\x1b" not in result.stderr
     one_line(invoke("grad-check", path, "--rtol", "nan"), "must be finite")
+
+
+def test_hdf5_must_parse_the_file_that_was_opened(tmp_path, monkeypatch):
+    # A swap between our open() and HDF5's: HDF5 would parse one file while raw reads
+    # come from the other.
+    path, _ = plain(tmp_path, n=1)
+    other, _ = plain(tmp_path, "other.h5", n=1, seed=9)
+    real = h5py.File
+    monkeypatch.setattr(h5py, "File", lambda p, mode="r", **kw: real(other, mode, **kw))
+    with pytest.raises(DumpError, match="changed while being opened"):
+        DumpReader(path)
+
+
+def test_dev_stdout_appending_to_an_input_is_refused(tmp_path):
+    path, _ = plain(tmp_path, n=1)
+    before = path.read_bytes()
+    with open(path, "a") as f:
+        out = subprocess.run([sys.executable, "-m", "rnntool", "score", str(path), "-q", "-o",
+                              "/dev/stdout"], stdout=f, stderr=subprocess.PIPE, text=True,
+                             timeout=60)
+    assert out.returncode == 2 and "is also an input" in out.stderr, out.stderr
+    assert path.read_bytes() == before
