@@ -121,14 +121,19 @@ def rows_of(text, fmt="tsv"):
     return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
 
 
-def one_line_error(result, *needles):
-    """``result`` failed with exit code 2 and one ``rnntool: error:`` line holding ``needles``."""
-    assert result.exit_code == 2, result.output
+def one_line_error(result, *needles, code=2) -> str:
+    """``result`` (a CliRunner result or a finished subprocess) ended with exit ``code``
+    and one ``rnntool: error:`` line on stderr holding every needle, no traceback;
+    returns that line."""
+    rc = result.returncode if isinstance(result, subprocess.CompletedProcess) \
+        else result.exit_code
+    assert rc == code, result.stderr
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rnntool: error: "), result.stderr
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.stderr
     for n in needles:
-        assert n in err[0], err[0]
+        assert str(n) in err[0], err[0]
+    return err[0]
 
 
 # --------------------------------------------------------------------------- the loss engine

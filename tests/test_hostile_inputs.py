@@ -17,7 +17,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from helpers import invoke, random_batch, rows_of, write_padded
+from helpers import invoke, one_line_error, random_batch, rows_of, run_cli, write_padded
 
 from rnntool.dump import DumpError, DumpWriter
 from rnntool.reader import DumpReader
@@ -37,32 +37,6 @@ def losses(path, *args):
     result = invoke("score", path, "-f", "tsv", "-q", *args)
     assert result.exit_code == 0, result.output
     return {r["utt_id"]: r["loss"] for r in rows_of(result.stdout)}
-
-
-def one_line(result, *fragments, code=2):
-    """Exit ``code``, one line on stderr containing every fragment, no traceback."""
-    err = result.stderr.strip().splitlines()
-    assert result.exit_code == code, result.output
-    assert len(err) == 1 and err[0].startswith("rnntool: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert str(f) in err[0], err[0]
-    return err[0]
-
-
-def run_cli(*args, timeout=60):
-    """The real command in a subprocess (for what could hang or kill the process)."""
-    return subprocess.run([sys.executable, "-m", "rnntool", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def cli_one_line(out, *fragments, code=2):
-    err = out.stderr.strip().splitlines()
-    assert out.returncode == code, out.stderr
-    assert len(err) == 1 and err[0].startswith("rnntool: error: "), out.stderr
-    assert "Traceback" not in out.stderr
-    for f in fragments:
-        assert str(f) in err[0], err[0]
 
 
 # --------------------------------------------------------------------------- links
@@ -89,22 +63,22 @@ def test_external_link_to_a_fifo_or_device_is_refused_without_hanging(tmp_path):
     os.mkfifo(tmp_path / "fifo.h5")
     with h5py.File(path, "a") as f:
         f["utts"]["f"] = h5py.ExternalLink(str(tmp_path / "fifo.h5"), "/x")
-    cli_one_line(run_cli("score", path, timeout=30), path, "fifo.h5", "FIFO")
+    one_line_error(run_cli("score", path, timeout=30), path, "fifo.h5", "FIFO")
     with h5py.File(path, "a") as f:
         del f["utts"]["f"]
         f["utts"]["f"] = h5py.ExternalLink("/dev/zero", "/x")
-    cli_one_line(run_cli("score", path, timeout=30), "/dev/zero", "character device")
+    one_line_error(run_cli("score", path, timeout=30), "/dev/zero", "character device")
 
 
 def test_dangling_and_missing_links(tmp_path):
     path, _ = plain(tmp_path, n=1)
     with h5py.File(path, "a") as f:
         f["utts"]["soft"] = h5py.SoftLink("/utts/nowhere")
-    one_line(invoke("score", path), path, "does not resolve")
+    one_line_error(invoke("score", path), path, "does not resolve")
     with h5py.File(path, "a") as f:
         del f["utts"]["soft"]
         f["utts"]["ext"] = h5py.ExternalLink("missing.h5", "/x")
-    one_line(invoke("score", path), path, "missing.h5", "does not exist")
+    one_line_error(invoke("score", path), path, "missing.h5", "does not exist")
 
 
 def test_soft_link_and_hard_link_utterances_give_the_same_numbers(tmp_path):
@@ -126,7 +100,7 @@ def test_data_in_other_files_is_refused(tmp_path):
         g = f["utts"].create_group("ext")
         g.create_dataset("logits", (6, 4, 5), np.float32, external=[(str(raw), 0, h5py.h5f.UNLIMITED)])
         g["labels"] = np.array([1, 2, 3])
-    one_line(invoke("score", path), path, "utterance ext", "external files")
+    one_line_error(invoke("score", path), path, "utterance ext", "external files")
     # A virtual dataset: its sources may be missing (HDF5 then reads its fill value).
     with h5py.File(path, "a") as f:
         del f["utts"]["ext"]
@@ -135,7 +109,7 @@ def test_data_in_other_files_is_refused(tmp_path):
         layout[...] = h5py.VirtualSource(str(tmp_path / "gone.h5"), "x", (6, 4, 5))
         g.create_virtual_dataset("logits", layout)
         g["labels"] = np.array([1, 2, 3])
-    one_line(invoke("score", path), path, "utterance virt", "virtual dataset")
+    one_line_error(invoke("score", path), path, "utterance virt", "virtual dataset")
 
 
 # --------------------------------------------------------------------------- what is not a file
@@ -149,7 +123,7 @@ def test_only_regular_files_are_opened(tmp_path, kind):
         os.symlink(tmp_path / "x.h5", target)
     for cmd in ("score", "inspect", "align"):
         out = run_cli(cmd, target, timeout=30)
-        cli_one_line(out, target)
+        one_line_error(out, target)
         assert any(w in out.stderr for w in ("FIFO", "device", "directory")), out.stderr
 
 
@@ -166,7 +140,7 @@ def padded(tmp_path, **over):
 
 def test_padded_duplicate_ids_are_an_error(tmp_path):
     # The issue's example: both "a" rows showed the second utterance's loss.
-    one_line(invoke("score", padded(tmp_path, ids=["a", "a", "c"])), "p.h5",
+    one_line_error(invoke("score", padded(tmp_path, ids=["a", "a", "c"])), "p.h5",
              "utterance id a appears twice", "entries 0 and 1")
 
 
@@ -189,7 +163,7 @@ def test_padded_values_as_stored(tmp_path, what, over, fragment):
     if float_ids:
         with h5py.File(path, "a") as f:
             f["utt_ids"] = np.array([0.5, 1.5, 2.5])
-    one_line(invoke("score", path), "p.h5", fragment)
+    one_line_error(invoke("score", path), "p.h5", fragment)
 
 
 # --------------------------------------------------------------------------- sizes and storage
@@ -201,14 +175,14 @@ def test_declared_size_beyond_the_file_is_refused_before_allocating(tmp_path):
         g.create_dataset("logits", (10**6, 1001, 1000), np.float32)  # never written
         g["labels"] = np.ones(1000, np.int64)
     assert path.stat().st_size < 100_000
-    one_line(invoke("score", path), path, "utterance big", "never written")
+    one_line_error(invoke("score", path), path, "utterance big", "never written")
     with h5py.File(path, "w") as f:
         g = f.create_group("utts").create_group("big")
         g.create_dataset("logits", (10**6, 1001, 1000), np.float32, chunks=(1, 1001, 1000),
                          compression="gzip")
         g["logits"][0] = 1.0  # one chunk of a million
         g["labels"] = np.ones(1000, np.int64)
-    one_line(invoke("score", path), path, "utterance big", "only 1 of its 1000000 chunks")
+    one_line_error(invoke("score", path), path, "utterance big", "only 1 of its 1000000 chunks")
 
 
 def test_memory_budget_is_checked_before_allocating(tmp_path, monkeypatch):
@@ -217,7 +191,7 @@ def test_memory_budget_is_checked_before_allocating(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reader, "available_memory", lambda: 100)
     for cmd in ("score", "align"):
-        one_line(invoke(cmd, path), path, "more than the", "of memory available")
+        one_line_error(invoke(cmd, path), path, "more than the", "of memory available")
     result = invoke("inspect", path)  # inspect reports it as a problem of each utterance
     assert result.exit_code == 1 and "utterance u0: its logits need" in result.stderr
 
@@ -233,7 +207,7 @@ def test_truncated_dump_is_an_error_never_zeros(tmp_path, cut):
         if result.exit_code == 0:  # only bytes nothing points at were cut
             assert {r["utt_id"]: r["loss"] for r in rows_of(result.stdout)} == want
         else:
-            one_line(result, path)
+            one_line_error(result, path)
 
 
 def test_file_truncated_or_rewritten_while_read(tmp_path):
@@ -271,7 +245,7 @@ def test_partly_written_chunks_are_refused(tmp_path):
         ds = g.create_dataset("logits", (8, 3, 5), np.float32, chunks=(2, 3, 5))
         ds[:4] = 0.5  # chunks 0 and 1 of 4
         g["labels"] = np.array([1, 2])
-    one_line(invoke("score", path), path, "utterance p", "only 2 of its 4 chunks")
+    one_line_error(invoke("score", path), path, "utterance p", "only 2 of its 4 chunks")
 
 
 # --------------------------------------------------------------------------- legal oddities
@@ -326,7 +300,7 @@ def test_bad_root_attributes(tmp_path, attrs, fragment):
     with h5py.File(path, "a") as f:
         f.attrs.update(attrs)
     for cmd in ("score", "inspect"):
-        one_line(invoke(cmd, path), path, fragment)
+        one_line_error(invoke(cmd, path), path, fragment)
 
 
 def test_vocab_must_agree_with_vocab_size(tmp_path):
@@ -336,16 +310,16 @@ def test_vocab_must_agree_with_vocab_size(tmp_path):
         f["vocab"] = np.array(["a", "b", "c"], dtype=h5py.string_dtype())
         f.attrs["vocab_size"] = 5
     for cmd in (("score",), ("align",), ("plot", "-d", tmp_path / "plots")):
-        one_line(invoke(*cmd, path), path, "/vocab has 3 names but attribute vocab_size is 5")
+        one_line_error(invoke(*cmd, path), path, "/vocab has 3 names but attribute vocab_size is 5")
     with h5py.File(path, "a") as f:
         del f["vocab"]
         f["vocab"] = np.arange(5)
-    one_line(invoke("align", path), path, "/vocab has dtype int64, not strings")
+    one_line_error(invoke("align", path), path, "/vocab has dtype int64, not strings")
     with h5py.File(path, "a") as f:
         del f["vocab"]
         f.attrs["vocab_size"] = -1
         f["vocab"] = np.array(["a", "b", "c"], dtype=h5py.string_dtype())
-    one_line(invoke("align", path), path, "utterance u0", "V = 5 but the dump's vocab size is 3")
+    one_line_error(invoke("align", path), path, "utterance u0", "V = 5 but the dump's vocab size is 3")
 
 
 @pytest.mark.parametrize("value, fragment", [
@@ -357,7 +331,7 @@ def test_bad_stored_loss(tmp_path, value, fragment):
     path, _ = plain(tmp_path, n=2)
     with h5py.File(path, "a") as f:
         f["utts"]["u1"].attrs["loss"] = value
-    one_line(invoke("score", path), path, "utterance u1", fragment)
+    one_line_error(invoke("score", path), path, "utterance u1", fragment)
 
 
 # --------------------------------------------------------------------------- ids in messages
@@ -368,7 +342,7 @@ def test_error_lines_stay_one_line_whatever_the_id(tmp_path, name):
         g = f["utts"].create_group(name)
         g["logits"] = np.zeros((2, 2, 5), np.float32)
         g["labels"] = np.array([7])
-    line = one_line(invoke("score", path), path, "labels[0] = 7")
+    line = one_line_error(invoke("score", path), path, "labels[0] = 7")
     assert repr(name)[1:-1] in line
 
 
@@ -376,7 +350,7 @@ def test_non_utf8_id_is_one_line(tmp_path):
     path, _ = plain(tmp_path, n=1)
     with h5py.File(path, "a") as f:
         f["utts"].create_group(b"a\xffb")
-    one_line(invoke("score", path), path, "a\\xffb", "not UTF-8")
+    one_line_error(invoke("score", path), path, "a\\xffb", "not UTF-8")
 
 
 def test_nan_logits_are_not_hidden_by_the_reader(tmp_path):
@@ -493,7 +467,7 @@ def test_a_chunk_outside_the_extent_does_not_count(tmp_path):
             d[t] = x[t]
         d.id.write_direct_chunk((5, 0, 0), x[4].tobytes())  # beyond the extent
         f["utts/u/labels"] = np.array([1, 2])
-    one_line(invoke("score", path), path, "utterance u", "only 4 of its 5 chunks")
+    one_line_error(invoke("score", path), path, "utterance u", "only 4 of its 5 chunks")
 
 
 @pytest.mark.parametrize("how", ["gzip short", "lzf short", "raw short", "gzip garbage"])
@@ -524,7 +498,7 @@ def test_chunks_that_decode_short_are_refused(tmp_path, how):
                 d.id.write_direct_chunk((t, 0, 0), r[: len(r) // 2])
         f["utts/u/labels"] = np.array([1, 2])
     for args in ((), ("--via-hdf5",)):
-        line = one_line(invoke("score", path, *args), path, "utterance u")
+        line = one_line_error(invoke("score", path, *args), path, "utterance u")
         want = {"raw short": "holds 48 bytes, not 96", "gzip garbage": "does not decode"}
         assert want.get(how, "decodes to 48 bytes, not 96") in line, line
 
@@ -554,7 +528,7 @@ def test_a_file_that_crashes_hdf5_is_one_line(tmp_path):
         out = run_cli(cmd, path, timeout=60)
         # One line, exit 2: "the HDF5 library crashed (SIGSEGV)" with the HDF5 built into
         # today's h5py wheel; an HDF5 that catches the loop itself says "unreadable".
-        cli_one_line(out, path)
+        one_line_error(out, path)
         assert "crashed" in out.stderr or "unreadable" in out.stderr, out.stderr
 
 
@@ -567,15 +541,15 @@ def test_labels_are_checked_against_memory_before_reading(tmp_path, monkeypatch)
     import rnntool.reader as reader
 
     monkeypatch.setattr(reader, "available_memory", lambda: 20_000)
-    one_line(invoke("score", path), path, "utterance u: its labels would need")
+    one_line_error(invoke("score", path), path, "utterance u: its labels would need")
 
 
 def test_utt_lists_that_are_not_lists(tmp_path):
     path, _ = plain(tmp_path, n=1)
     bad = tmp_path / "ids.txt"
     bad.write_bytes(b"u0\n\xff\xfe\n")
-    one_line(invoke("score", path, "--utt-list", bad), "ids.txt: line 2 is not UTF-8")
-    cli_one_line(run_cli("score", path, "--utt-list", "/dev/zero", timeout=60), "/dev/zero",
+    one_line_error(invoke("score", path, "--utt-list", bad), "ids.txt: line 2 is not UTF-8")
+    one_line_error(run_cli("score", path, "--utt-list", "/dev/zero", timeout=60), "/dev/zero",
                  "longer than 1 MiB")
 
 
@@ -611,7 +585,7 @@ def test_output_may_not_replace_a_file_an_external_link_reads(tmp_path):
     with h5py.File(main, "a") as f:
         f["utts"]["x"] = h5py.ExternalLink("other.h5", "/utts/u0")
     before = target.read_bytes()
-    one_line(invoke("score", main, "-o", target), "other.h5", "is also an input")
+    one_line_error(invoke("score", main, "-o", target), "other.h5", "is also an input")
     assert target.read_bytes() == before
 
 
@@ -628,7 +602,7 @@ def test_grad_check_failure_lines_name_the_file_and_stay_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines and all(ln.startswith(f"rnntool: {path}: utterance x\\n") for ln in lines)
     assert "\x1b" not in result.stderr
-    one_line(invoke("grad-check", path, "--rtol", "nan"), "must be finite")
+    one_line_error(invoke("grad-check", path, "--rtol", "nan"), "must be finite")
 
 
 def test_hdf5_must_parse_the_file_that_was_opened(tmp_path, monkeypatch):
