@@ -53,11 +53,6 @@ def creation_mode() -> int:
     return 0o666 & ~umask()
 
 
-def umask_perms(path: str) -> None:
-    """mkstemp makes 0600 files; give a finished file the permissions open() would."""
-    os.chmod(path, creation_mode())
-
-
 # --------------------------------------------------------------------------- messages
 def kind(mode: int) -> str:
     """What a file of ``st_mode`` ``mode`` is, in words (``"FIFO"``, ``"directory"``)."""
@@ -247,12 +242,9 @@ def lstat_or_none(path: str, name: str) -> os.stat_result | None:
 def check_replaceable(path: str, name: str | None = None, *, links: bool = False) -> None:
     """Right before a rename onto ``path``: it must be absent or a regular file (or, with
     ``links``, a symbolic link, which the rename replaces). Else OutputError."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    st = lstat_or_none(path, name or path)
+    if st is None:
         return
-    except OSError as e:
-        raise cannot_write(name or path, e) from None
     if stat.S_ISREG(st.st_mode) or (links and stat.S_ISLNK(st.st_mode)):
         return
     raise OutputError(f"{name or path}: is now a {kind(st.st_mode)}; refusing to replace it")
@@ -328,5 +320,4 @@ def replacing(dest: str, mode: int | None, *, name: str | None = None, file_mode
 
 __all__ = ["OutputError", "Target", "cannot_write", "check_replaceable", "close_quietly",
            "creation_mode", "fd_alias", "finish_temp", "is_stream", "kind", "lstat_or_none",
-           "replacing", "resolve_target", "resolve_target_inputs", "same_file_among", "umask",
-           "umask_perms"]
+           "replacing", "resolve_target", "resolve_target_inputs", "same_file_among", "umask"]

@@ -44,7 +44,6 @@ from .files import (
     resolve_target,
     resolve_target_inputs,
     umask,
-    umask_perms,
 )
 
 FORMATS = ("tsv", "csv", "jsonl", "json", "table")
@@ -311,5 +310,5 @@ __all__ = [
     "open_output", "render",
     # moved to rnntool.files; still importable from here
     "OutputError", "Target", "check_replaceable", "creation_mode", "fd_alias", "resolve_target",
-    "resolve_target_inputs", "umask", "umask_perms",
+    "resolve_target_inputs", "umask",
 ]

@@ -250,11 +250,12 @@ class DumpReader:
     def _child(self, group, name: str):
         """``group[name]``, or None if absent; an external link is followed only to a
         regular file (HDF5 would open whatever the name resolves to, a FIFO included)."""
-        if self._external and isinstance(group.get(name, getlink=True), h5py.ExternalLink):
-            _check_external(self.name, group.file.filename, group.get(name, getlink=True))
+        link = group.get(name, getlink=True) if self._external else None
+        if isinstance(link, h5py.ExternalLink):
+            _check_external(self.name, group.file.filename, link)
         obj = group.get(name)
         if obj is None and group.id.links.exists(name.encode("utf-8", "surrogateescape")):
-            link = group.get(name, getlink=True)
+            link = link or group.get(name, getlink=True)
             raise DumpError(f"{self.name}: {show(group.name.rstrip('/'))}/{show(name)} is a "
                             f"link to {show(_link_target(link))}, which does not resolve")
         return obj

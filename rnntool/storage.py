@@ -176,6 +176,7 @@ class StorageChecks:
         dcpl = ds.id.get_create_plist()
         filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
         if ds.chunks is None or not filters:
+            self._verified.add(key)  # nothing to check: not again for the next utterance
             return
         unknown = [f for f in filters if f not in _CHECKED_FILTERS]
         if unknown:

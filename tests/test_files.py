@@ -209,7 +209,7 @@ def test_creation_mode_follows_the_umask():
 # --------------------------------------------------------------------------- layering
 def test_output_reexports_what_moved():
     for name in ("OutputError", "Target", "resolve_target", "fd_alias", "check_replaceable",
-                 "creation_mode", "umask", "umask_perms", "resolve_target_inputs"):
+                 "creation_mode", "umask", "resolve_target_inputs"):
         assert getattr(output, name) is getattr(files, name), name
 
 
