@@ -1,22 +1,16 @@
 """align, plot and grad-check from the command line."""
 
-import csv
-import io
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import SAMPLE, invoke, one_line_error, random_batch
+from helpers import SAMPLE, invoke, one_line_error, random_batch, rows_of
 
 from rnntool import align
 from rnntool.dump import DumpWriter
 
 needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason="sample data not built")
-
-
-def tsv(text):
-    return list(csv.DictReader(io.StringIO(text), delimiter="\t"))
 
 
 @pytest.fixture
@@ -32,7 +26,7 @@ def test_align_rows(dump):
     path, (x, y, T, U) = dump
     result = invoke("align", path, "-f", "tsv")
     assert result.exit_code == 0, result.output
-    rows = tsv(result.stdout)
+    rows = rows_of(result.stdout)
     assert list(rows[0]) == ["utt_id", "position", "token_id", "token", "frame",
                              "expected_frame", "frame_posterior"]
     expected = align(x, y, T, U)
@@ -71,7 +65,7 @@ def test_plot_and_grad_check_on_sample_data(tmp_path):
     assert result.exit_code == 0 and len(list(tmp_path.glob("*.png"))) == 2
     result = invoke("grad-check", SAMPLE, "--utt", "utt000", "--utt", "utt001", "-f", "tsv")
     assert result.exit_code == 0, result.output
-    rows = tsv(result.stdout)
+    rows = rows_of(result.stdout)
     checks = {(r["utt_id"], r["check"]) for r in rows}
     # utt000 and utt001 carry a trainer's gradient.
     assert ("utt000", "stored-vs-reference") in checks
@@ -96,7 +90,7 @@ def test_grad_check_fails_on_wrong_stored_grads(tmp_path):
     assert invoke("grad-check", good, "-q").exit_code == 0
     result = invoke("grad-check", bad, "-f", "tsv")
     assert result.exit_code == 1
-    rows = {r["check"]: r["result"] for r in tsv(result.stdout)}
+    rows = {r["check"]: r["result"] for r in rows_of(result.stdout)}
     assert rows["stored-vs-reference"] == "FAIL" and rows["cpu-vs-reference"] == "PASS"
     assert f"{bad}: utterance u: FAIL stored-vs-reference" in result.stderr
 

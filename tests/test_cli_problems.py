@@ -1,24 +1,18 @@
 """Impossible and non-finite results through every command: one line naming file and
 utterance, the other utterances still processed, exit 1, and no raw Python warning."""
 
-import csv
-import io
 import json
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from helpers import invoke, random_batch, run_cli
+from helpers import invoke, random_batch, rows_of, run_cli
 
 from rnntool.dump import DumpWriter, log_prob_problem, log_prob_tolerance
 from rnntool.score import loss_problem, negative_loss_tolerance
 
 IDS = ["a", "b", "c"]
-
-
-def tsv(text):
-    return list(csv.DictReader(io.StringIO(text), delimiter="\t"))
 
 
 def broken_dump(path, how, bad="b"):
@@ -67,9 +61,9 @@ def test_score(tmp_path, how):
     path, good = broken_dump(tmp_path / "d.h5", how)
     result = invoke_quietly("score", path, "-f", "tsv", "-q")
     one_problem_line(result, path, "b", WHY[how])
-    rows = tsv(result.stdout)
+    rows = rows_of(result.stdout)
     assert [r["utt_id"] for r in rows] == IDS and rows[1]["loss"] == how  # marked, as computed
-    want = tsv(invoke_quietly("score", good, "-f", "tsv", "-q").stdout)
+    want = rows_of(invoke_quietly("score", good, "-f", "tsv", "-q").stdout)
     assert [rows[0], rows[2]] == want
 
 
@@ -99,9 +93,9 @@ def test_grad_check(tmp_path, how):
     path, good = broken_dump(tmp_path / "d.h5", how)
     result = invoke_quietly("grad-check", path, "-f", "tsv", "-q", "--samples", "4")
     one_problem_line(result, path, "b", WHY[how])
-    rows = tsv(result.stdout)
+    rows = rows_of(result.stdout)
     assert {r["utt_id"] for r in rows} == {"a", "c"} and all(r["result"] == "PASS" for r in rows)
-    assert rows == tsv(invoke_quietly("grad-check", good, "-f", "tsv", "-q",
+    assert rows == rows_of(invoke_quietly("grad-check", good, "-f", "tsv", "-q",
                                       "--samples", "4").stdout)
 
 
@@ -158,11 +152,11 @@ def test_negative_loss_is_caught_by_score_and_align(tmp_path):
     path = logp_dump(tmp_path / "d.h5", shift_b=3.0)  # b's rows sum to e^3: not log-probs
     result = invoke_quietly("score", path, "-f", "tsv", "-q")
     one_problem_line(result, path, "b", "below 0 beyond rounding", "normalised")
-    rows = tsv(result.stdout)
+    rows = rows_of(result.stdout)
     assert float(rows[1]["loss"]) < 0 and all(float(r["loss"]) > 0 for r in (rows[0], rows[2]))
     result = invoke_quietly("align", path, "-f", "tsv")
     one_problem_line(result, path, "b", "below 0 beyond rounding")
-    assert {r["utt_id"] for r in tsv(result.stdout)} == set(IDS)  # still aligned
+    assert {r["utt_id"] for r in rows_of(result.stdout)} == set(IDS)  # still aligned
 
 
 def test_inspect_finds_log_probs_that_do_not_normalise(tmp_path):

@@ -64,8 +64,8 @@ def test_cuda_usable_follows_the_simulator():
 
     if cuda.SIMULATOR:
         assert cuda_usable() is True
-    elif not torch.cuda.is_available():
-        assert not cuda_usable()
+    else:
+        assert cuda_usable() == torch.cuda.is_available()
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs the simulator")

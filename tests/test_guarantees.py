@@ -85,7 +85,7 @@ def test_bits_do_not_depend_on_the_thread_count(dtype):
     before = numba.get_num_threads()
     results = []
     try:
-        for n in sorted({1, before}):
+        for n in sorted({1, max(2, before)}):  # two counts even on a one-core runner
             numba.set_num_threads(n)
             results.append(loss_and_grad(x, y, T, U))
             results.append((rnnt_loss(x, y, T, U, reduction="none"), None))  # no-grad path

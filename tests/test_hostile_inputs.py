@@ -7,9 +7,8 @@ odd but legal (links, user blocks, big-endian, compact storage), the same
 numbers as the plain file.
 """
 
+import contextlib
 import os
-import signal
-import stat
 import subprocess
 import sys
 import time
@@ -371,24 +370,24 @@ def test_sigbus_cannot_happen_reading_a_shrinking_file(tmp_path):
     x = np.random.default_rng(1).standard_normal((400, 30, 64)).astype(np.float32)
     path = tmp_path / "big.h5"
     with DumpWriter(path) as w:
-        for i in range(12):
+        for i in range(40):
             w.add(f"u{i}", x, np.arange(1, 30))
     proc = subprocess.Popen([sys.executable, "-m", "rnntool", "score", str(path), "-q",
                              "--batch-mb", "4"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    # Cut as soon as the command holds the file open (then it is reading it).
+    fds = f"/proc/{proc.pid}/fd"
+    for _ in range(2000):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"{fds}/{n}") == str(path) for n in os.listdir(fds)):
+                break
+        time.sleep(0.005)
+    if proc.poll() is not None:  # done before the cut: this run shows nothing
+        pytest.skip("score finished before the file was cut")
     os.truncate(path, path.stat().st_size // 3)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode in (0, 2), (proc.returncode, err)
-    assert proc.returncode != -signal.SIGBUS
-    if proc.returncode == 2:  # unless it had finished before the cut
-        assert err.count("\n") == 1 and "changed while it was being read" in err, err
-
-
-def test_regular_file_check_uses_the_opened_file(tmp_path):
-    path, _ = plain(tmp_path, n=1)
-    with DumpReader(path) as r:
-        assert stat.S_ISREG(os.fstat(r._fd).st_mode)
+    assert proc.returncode == 2, (proc.returncode, err)  # not -SIGBUS, not 0 with zeros
+    assert err.count("\n") == 1 and "changed while it was being read" in err, err
 
 
 # --------------------------------------------------------------------------- ids as names

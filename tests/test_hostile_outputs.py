@@ -799,7 +799,7 @@ def test_console_script_signal_at_any_moment(tmp_path, sig, delay):
     p = subprocess.Popen([*_rnntool(), "score", str(ROOT / "sample_data" / "sample.h5"),
                           "-o", str(out), "-q", "--device", "cpu"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_until_catching(p.pid, signal.SIGTERM)
+    assert _wait_until_catching(p.pid, signal.SIGTERM)  # else a 0 exit would prove nothing
     time.sleep(delay)
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)

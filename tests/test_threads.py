@@ -175,11 +175,6 @@ def test_pool_after_use_matches_parent(tmp_path, method):
     assert report["ok"], shown
 
 
-def test_concurrent_threads_match_serial(tmp_path):
-    report, shown = _run_child(tmp_path, "threads")
-    assert report["ok"], shown
-
-
 def test_without_tbb_falls_back_to_a_safe_layer(tmp_path):
     report, shown = _run_child(tmp_path, "threads", None, "--hide-tbb")
     assert report["ok"], shown
