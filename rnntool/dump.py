@@ -37,8 +37,18 @@ from .checks import bad_label, check_blank, lengths_fit
 from .files import OutputError, finish_temp, resolve_target
 
 FORMAT = "rnntool.dump"
-FORMAT_VERSION = 1
+# 1: full dumps only (no dump_kind attribute); 2: the root attribute dump_kind names
+# the kind, "full" or "lattice". Every version up to this one is read.
+FORMAT_VERSION = 2
 INPUT_KINDS = ("logits", "log_probs")
+DUMP_KINDS = ("full", "lattice")
+# A lattice dump's per-utterance datasets, beside labels: name -> shape in (T, U).
+LATTICE_DATASETS = {
+    "blank_lp": lambda T, U: (T, U + 1),  # log P(blank | t, u)
+    "emit_lp": lambda T, U: (T, U),  # log P(y_{u+1} | t, u)
+    "log_p2_others": lambda T, U: (T, U + 1),  # log sum of p_v^2 over v not blank, y_{u+1}
+}
+LATTICE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _CHUNK_BYTES = 1 << 20  # target size of one HDF5 chunk (chunks run along T)
 
@@ -555,6 +565,7 @@ class DumpWriter:
                 self._reserve(_RESERVE_BASE)
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["dump_kind"] = "full"
             f.attrs["blank"] = self.blank
             f.attrs["vocab_size"] = -1 if self.vocab_size is None else self.vocab_size
             f.attrs["input_kind"] = self.input_kind
