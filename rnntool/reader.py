@@ -1,4 +1,5 @@
-"""Reading dumps (keyed or padded layout) one utterance at a time, as untrusted input.
+"""Reading dumps (keyed or padded layout; full or lattice kind) one utterance at a time,
+as untrusted input.
 
 A dump comes from someone else's run, a shared file system, a half-finished
 copy: every size, link, attribute and id in it is checked before it is used,
@@ -20,10 +21,17 @@ wrong number, a hang or a crash:
 
 ``DumpReader`` does what every layout shares (opening, root attributes, links,
 the file-identity checks, label and blank rules, direct reads); what a layout
-stores where is one small class: ``_KeyedLayout`` (``/utts/<id>/...``) and
-``_PaddedLayout`` (root datasets of a padded batch), with the same methods.
+stores where is one small class: ``_KeyedLayout`` (``/utts/<id>/...``),
+``_PaddedLayout`` (root datasets of a padded batch) and ``_LatticeLayout``
+(``/utts/<id>/...`` of a lattice dump), with the same methods.
 The storage checks are ``rnntool.storage``'s; the label, blank and length rules
 ``rnntool.checks``'.
+
+A dump's kind (root attribute ``dump_kind``, format version 2; absent: "full")
+says what an utterance holds: "full", its ``(T, U+1, V)`` logits (``read``);
+"lattice", only the three log-probs per lattice node the RNN-T loss needs
+(``read_lattice``), computed with the file's blank, which cannot be
+overridden. A lattice dump is keyed and records the V of its logits.
 """
 
 from __future__ import annotations
@@ -38,7 +46,16 @@ import h5py
 import numpy as np
 
 from .checks import bad_label, length_faults, normalise_blank, show
-from .dump import _FLOAT_DTYPES, FORMAT, FORMAT_VERSION, INPUT_KINDS, DumpError
+from .dump import (
+    _FLOAT_DTYPES,
+    DUMP_KINDS,
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT_KINDS,
+    LATTICE_DATASETS,
+    LATTICE_DTYPES,
+    DumpError,
+)
 from .storage import RawRegion, StorageChecks, native
 
 
@@ -49,7 +66,9 @@ class UttInfo:
 
     ``region`` is the ``RawRegion`` ``(byte offset, (T', U'+1, V))`` of its logits
     stored raw in the file (for the padded layout the utterance's whole padded
-    slab), or None when they must be read through HDF5.
+    slab), or None when they must be read through HDF5. ``kind`` is the dump's:
+    "full" (logits) or "lattice" (``V`` is then the dump's vocabulary size, the V
+    of the logits the lattice was computed from, and ``dtype`` the lattice's).
     """
 
     utt_id: str
@@ -60,10 +79,30 @@ class UttInfo:
     attrs: dict = field(default_factory=dict)
     has_grads: bool = False
     region: RawRegion | None = None
+    kind: str = "full"
+
+    @property
+    def node_bytes(self) -> int:
+        """Bytes read per lattice node: ``V`` logits, or a lattice's three log-probs."""
+        return (3 if self.kind == "lattice" else self.V) * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
-        return self.T * (self.U + 1) * self.V * self.dtype.itemsize
+        return self.T * (self.U + 1) * self.node_bytes
+
+
+@dataclass
+class LatticeUtterance:
+    """One utterance of a lattice dump, in the stored dtype: ``blank_lp (T, U+1)``
+    log P(blank | t, u), ``emit_lp (T, U)`` log P(y_{u+1} | t, u), ``log_p2_others
+    (T, U+1)`` log of the sum of p_v^2 over v neither blank nor y_{u+1};
+    ``labels (U,)`` int64."""
+
+    info: UttInfo
+    labels: np.ndarray
+    blank_lp: np.ndarray
+    emit_lp: np.ndarray
+    log_p2_others: np.ndarray
 
 
 @dataclass
@@ -191,8 +230,14 @@ class DumpReader:
         if version > FORMAT_VERSION:
             raise DumpError(f"{self.name}: format_version {version} is newer than this rnntool "
                             f"reads ({FORMAT_VERSION}); upgrade rnntool")
+        self.kind = self._dump_kind(version)
         utts = self._child(f, "utts")
-        if utts is not None and isinstance(utts, h5py.Group):
+        if self.kind == "lattice":
+            if not isinstance(utts, h5py.Group):
+                raise DumpError(f"{self.name}: attribute dump_kind = 'lattice' but there is no "
+                                "group /utts (a lattice dump is keyed)")
+            self._layout = _LatticeLayout(self, utts)
+        elif utts is not None and isinstance(utts, h5py.Group):
             self._layout = _KeyedLayout(self, utts)
         elif all(k in f for k in ("logits", "labels", "logit_lengths", "label_lengths")):
             self._layout = _PaddedLayout(self)
@@ -211,6 +256,33 @@ class DumpReader:
         self.vocab = self._read_vocab()
         self.vocab_size = self._vocab_size()
         self.blank = self._root_int("blank", 0) if blank is None else int(blank)
+        if self.kind == "lattice" and blank is not None:
+            self.blank = self._lattice_blank(int(blank))
+
+    def _dump_kind(self, version: int) -> str:
+        if "dump_kind" not in self._f.attrs:
+            return "full"
+        raw = self._f.attrs["dump_kind"]
+        kind = _attr_str(raw) if isinstance(raw, str | bytes) else None
+        if kind not in DUMP_KINDS:
+            raise DumpError(f"{self.name}: attribute dump_kind = {_shown(raw)} is not one of "
+                            f"{', '.join(DUMP_KINDS)}")
+        if kind == "lattice" and version < 2:
+            raise DumpError(f"{self.name}: attribute dump_kind = 'lattice' needs format_version "
+                            f">= 2, the file has {version}")
+        return kind
+
+    def _lattice_blank(self, asked: int) -> int:
+        """The file's blank, if ``asked`` is the same index: a lattice's blank was fixed
+        when it was computed."""
+        stored = self._root_int("blank", 0)
+        V = self.vocab_size
+        mine = normalise_blank(stored, V)
+        if mine is None or normalise_blank(asked, V) != mine:
+            raise DumpError(f"{self.name}: blank {asked} was asked for, but this lattice dump "
+                            f"was computed with blank = {stored} (V = {V}); a lattice dump's "
+                            "blank cannot be overridden")
+        return stored
 
     def _root_int(self, name: str, default: int) -> int:
         if name not in self._f.attrs:
@@ -294,6 +366,11 @@ class DumpReader:
 
     def _vocab_size(self) -> int:
         vs = self._root_int("vocab_size", -1)
+        if self.kind == "lattice" and vs < 1:
+            has = (f"attribute vocab_size = {vs}" if "vocab_size" in self._f.attrs
+                   else "no attribute vocab_size")
+            raise DumpError(f"{self.name}: a lattice dump must record the vocabulary size of "
+                            f"its logits (attribute vocab_size >= 1); it has {has}")
         if vs == 0 or vs < -1:
             raise DumpError(f"{self.name}: attribute vocab_size = {vs}; it must be >= 1 "
                             "(or -1: not recorded)")
@@ -373,7 +450,10 @@ class DumpReader:
 
     def _info(self, utt_id: str) -> UttInfo:
         info = self._layout.info(utt_id)
-        if info.dtype not in _FLOAT_DTYPES:
+        if info.kind == "lattice":
+            if info.dtype not in LATTICE_DTYPES:
+                raise self._err(utt_id, f"lattice dtype {info.dtype} is not float32/64")
+        elif info.dtype not in _FLOAT_DTYPES:
             raise self._err(utt_id, f"logits dtype {info.dtype} is not float16/32/64")
         if info.V < 1:
             raise self._err(utt_id, "V = 0: logits need at least one entry per node")
@@ -448,6 +528,8 @@ class DumpReader:
 
     def read(self, utt_id: str, with_grads: bool = False) -> Utterance:
         """One utterance, validated (not for finiteness: the engine reports NaN losses)."""
+        if self.kind == "lattice":
+            raise self._err(utt_id, _NO_LOGITS)
         info = self.info(utt_id)
         y = self.labels(utt_id, info)
         check_memory(info.nbytes * (2 if with_grads and info.has_grads else 1),
@@ -464,6 +546,35 @@ class DumpReader:
                 raise self._err(utt_id, f"grads unreadable ({_first_line(e)})") from None
             self._check_unchanged(utt_id)
         return Utterance(info, x, y, grads)
+
+    def read_lattice(self, utt_id: str, info: UttInfo | None = None) -> LatticeUtterance:
+        """One utterance of a lattice dump, validated: labels as ``labels`` checks them,
+        and no NaN or +inf in its log-probs (-inf is a probability of 0)."""
+        info = info or self.info(utt_id)
+        if info.kind != "lattice":
+            raise self._err(utt_id, "a full dump holds logits, not a lattice (read it with "
+                            "read())")
+        y = self.labels(utt_id, info)
+        check_memory(info.nbytes, f"{self.name}: utterance {show(utt_id)}: its lattice")
+        arrays = {}
+        try:
+            for name, ds in self._layout.lattice(utt_id).items():
+                self._checks.verify_filtered(ds, f"utterance {show(utt_id)}: {name}")
+                arrays[name] = np.asarray(ds[()]).astype(info.dtype, copy=False)
+        except DumpError:
+            raise
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise self._err(utt_id, f"lattice unreadable ({_first_line(e)})") from None
+        self._check_unchanged(utt_id)
+        for name, a in arrays.items():
+            bad = np.isnan(a) | np.isposinf(a)
+            if bad.any():
+                t, u = (int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+                more = int(bad.sum()) - 1
+                raise self._err(utt_id, f"{name}[t={t}, u={u}] = {float(a[t, u])!r}"
+                                + (f" (and {more} more)" if more else "")
+                                + "; a lattice dump holds finite log-probs or -inf")
+        return LatticeUtterance(info, y, **arrays)
 
     def checked(self, utt_ids: Sequence[str]) -> list[tuple[UttInfo, np.ndarray]]:
         """``(info, labels)`` of every utterance, all validated, in the order given."""
@@ -487,7 +598,8 @@ class DumpReader:
 # What a layout stores where. Each class has the same attributes and methods, which
 # DumpReader calls and nothing else does:
 #
-#   kind                     "keyed" | "padded" (DumpReader.layout)
+#   kind                     "keyed" | "padded" (DumpReader.layout; a lattice dump's is
+#                            "keyed")
 #   ids                      the utterance ids, in the file's order
 #   V                        the vocabulary size the layout fixes, -1 if none
 #   contains(utt_id)         whether the dump has that utterance
@@ -498,6 +610,7 @@ class DumpReader:
 #                            (dataset, selection, name for messages) of its logits
 #                            (T, U+1, V), or only their first ``frames`` frames
 #   grads(utt_id)            (dataset, name) of its stored gradient (info.has_grads)
+#   lattice(utt_id)          {name: dataset} of its lattice arrays (info.kind "lattice")
 #
 # Each takes the reader for what is shared: _child (links), _checks (storage),
 # _small (small datasets), _decode_id, _err, name.
@@ -520,17 +633,36 @@ class _KeyedLayout:
     def contains(self, utt_id: str) -> bool:
         return isinstance(utt_id, str) and utt_id in self._idset
 
+    def _group(self, utt_id: str) -> h5py.Group:
+        g = self._r._child(self._utts, utt_id)
+        if not isinstance(g, h5py.Group):
+            raise self._r._err(utt_id, "is not a group")
+        return g
+
+    def _datasets(self, utt_id: str, g: h5py.Group, names: Sequence[str]) -> list[h5py.Dataset]:
+        """The datasets ``names`` of the utterance's group, each present and a dataset."""
+        found = []
+        for name in names:
+            ds = self._r._child(g, name)
+            if ds is None:
+                raise self._r._err(utt_id, f"missing dataset {name}")
+            if not isinstance(ds, h5py.Dataset):
+                raise self._r._err(utt_id, f"{name} is not a dataset")
+            found.append(ds)
+        return found
+
+    def _load_labels(self, utt_id: str, y: h5py.Dataset) -> None:
+        """Check the labels' storage and read them (for ``labels()``, next)."""
+        r = self._r
+        r._checks.raw_run(y, "labels")
+        check_memory(y.size * 8, f"{r.name}: utterance {show(utt_id)}: its labels would")
+        r._checks.verify_filtered(y, f"utterance {show(utt_id)}: labels")
+        self._labels_read = (utt_id, np.asarray(y[()]))
+
     def info(self, utt_id: str) -> UttInfo:
         r = self._r
-        g = r._child(self._utts, utt_id)
-        if not isinstance(g, h5py.Group):
-            raise r._err(utt_id, "is not a group")
-        x, y = r._child(g, "logits"), r._child(g, "labels")
-        for name, ds in (("logits", x), ("labels", y)):
-            if ds is None:
-                raise r._err(utt_id, f"missing dataset {name}")
-            if not isinstance(ds, h5py.Dataset):
-                raise r._err(utt_id, f"{name} is not a dataset")
+        g = self._group(utt_id)
+        x, y = self._datasets(utt_id, g, ("logits", "labels"))
         if x.ndim != 3:
             raise r._err(utt_id, f"logits must be (T, U+1, V), got shape {x.shape}")
         if y.ndim != 1:
@@ -544,10 +676,7 @@ class _KeyedLayout:
             raise r._err(utt_id, f"labels dtype {y.dtype} is not an integer type")
         attrs = self._attrs(utt_id, g)
         stored = r._checks.raw_run(x, "logits")
-        r._checks.raw_run(y, "labels")
-        check_memory(y.size * 8, f"{r.name}: utterance {show(utt_id)}: its labels would")
-        r._checks.verify_filtered(y, f"utterance {show(utt_id)}: labels")
-        self._labels_read = (utt_id, np.asarray(y[()]))  # for labels(), next
+        self._load_labels(utt_id, y)
         grads = r._child(g, "grads") if "grads" in g else None
         if grads is not None:
             if not isinstance(grads, h5py.Dataset) or grads.shape != x.shape:
@@ -590,6 +719,67 @@ class _KeyedLayout:
 
     def grads(self, utt_id: str):
         return self._r._child(self._utts, utt_id)["grads"], f"utterance {show(utt_id)}: grads"
+
+    def lattice(self, utt_id: str):
+        raise KeyError("lattice")  # never asked: a full dump's info has kind "full"
+
+
+_NO_LOGITS = 'a lattice dump holds no logits (it was written with kind="lattice")'
+_LATTICE_FORMS = {"blank_lp": "(T, U+1)", "emit_lp": "(T, U)", "log_p2_others": "(T, U+1)"}
+
+
+class _LatticeLayout(_KeyedLayout):
+    """``/utts/<utt_id>/{blank_lp,emit_lp,log_p2_others,labels}`` of a lattice dump:
+    keyed, attributes as a full dump's; no logits, no grads. V is the dump's
+    vocab_size (required)."""
+
+    def info(self, utt_id: str) -> UttInfo:
+        r = self._r
+        g = self._group(utt_id)
+        *arrays, y = self._datasets(utt_id, g, (*LATTICE_DATASETS, "labels"))
+        named = dict(zip(LATTICE_DATASETS, arrays, strict=True))
+        for name, ds in named.items():
+            if ds.ndim != 2:
+                raise r._err(utt_id, f"{name} must be {_LATTICE_FORMS[name]}, got shape "
+                             f"{ds.shape}")
+        if y.ndim != 1:
+            raise r._err(utt_id, f"labels must be (U,), got shape {y.shape}")
+        b = named["blank_lp"]
+        T, U = b.shape[0], y.shape[0]
+        if T == 0:
+            raise r._err(utt_id, "T = 0, an utterance needs T >= 1")
+        for name, ds in named.items():
+            want = LATTICE_DATASETS[name](T, U)
+            if ds.shape != want:
+                source = (f"labels {y.shape}" if name == "blank_lp"
+                          else f"blank_lp {b.shape} and labels {y.shape}")
+                raise r._err(utt_id, f"{name} has shape {ds.shape}, but {source} make it "
+                             f"{_LATTICE_FORMS[name]} = {want}")
+        dtype = native(b.dtype)
+        for name, ds in named.items():
+            if native(ds.dtype) not in LATTICE_DTYPES:
+                raise r._err(utt_id, f"{name} dtype {ds.dtype} is not float32/64 (a lattice "
+                             "dump holds float32 or float64)")
+            if native(ds.dtype) != dtype:
+                raise r._err(utt_id, f"{name} dtype {ds.dtype} differs from blank_lp's "
+                             f"{b.dtype}; a lattice dump's arrays share one dtype")
+        if y.dtype.kind not in "iu":
+            raise r._err(utt_id, f"labels dtype {y.dtype} is not an integer type")
+        attrs = self._attrs(utt_id, g)
+        for name, ds in named.items():
+            r._checks.raw_run(ds, name)
+        self._load_labels(utt_id, y)
+        return UttInfo(utt_id, T, U, r.vocab_size, dtype, attrs, kind="lattice")
+
+    def logits(self, utt_id: str, info: UttInfo, frames: int | None = None):
+        raise self._r._err(utt_id, _NO_LOGITS)
+
+    def grads(self, utt_id: str):
+        raise KeyError("grads")  # never asked: a lattice dump's info has has_grads False
+
+    def lattice(self, utt_id: str) -> dict[str, h5py.Dataset]:
+        g = self._group(utt_id)
+        return {name: self._r._child(g, name) for name in LATTICE_DATASETS}
 
 
 class _PaddedLayout:
@@ -685,6 +875,9 @@ class _PaddedLayout:
     def grads(self, utt_id: str):
         raise KeyError("grads")  # never asked: a padded dump's info has has_grads False
 
+    def lattice(self, utt_id: str):
+        raise KeyError("lattice")  # never asked: a padded dump's info has kind "full"
+
 
 def _link_target(link) -> str:
     if isinstance(link, h5py.ExternalLink):
@@ -766,18 +959,20 @@ def group_by_budget(
     items: Sequence[tuple[UttInfo, np.ndarray]], budget_bytes: int
 ) -> Iterator[list[tuple[UttInfo, np.ndarray]]]:
     """Group ``(info, labels)`` items for the engine: sorted by size so padding is small,
-    each group of one dtype and one V with padded logits within ``budget_bytes`` (a
-    larger utterance goes alone)."""
-    order = sorted(items, key=lambda it: (it[0].dtype.str, it[0].V, it[0].T * (it[0].U + 1),
-                                          it[0].utt_id))
+    each group of one kind, one dtype and one V with what is read for its padded
+    lattice (``node_bytes`` per node) within ``budget_bytes`` (a larger utterance
+    goes alone)."""
+    order = sorted(items, key=lambda it: (it[0].kind, it[0].dtype.str, it[0].V,
+                                          it[0].T * (it[0].U + 1), it[0].utt_id))
     group: list[tuple[UttInfo, np.ndarray]] = []
     T = U1 = 0
     for it in order:
         info = it[0]
         t, u1 = max(T, info.T), max(U1, info.U + 1)
-        grown = (len(group) + 1) * t * u1 * info.V * info.dtype.itemsize
-        if group and (grown > budget_bytes or info.dtype != group[0][0].dtype
-                      or info.V != group[0][0].V):
+        grown = (len(group) + 1) * t * u1 * info.node_bytes
+        first = group[0][0] if group else info
+        if group and (grown > budget_bytes or info.dtype != first.dtype or info.V != first.V
+                      or info.kind != first.kind):
             yield group
             group, t, u1 = [], info.T, info.U + 1
         group.append(it)
@@ -789,7 +984,7 @@ def group_by_budget(
 def padded_bytes(infos: Sequence[UttInfo]) -> int:
     T = max(i.T for i in infos)
     U1 = max(i.U for i in infos) + 1
-    return len(infos) * T * U1 * infos[0].V * infos[0].dtype.itemsize
+    return len(infos) * T * U1 * infos[0].node_bytes
 
 
 def _first_line(e: BaseException) -> str:
@@ -821,5 +1016,6 @@ def _attr_value(v):
     return v
 
 
-__all__ = ["DumpReader", "UttInfo", "Utterance", "group_by_budget", "padded_bytes",
+__all__ = ["DumpReader", "UttInfo", "Utterance", "LatticeUtterance", "group_by_budget",
+           "padded_bytes",
            "available_memory", "check_memory", "show"]
