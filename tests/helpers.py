@@ -86,6 +86,32 @@ def write_keyed_raw(path, utts: dict, **root_attrs) -> None:
             f.attrs[k] = v
 
 
+def write_lattice_raw(path, utts: dict, **root_attrs) -> None:
+    """A lattice dump written with h5py directly, nothing validated: ``utts`` maps an id
+    to a dict of its datasets (``blank_lp``, ``emit_lp``, ``log_p2_others``,
+    ``labels``; arrays, or ``h5py.ExternalLink``s and the like, stored as given) and
+    attributes (any other value that is a ``str`` or a number: ``text``, ``loss``).
+    ``root_attrs`` override those of a valid lattice dump (format version 2,
+    ``dump_kind="lattice"``, blank 0, vocab_size 5, input_kind "logits"); a value
+    of None leaves that attribute out."""
+    import h5py
+
+    attrs = {"format": "rnntool.dump", "format_version": 2, "dump_kind": "lattice",
+             "blank": 0, "vocab_size": 5, "input_kind": "logits", **root_attrs}
+    with h5py.File(path, "w") as f:
+        g = f.create_group("utts")
+        for utt_id, items in utts.items():
+            u = g.create_group(utt_id)
+            for k, v in items.items():
+                if isinstance(v, str | int | float):
+                    u.attrs[k] = v
+                else:
+                    u[k] = v
+        for k, v in attrs.items():
+            if v is not None:
+                f.attrs[k] = v
+
+
 def write_padded_raw(path, logits, labels, logit_lengths, label_lengths, **root_attrs) -> None:
     """A padded-layout dump (root datasets) written with h5py directly, nothing validated."""
     import h5py
