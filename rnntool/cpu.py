@@ -31,14 +31,15 @@ vector width, the arrays' strides, the batch it shares or the thread count.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 from numba import njit, prange
 
 from . import lattice
-from .engine import Engine, ForwardState, LossOptions
-from .floatbits import LANES, exp, like, load, row_max, store, sum_exp
+from .engine import Engine, ForwardState, LatticeTerms, LossOptions
+from .floatbits import LANES, exp, like, load, row_max, store, sum_exp, sum_sq_probs
 from .threads import kernel_lock, select_layer
 
 select_layer()
@@ -59,7 +60,7 @@ _arc_posteriors = njit(cache=True, inline="always")(lattice.arc_posteriors)
 # --------------------------------------------------------------------------- stage 1
 @njit(**_PAR)
 def cpu_normalise(logits, targets, logit_lengths, target_lengths, blank, fused, keep_lse,
-                  lse, blank_lp, emit_lp, bad_row):
+                  lse, keep_p2, log_p2, blank_lp, emit_lp, bad_row):
     """Stage 1: the two log-probs the lattice needs, one pass over V per node.
 
     logits: ``(B, T, U1, V)`` storage array; targets ``(B, S)`` int64;
@@ -68,7 +69,10 @@ def cpu_normalise(logits, targets, logit_lengths, target_lengths, blank, fused, 
     lengths), computed as ``(x - max) - logsum`` so that float32 keeps its
     precision for large logits; with ``keep_lse``, ``lse`` ``(B, T, U1, 2)``, the
     log-normaliser split as (row max, log of the sum of exp(x - max)), zeros when
-    ``fused`` is False (without it ``lse`` is never touched). ``bad_row[b, t, u]``
+    ``fused`` is False (without it ``lse`` is never touched); with ``keep_p2``,
+    ``log_p2`` ``(B, T, U1)``: log of the sum of p_v**2 over every v but the blank
+    and y_{u+1} (a lattice dump's third array, from which the per-node gradient
+    norm follows; NaN for a bad row, -inf outside the lengths). ``bad_row[b, t, u]``
     is set where the row holds NaN or +inf: the loss of that utterance is NaN.
     """
     B, T, U1, V = logits.shape
@@ -81,14 +85,17 @@ def cpu_normalise(logits, targets, logit_lengths, target_lengths, blank, fused, 
             if t >= logit_lengths[b] or u > target_lengths[b]:
                 blank_lp[b, t, u] = -np.inf
                 emit_lp[b, t, u] = -np.inf
+                if keep_p2:
+                    log_p2[b, t, u] = -np.inf
             else:
                 _normalise_node(logits[b, t, u], targets, b, t, u, target_lengths[b], blank,
-                                fused, keep_lse, lse, blank_lp, emit_lp, bad_row, scratch)
+                                fused, keep_lse, lse, keep_p2, log_p2, blank_lp, emit_lp,
+                                bad_row, scratch)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _normalise_node(row, targets, b, t, u, Ub, blank, fused, keep_lse, lse, blank_lp, emit_lp,
-                    bad_row, scratch):
+def _normalise_node(row, targets, b, t, u, Ub, blank, fused, keep_lse, lse, keep_p2, log_p2,
+                    blank_lp, emit_lp, bad_row, scratch):
     """Stage 1 for one node: ``row`` is its ``(V,)`` logits."""
     m, nonfinite = row_max(row)
     hi = like(m, 0.0)
@@ -104,10 +111,15 @@ def _normalise_node(row, targets, b, t, u, Ub, blank, fused, keep_lse, lse, blan
         lse[b, t, u, 0] = hi
         lse[b, t, u, 1] = lo
     blank_lp[b, t, u] = _log_prob(load(row, blank), hi, lo)
+    y = -1
     if u < Ub:
-        emit_lp[b, t, u] = _log_prob(load(row, targets[b, u]), hi, lo)
+        y = targets[b, u]
+        emit_lp[b, t, u] = _log_prob(load(row, y), hi, lo)
     else:
         emit_lp[b, t, u] = -np.inf
+    if keep_p2:
+        log_p2[b, t, u] = lo if nonfinite else math.log(sum_sq_probs(row, hi, lo, blank, y,
+                                                                      scratch))
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -288,6 +300,10 @@ def cpu_check_device(logits) -> None:
         raise ValueError(f"backend='cpu' needs CPU tensors; logits are on {logits.device}")
 
 
+def _index_arrays(targets, logit_lengths, target_lengths):
+    return tuple(np.asarray(a) for a in (targets, logit_lengths, target_lengths))
+
+
 def cpu_forward(logits, targets, logit_lengths, target_lengths, opts: LossOptions,
                 keep_state: bool) -> ForwardState:
     """Stages 1 and 2 on the CPU.
@@ -300,18 +316,38 @@ def cpu_forward(logits, targets, logit_lengths, target_lengths, opts: LossOption
     x = storage_view(logits)
     B, T, U1, _ = x.shape
     lat = lattice_dtype(x)
-    targets, logit_lengths, target_lengths = (
-        np.asarray(a) for a in (targets, logit_lengths, target_lengths)
-    )
+    targets, logit_lengths, target_lengths = _index_arrays(targets, logit_lengths,
+                                                           target_lengths)
     blank_lp = np.empty((B, T, U1), lat)
     emit_lp = np.empty((B, T, U1), lat)
     bad_row = np.zeros((B, T, U1), np.bool_)
     lse = np.empty((B, T, U1, 2) if keep_state else (0, 0, 0, 2), lat)
+    with kernel_lock():
+        cpu_normalise(x, targets, logit_lengths, target_lengths, opts.blank, opts.fused,
+                      keep_state, lse, False, np.empty((0, 0, 0), lat), blank_lp, emit_lp,
+                      bad_row)
+    bad = bad_row.any(axis=(1, 2))  # (also for B = 0, where reshape(B, -1) fails)
+    state = cpu_forward_compact(blank_lp, emit_lp, targets, logit_lengths, target_lengths,
+                                keep_state)
+    state.log_like[bad] = np.nan
+    return dataclasses.replace(state, bad=bad, lse=lse if keep_state else None)
+
+
+def cpu_forward_compact(blank_lp, emit_lp, targets, logit_lengths, target_lengths,
+                        keep_state: bool) -> ForwardState:
+    """Stage 2 on compact arrays, as a lattice dump stores them.
+
+    ``blank_lp``, ``emit_lp`` ``(B, T, U1)`` numpy float32/float64 (``emit_lp``'s
+    column ``U_b`` and everything outside the lengths is never read); targets and
+    lengths as for ``cpu_forward``. Returns the state ``cpu_forward`` would (``bad``
+    marks NaN losses, ``lse`` None): on the arrays stage 1 wrote, the same bits.
+    """
+    targets, logit_lengths, target_lengths = _index_arrays(targets, logit_lengths,
+                                                           target_lengths)
+    B, T, U1 = blank_lp.shape
     log_like = np.empty(B, np.float64)
     alpha = beta = None
     with kernel_lock():
-        cpu_normalise(x, targets, logit_lengths, target_lengths, opts.blank, opts.fused,
-                      keep_state, lse, blank_lp, emit_lp, bad_row)
         # Stage 2 always runs in float64 (see cpu_alpha_beta).
         if keep_state:
             alpha = np.empty((B, T, U1), np.float64)
@@ -320,13 +356,29 @@ def cpu_forward(logits, targets, logit_lengths, target_lengths, opts: LossOption
                            log_like)
         else:
             cpu_alpha_loss(blank_lp, emit_lp, logit_lengths, target_lengths, log_like)
-    bad = bad_row.any(axis=(1, 2))  # (also for B = 0, where reshape(B, -1) fails)
-    log_like[bad] = np.nan
     return ForwardState(
-        log_like=log_like, bad=bad, blank_lp=blank_lp, emit_lp=emit_lp, targets=targets,
-        logit_lengths=logit_lengths, target_lengths=target_lengths,
-        lse=lse if keep_state else None, alpha=alpha, beta=beta,
+        log_like=log_like, bad=np.isnan(log_like), blank_lp=blank_lp, emit_lp=emit_lp,
+        targets=targets, logit_lengths=logit_lengths, target_lengths=target_lengths,
+        alpha=alpha, beta=beta,
     )
+
+
+def cpu_lattice_terms(logits, targets, logit_lengths, target_lengths,
+                      opts: LossOptions) -> LatticeTerms:
+    """Stage 1 with the third array of a lattice dump, on the CPU: ``LatticeTerms`` of
+    numpy arrays. Inputs as for ``cpu_forward`` (validated)."""
+    x = storage_view(logits)
+    B, T, U1, _ = x.shape
+    lat = lattice_dtype(x)
+    targets, logit_lengths, target_lengths = _index_arrays(targets, logit_lengths,
+                                                           target_lengths)
+    blank_lp, emit_lp, log_p2 = (np.empty((B, T, U1), lat) for _ in range(3))
+    bad_row = np.zeros((B, T, U1), np.bool_)
+    with kernel_lock():
+        cpu_normalise(x, targets, logit_lengths, target_lengths, opts.blank, opts.fused,
+                      False, np.empty((0, 0, 0, 2), lat), True, log_p2, blank_lp, emit_lp,
+                      bad_row)
+    return LatticeTerms(blank_lp, emit_lp, log_p2, bad_row.any(axis=(1, 2)))
 
 
 def cpu_backward(logits, state: ForwardState, opts: LossOptions, scale):
@@ -362,5 +414,6 @@ def cpu_best_path(state: ForwardState):
 
 ENGINE = Engine(
     name="cpu", check_device=cpu_check_device, forward=cpu_forward, backward=cpu_backward,
-    best_path=cpu_best_path, guards_indices=False,
+    best_path=cpu_best_path, guards_indices=False, lattice_terms=cpu_lattice_terms,
+    forward_compact=cpu_forward_compact,
 )

@@ -36,6 +36,7 @@ with the argument types its launches use, for ``scripts/check_ptx.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import types
@@ -48,7 +49,7 @@ from numba import config as numba_config
 from numba import cuda
 
 from . import lattice
-from .engine import Engine, ForwardState, LossOptions
+from .engine import Engine, ForwardState, LatticeTerms, LossOptions
 
 SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
 
@@ -209,14 +210,16 @@ def _block_sum(buf, me, tx, nx):
 
 # --------------------------------------------------------------------------- stage 1
 def cuda_normalise(logits, targets, logit_lengths, target_lengths, blank, fused, keep_lse,
-                   lse, blank_lp, emit_lp, bad_row):
+                   lse, keep_p2, log_p2, blank_lp, emit_lp, bad_row):
     """Stage 1: the two log-probs the lattice needs, one pass over V per node.
 
     Compiled per storage kind (``storage_kernel``). logits ``(B, T, U1, V)``
     storage array; targets ``(B, S)`` int64; logit_lengths, target_lengths
     ``(B,)`` int64. Writes the lattice arrays ``(B, T, U1)`` ``blank_lp``,
     ``emit_lp``, with ``keep_lse`` also ``lse`` ``(B, T, U1, 2)`` (row max,
-    log-sum), and the uint8 ``bad_row`` (NaN/+inf in the row, or a label
+    log-sum), with ``keep_p2`` also ``log_p2`` ``(B, T, U1)`` (log of the sum of
+    p_v**2 over every v but the blank and y_{u+1}, a third block reduction),
+    and the uint8 ``bad_row`` (NaN/+inf in the row, or a label
     outside [0, V) or equal to blank). Launch with a ``(threads_v, rows)`` block
     and ``2 * threads_v * rows`` lattice floats of dynamic shared memory.
     """
@@ -262,19 +265,20 @@ def cuda_normalise(logits, targets, logit_lengths, target_lengths, blank, fused,
         buf[me] = total
         cuda.syncthreads()
         _block_sum(buf, me, tx, nx)
+        # Every thread of the row takes the normaliser (the p2 sum below needs it).
+        hi = lat(0.0)
+        lo = lat(0.0)
+        if nonfinite:
+            lo = lat(math.nan)
+        elif fused:
+            hi = m
+            lo = math.log(buf[ty * nx])
         if tx == 0 and row < nodes:
             if not valid:
                 blank_lp[b, t, u] = -math.inf
                 emit_lp[b, t, u] = -math.inf
             else:
                 x_row = logits[b, t, u]
-                hi = lat(0.0)
-                lo = lat(0.0)
-                if nonfinite:
-                    lo = lat(math.nan)
-                elif fused:
-                    hi = m
-                    lo = math.log(buf[ty * nx])
                 if keep_lse:
                     lse[b, t, u, 0] = hi
                     lse[b, t, u, 1] = lo
@@ -290,6 +294,30 @@ def cuda_normalise(logits, targets, logit_lengths, target_lengths, blank, fused,
                 emit_lp[b, t, u] = emit
                 bad_row[b, t, u] = 1 if nonfinite else 0
         cuda.syncthreads()
+        if keep_p2:
+            total = lat(0.0)
+            y = -1
+            if valid and u < target_lengths[b]:
+                y = targets[b, u]  # compared with v only, never used as an index
+            if valid and not nonfinite:
+                x_row = logits[b, t, u]
+                for v in range(tx, V, nx):
+                    if v != blank and v != y:
+                        lp = _log_prob(_load(x_row, v), hi, lo)
+                        total += math.exp(lp + lp)
+            buf[me] = total
+            cuda.syncthreads()
+            _block_sum(buf, me, tx, nx)
+            if tx == 0 and row < nodes:
+                if not valid:
+                    log_p2[b, t, u] = -math.inf
+                elif nonfinite:
+                    log_p2[b, t, u] = lat(math.nan)
+                elif buf[ty * nx] > 0.0:
+                    log_p2[b, t, u] = math.log(buf[ty * nx])
+                else:  # no other entry has any mass (V = 2, or all -inf)
+                    log_p2[b, t, u] = -math.inf
+            cuda.syncthreads()
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -485,6 +513,47 @@ def _row_launch(nodes: int):
     return blocks, (tv, rows)
 
 
+def _index_tensors(targets, logit_lengths, target_lengths, T, U1, device):
+    """Targets and lengths as int64 on ``device``; lengths outside the padded dims
+    (possible only without host validation) replaced by (1, 0) and flagged ``bad_len``
+    ``(B,)``, so that no kernel reads out of bounds."""
+    targets = targets.to(device, torch.int64)
+    logit_lengths = logit_lengths.to(device, torch.int64)
+    target_lengths = target_lengths.to(device, torch.int64)
+    B, S = targets.shape
+    bad_len = ((logit_lengths < 1) | (logit_lengths > T) | (target_lengths < 0)
+               | (target_lengths > min(U1 - 1, S)))
+    logit_lengths = torch.where(bad_len, torch.ones_like(logit_lengths), logit_lengths)
+    target_lengths = torch.where(bad_len, torch.zeros_like(target_lengths), target_lengths)
+    if S == 0:  # kernels index targets[b, u] only for u < U_b = 0; keep a valid shape
+        targets = torch.zeros(B, 1, dtype=torch.int64, device=device)
+    return targets, logit_lengths, target_lengths, bad_len
+
+
+def _normalise(logits, targets, logit_lengths, target_lengths, opts: LossOptions,
+               keep_lse: bool, keep_p2: bool):
+    """Launch stage 1: ``(blank_lp, emit_lp, lse, log_p2, bad (B,))`` on the logits' device
+    (``lse``, ``log_p2`` empty unless kept)."""
+    B, T, U1, V = logits.shape
+    device = logits.device
+    lat_dtype = lattice_dtype(logits)
+    blank_lp = torch.empty(B, T, U1, dtype=lat_dtype, device=device)
+    emit_lp = torch.empty(B, T, U1, dtype=lat_dtype, device=device)
+    bad_row = torch.zeros(B, T, U1, dtype=torch.uint8, device=device)
+    lse = torch.empty((B, T, U1, 2) if keep_lse else (0, 0, 0, 2), dtype=lat_dtype,
+                      device=device)
+    log_p2 = torch.empty((B, T, U1) if keep_p2 else (0, 0, 0), dtype=lat_dtype, device=device)
+    blocks, block = _row_launch(B * T * U1)
+    shared = 2 * block[0] * block[1] * lse.element_size()
+    a = storage_view
+    storage_kernel(cuda_normalise, _storage_kind(logits))[blocks, block, _stream(), shared](
+        a(logits), a(targets), a(logit_lengths), a(target_lengths), opts.blank, opts.fused,
+        keep_lse, a(lse), keep_p2, a(log_p2), a(blank_lp), a(emit_lp), a(bad_row),
+    )
+    bad = bad_row.flatten(1).any(dim=1).bool()  # (view(B, -1) fails at B = 0)
+    return blank_lp, emit_lp, lse, log_p2, bad
+
+
 def cuda_forward(logits, targets, logit_lengths, target_lengths, opts: LossOptions,
                  keep_state: bool) -> ForwardState:
     """Stages 1 and 2 on the GPU; same contract as ``cpu.cpu_forward``.
@@ -495,49 +564,60 @@ def cuda_forward(logits, targets, logit_lengths, target_lengths, opts: LossOptio
     """
     cuda_check_device(logits)
     B, T, U1, V = logits.shape
-    device = logits.device
-    lat_dtype = lattice_dtype(logits)
-    targets = targets.to(device, torch.int64)
-    logit_lengths = logit_lengths.to(device, torch.int64)
-    target_lengths = target_lengths.to(device, torch.int64)
-    S = targets.shape[1]
-    bad_len = ((logit_lengths < 1) | (logit_lengths > T) | (target_lengths < 0)
-               | (target_lengths > min(U1 - 1, S)))
-    logit_lengths = torch.where(bad_len, torch.ones_like(logit_lengths), logit_lengths)
-    target_lengths = torch.where(bad_len, torch.zeros_like(target_lengths), target_lengths)
-    if S == 0:  # kernels index targets[b, u] only for u < U_b = 0; keep a valid shape
-        targets = torch.zeros(B, 1, dtype=torch.int64, device=device)
+    targets, logit_lengths, target_lengths, bad_len = _index_tensors(
+        targets, logit_lengths, target_lengths, T, U1, logits.device)
+    blank_lp, emit_lp, lse, _, bad = _normalise(logits, targets, logit_lengths, target_lengths,
+                                                opts, keep_state, False)
+    state = cuda_forward_compact(blank_lp, emit_lp, targets, logit_lengths, target_lengths,
+                                 keep_state)
+    bad = bad | bad_len
+    log_like = torch.where(bad, torch.full_like(state.log_like, math.nan), state.log_like)
+    return dataclasses.replace(state, log_like=log_like, bad=bad,
+                               lse=lse if keep_state else None)
 
-    blank_lp = torch.empty(B, T, U1, dtype=lat_dtype, device=device)
-    emit_lp = torch.empty(B, T, U1, dtype=lat_dtype, device=device)
-    bad_row = torch.zeros(B, T, U1, dtype=torch.uint8, device=device)
-    lse = torch.empty((B, T, U1, 2) if keep_state else (0, 0, 0, 2), dtype=lat_dtype,
-                      device=device)
-    stream = _stream()
-    blocks, block = _row_launch(B * T * U1)
-    shared = 2 * block[0] * block[1] * lse.element_size()
-    a = storage_view
-    storage_kernel(cuda_normalise, _storage_kind(logits))[blocks, block, stream, shared](
-        a(logits), a(targets), a(logit_lengths), a(target_lengths), opts.blank, opts.fused,
-        keep_state, a(lse), a(blank_lp), a(emit_lp), a(bad_row),
-    )
+
+def cuda_forward_compact(blank_lp, emit_lp, targets, logit_lengths, target_lengths,
+                         keep_state: bool) -> ForwardState:
+    """Stage 2 on compact ``(B, T, U1)`` tensors; same contract as
+    ``cpu.cpu_forward_compact``. Tensors on one device (CPU tensors in the simulator);
+    numpy arrays are taken as CPU tensors."""
+    blank_lp, emit_lp = (torch.as_tensor(a) for a in (blank_lp, emit_lp))
+    cuda_check_device(blank_lp)
+    B, T, U1 = blank_lp.shape
+    device = blank_lp.device
+    targets, logit_lengths, target_lengths, bad_len = _index_tensors(
+        *(torch.as_tensor(a) for a in (targets, logit_lengths, target_lengths)), T, U1, device)
     # Stage 2 in float64 whatever the input, as on the CPU (see cpu.cpu_alpha_beta).
     alpha = torch.empty(B, T, U1, dtype=torch.float64, device=device)
     beta = torch.empty(B, T, U1, dtype=torch.float64, device=device) if keep_state else None
     log_like = torch.empty(B, dtype=torch.float64, device=device)
+    a = storage_view
+    stream = _stream()
     compact = a(blank_lp), a(emit_lp), a(logit_lengths), a(target_lengths)
     if B > 0 and keep_state:  # a grid of 0 blocks is a launch error
         cuda_alpha_beta[B, CONFIG["threads_diag"], stream](*compact, a(alpha), a(beta),
                                                            a(log_like))
     elif B > 0:
         cuda_alpha_loss[B, CONFIG["threads_diag"], stream](*compact, a(alpha), a(log_like))
-    bad = bad_row.flatten(1).any(dim=1).bool() | bad_len  # (view(B, -1) fails at B = 0)
-    log_like = torch.where(bad, torch.full_like(log_like, math.nan), log_like)
+    log_like = torch.where(bad_len, torch.full_like(log_like, math.nan), log_like)
     return ForwardState(
-        log_like=log_like, bad=bad, blank_lp=blank_lp, emit_lp=emit_lp, targets=targets,
-        logit_lengths=logit_lengths, target_lengths=target_lengths,
-        lse=lse if keep_state else None, alpha=alpha if keep_state else None, beta=beta,
+        log_like=log_like, bad=torch.isnan(log_like), blank_lp=blank_lp, emit_lp=emit_lp,
+        targets=targets, logit_lengths=logit_lengths, target_lengths=target_lengths,
+        alpha=alpha if keep_state else None, beta=beta,
     )
+
+
+def cuda_lattice_terms(logits, targets, logit_lengths, target_lengths,
+                       opts: LossOptions) -> LatticeTerms:
+    """Stage 1 with the third array of a lattice dump, on the GPU: ``LatticeTerms`` of
+    tensors on the logits' device; same contract as ``cpu.cpu_lattice_terms``."""
+    cuda_check_device(logits)
+    _, T, U1, _ = logits.shape
+    targets, logit_lengths, target_lengths, bad_len = _index_tensors(
+        targets, logit_lengths, target_lengths, T, U1, logits.device)
+    blank_lp, emit_lp, _, log_p2, bad = _normalise(logits, targets, logit_lengths,
+                                                   target_lengths, opts, False, True)
+    return LatticeTerms(blank_lp, emit_lp, log_p2, bad | bad_len)
 
 
 def cuda_backward(logits, state: ForwardState, opts: LossOptions, scale):
@@ -579,7 +659,8 @@ def cuda_best_path(state: ForwardState):
 
 ENGINE = Engine(
     name="cuda", check_device=cuda_check_device, forward=cuda_forward, backward=cuda_backward,
-    best_path=cuda_best_path, guards_indices=True,
+    best_path=cuda_best_path, guards_indices=True, lattice_terms=cuda_lattice_terms,
+    forward_compact=cuda_forward_compact,
 )
 
 
@@ -600,7 +681,7 @@ def _ptx_signatures() -> dict:
         table.update({
             ("cuda_normalise", kind): (
                 storage_kernel(cuda_normalise, kind),
-                (x4, idx2, idx1, idx1, i64, flag, flag, l4, l3, l3, u8)),
+                (x4, idx2, idx1, idx1, i64, flag, flag, l4, flag, l3, l3, l3, u8)),
             ("cuda_alpha_beta", kind): (cuda_alpha_beta, (l3, l3, idx1, idx1, d3, d3, d1)),
             ("cuda_alpha_loss", kind): (cuda_alpha_loss, (l3, l3, idx1, idx1, d3, d1)),
             ("cuda_viterbi", kind): (cuda_viterbi, (l3, l3, idx1, idx1, d3, u8, d1)),

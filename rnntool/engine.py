@@ -8,18 +8,24 @@ kernels, an ``Engine`` built from them, and one entry in ``ENGINES``.
 
 The twin stages, side by side (``lattice.py`` holds the per-node rules both compile):
 
-================================  ===================  ====================
-stage                             ``cpu.py``           ``cuda.py``
-================================  ===================  ====================
-1. normalise, one pass over V     ``cpu_normalise``    ``cuda_normalise``
-2. alpha and beta                 ``cpu_alpha_beta``   ``cuda_alpha_beta``
-2. alpha only (no gradient)       ``cpu_alpha_loss``   ``cuda_alpha_loss``
-2. Viterbi, for alignments        ``cpu_viterbi``      ``cuda_viterbi``
-3. gradient, one pass over V      ``cpu_gradient``     ``cuda_gradient``
-``Engine.forward`` (stages 1-2)   ``cpu_forward``      ``cuda_forward``
-``Engine.backward`` (stage 3)     ``cpu_backward``     ``cuda_backward``
-``Engine.best_path`` (Viterbi)    ``cpu_best_path``    ``cuda_best_path``
-================================  ===================  ====================
+==================================  =======================  ========================
+stage                               ``cpu.py``               ``cuda.py``
+==================================  =======================  ========================
+1. normalise, one pass over V       ``cpu_normalise``        ``cuda_normalise``
+2. alpha and beta                   ``cpu_alpha_beta``       ``cuda_alpha_beta``
+2. alpha only (no gradient)         ``cpu_alpha_loss``       ``cuda_alpha_loss``
+2. Viterbi, for alignments          ``cpu_viterbi``          ``cuda_viterbi``
+3. gradient, one pass over V        ``cpu_gradient``         ``cuda_gradient``
+``Engine.forward`` (stages 1-2)     ``cpu_forward``          ``cuda_forward``
+``Engine.backward`` (stage 3)       ``cpu_backward``         ``cuda_backward``
+``Engine.best_path`` (Viterbi)      ``cpu_best_path``        ``cuda_best_path``
+``Engine.lattice_terms`` (stage 1)  ``cpu_lattice_terms``    ``cuda_lattice_terms``
+``Engine.forward_compact`` (2)      ``cpu_forward_compact``  ``cuda_forward_compact``
+==================================  =======================  ========================
+
+``lattice_terms`` is stage 1 keeping what a lattice dump stores (the two
+log-probs and log of the sum of the other probabilities squared);
+``forward_compact`` is stage 2 on such arrays, read back from a dump.
 
 Torch-free (and numba-free): ``rnntool score`` on the CPU goes through this
 table without importing torch.
@@ -86,6 +92,27 @@ class ForwardState:
     beta: Any = None
 
 
+class LatticeTerms(NamedTuple):
+    """What stage 1 computes for a lattice dump (``Engine.lattice_terms``).
+
+    Arrays of the backend, ``(B, T, U1)`` in the lattice float type (float64 for
+    float64 logits, else float32), -inf outside the lengths:
+
+    - ``blank_lp``: log P(blank | t, u); ``emit_lp``: log P(y_{u+1} | t, u), -inf at
+      u = U_b. The same bits as ``ForwardState``'s arrays from the same logits.
+    - ``log_p2_others``: log of the sum of p_v**2 over every v but the blank and
+      y_{u+1} (at u = U_b: every v but the blank). With the two log-probs it gives
+      the per-node gradient norm exactly (``analysis.lattice_gradient_norms``);
+      summed without those two entries, so a peaked row keeps its small sum.
+    - ``bad`` ``(B,)`` bool: NaN or +inf in the utterance's logits (its arrays hold NaN).
+    """
+
+    blank_lp: Any
+    emit_lp: Any
+    log_p2_others: Any
+    bad: Any
+
+
 class Engine(NamedTuple):
     """A backend's host functions: the only seam between the kernels and the rest.
 
@@ -100,6 +127,12 @@ class Engine(NamedTuple):
     - ``guards_indices``: whether the kernels survive unchecked label values and
       lengths (CUDA: such an utterance gets a NaN loss). The CPU kernels do not,
       so ``rnnt_loss`` always validates for them.
+    - ``lattice_terms(logits, targets, logit_lengths, target_lengths, opts)
+      -> LatticeTerms``: stage 1 for a lattice dump, on validated inputs.
+    - ``forward_compact(blank_lp, emit_lp, targets, logit_lengths, target_lengths,
+      keep_state) -> ForwardState``: stage 2 on compact ``(B, T, U1)`` arrays (a
+      lattice dump's, padded); the state ``forward`` gives for the logits they came
+      from, without ``lse`` (so no ``backward``), ``bad`` where the loss is NaN.
     """
 
     name: str
@@ -108,6 +141,8 @@ class Engine(NamedTuple):
     backward: Callable[[Any, ForwardState, LossOptions, Any], Any]
     best_path: Callable[[ForwardState], tuple[Any, Any]]
     guards_indices: bool
+    lattice_terms: Callable[[Any, Any, Any, Any, LossOptions], LatticeTerms]
+    forward_compact: Callable[[Any, Any, Any, Any, Any, bool], ForwardState]
 
 
 def load_engine(backend: str) -> Engine:

@@ -373,3 +373,33 @@ def sum_exp(row, m, scratch):
             acc[k] = acc[k] + acc[k + w]
         w //= 2
     return acc[0]
+
+
+@njit(cache=True, error_model="numpy")
+def sum_sq_probs(row, hi, lo, skip1, skip2, scratch):
+    """sum over v not in {skip1, skip2} of p_v**2, with log p_v = (row[v] - hi) - lo (the
+    normaliser split as stage 1 keeps it), in ``sum_exp``'s order: element v to lane
+    v % 16, one fixed combining tree, the last block padded with zeros.
+
+    Summing only the other entries, rather than subtracting the two large ones from
+    the full sum afterwards, keeps the small sum of a peaked row accurate. ``scratch``:
+    ``2 * LANES`` lattice floats.
+    """
+    V = row.shape[0]
+    acc = scratch[:LANES]
+    for k in range(LANES):
+        acc[k] = 0.0
+    for v0 in range(0, V, LANES):
+        for k in range(LANES):
+            v = v0 + k
+            e = like(hi, 0.0)
+            if v < V and v != skip1 and v != skip2:
+                lp = (load(row, v) - hi) - lo
+                e = exp(lp + lp)
+            acc[k] += e
+    w = LANES // 2
+    while w >= 1:
+        for k in range(w):
+            acc[k] = acc[k] + acc[k + w]
+        w //= 2
+    return acc[0]

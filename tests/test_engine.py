@@ -21,6 +21,7 @@ from rnntool.engine import (
     Engine,
     ForwardState,
     ImpossibleLossWarning,
+    LatticeTerms,
     LossOptions,
     load_engine,
 )
@@ -125,6 +126,115 @@ def test_forward_state_names_a_bad_utterance(backend):
     assert as_numpy(state.bad).tolist() == [False, False, True]
     log_like = as_numpy(state.log_like)
     assert np.isnan(log_like[2]) and np.isfinite(log_like[:2]).all()
+
+
+# --------------------------------------------------------------------------- lattice terms
+def reference_p2_others(x, y, T, U, blank, fused=True):
+    """float64, obvious: log of the sum of p_v**2 over v not blank, not y_{u+1}
+    ``(T, U+1)`` of one utterance's ``(T, U+1, V)`` logits (log-probs without ``fused``)."""
+    lp = x[:T, : U + 1].double()
+    if fused:
+        lp = torch.log_softmax(lp, dim=-1)
+    p2 = torch.exp(2 * lp)
+    p2[..., blank] = 0.0
+    for u in range(U):
+        p2[:, u, int(y[u])] = 0.0
+    return torch.log(p2.sum(-1)).numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("fused", [True, False])
+def test_lattice_terms_of_each_backend(backend, dtype, fused):
+    """``lattice_terms``: the forward's two log-probs bit for bit, and the sum of the
+    other squared probabilities as the float64 reference has it; ``forward_compact``
+    on them gives the forward's log P bit for bit, state and all."""
+    B, T, U, V, blank = 3, 5, 3, 37, 2  # V > 16 lanes, not a multiple of them
+    x, y, t_len, u_len = random_batch(B, T, U, V, blank=blank, seed=31, dtype=dtype, scale=4.0)
+    if not fused:
+        x = torch.log_softmax(x.double(), -1).to(dtype)
+    yv = y.clamp(min=0)
+    eng, opts = load_engine(backend), LossOptions(blank=blank, fused=fused)
+    terms = eng.lattice_terms(x, yv, t_len, u_len, opts)
+    assert isinstance(terms, LatticeTerms)
+    state = eng.forward(x, yv, t_len, u_len, opts, True)
+    lat = np.float64 if dtype == torch.float64 else np.float32
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for name in ("blank_lp", "emit_lp", "log_p2_others"):
+        assert as_numpy(getattr(terms, name)).shape == (B, T, U + 1)
+        assert as_numpy(getattr(terms, name)).dtype == lat
+    for b in range(B):
+        Tb, Ub = int(t_len[b]), int(u_len[b])
+        for name in ("blank_lp", "emit_lp"):
+            np.testing.assert_array_equal(as_numpy(getattr(terms, name))[b, :Tb, : Ub + 1],
+                                          as_numpy(getattr(state, name))[b, :Tb, : Ub + 1])
+        p2 = as_numpy(terms.log_p2_others)[b]
+        want = reference_p2_others(x[b], yv[b], Tb, Ub, blank, fused)
+        np.testing.assert_allclose(p2[:Tb, : Ub + 1], want, rtol=tol, atol=tol)
+        outside = np.ones((T, U + 1), bool)
+        outside[:Tb, : Ub + 1] = False
+        assert (p2[outside] == -np.inf).all()
+    assert not as_numpy(terms.bad).any()
+    compact = eng.forward_compact(terms.blank_lp, terms.emit_lp, yv, t_len, u_len, True)
+    np.testing.assert_array_equal(as_numpy(compact.log_like), as_numpy(state.log_like))
+    for name in ("alpha", "beta"):  # (CUDA leaves nodes outside the lengths unwritten)
+        for b in range(B):
+            Tb, Ub = int(t_len[b]), int(u_len[b])
+            np.testing.assert_array_equal(as_numpy(getattr(compact, name))[b, :Tb, : Ub + 1],
+                                          as_numpy(getattr(state, name))[b, :Tb, : Ub + 1],
+                                          err_msg=name)
+    assert compact.lse is None
+    best, path = eng.best_path(compact)
+    best2, path2 = eng.best_path(state)
+    np.testing.assert_array_equal(as_numpy(best), as_numpy(best2))
+    np.testing.assert_array_equal(as_numpy(path), as_numpy(path2))
+
+
+def test_lattice_terms_of_a_peaked_row_keep_the_small_sum(backend):
+    """A trained model's row: blank and the next label hold nearly all the mass. The
+    others' sum (here about 1e-19) is summed on its own, not left as the difference
+    of two numbers near 1, so it keeps float32's relative precision."""
+    V = 40
+    x = torch.full((1, 1, 2, V), -14.0)
+    x[0, 0, :, 0] = 10.0  # blank
+    x[0, 0, 0, 5] = 9.0  # y_1
+    y = torch.tensor([[5]])
+    terms = load_engine(backend).lattice_terms(x, y, torch.tensor([1]), torch.tensor([1]),
+                                               LossOptions(blank=0))
+    want = reference_p2_others(x[0], y[0], 1, 1, 0)
+    np.testing.assert_allclose(as_numpy(terms.log_p2_others)[0], want, rtol=2e-6)
+    assert want[0, 0] < np.log(1e-18)
+
+
+def test_lattice_terms_mark_a_bad_utterance_and_a_row_with_no_other_mass(backend):
+    x, y, t_len, u_len = random_batch(2, 3, 1, 2, seed=32, mixed=False)  # V = 2
+    x[1, 2, 0, 0] = float("nan")
+    terms = load_engine(backend).lattice_terms(x, y, t_len, u_len, LossOptions(blank=0))
+    assert as_numpy(terms.bad).tolist() == [False, True]
+    p2 = as_numpy(terms.log_p2_others)
+    # u = 0: blank and y_1 are the only tokens, nothing else has mass; u = U: one other.
+    assert (p2[0, :, 0] == -np.inf).all() and np.isfinite(p2[0, :, 1]).all()
+    assert np.isnan(p2[1, 2, 0]) and np.isnan(as_numpy(terms.blank_lp)[1, 2, 0])
+
+
+def test_cpu_and_cuda_lattice_terms_agree():
+    """The same logits give the same compact arrays on both backends: blank and
+    next-label log-probs within a float32 rounding or two (the sums over V run in a
+    different order), and hence the same losses to float32 precision."""
+    from rnntool import cuda
+
+    if not cuda.SIMULATOR:
+        pytest.skip("compares with the CUDA kernels in Numba's simulator")
+    from helpers import SMALL_LAUNCHES
+
+    x, y, t_len, u_len = random_batch(3, 6, 4, 45, seed=33, scale=3.0)
+    yv, opts = y.clamp(min=0), LossOptions(blank=0)
+    cpu_terms = load_engine("cpu").lattice_terms(x, yv, t_len, u_len, opts)
+    with cuda.config(**SMALL_LAUNCHES):
+        cuda_terms = load_engine("cuda").lattice_terms(x, yv, t_len, u_len, opts)
+    for name in ("blank_lp", "emit_lp", "log_p2_others"):
+        np.testing.assert_allclose(as_numpy(getattr(cuda_terms, name)),
+                                   as_numpy(getattr(cpu_terms, name)), rtol=1e-6, atol=1e-6,
+                                   err_msg=name)
 
 
 # --------------------------------------------------------------------------- Engine
