@@ -30,6 +30,8 @@ class Alignment:
     - ``frame_posteriors`` ``(U,)``: P(label u emitted at its Viterbi frame).
     - ``emit_posteriors`` ``(T, U)``: P(label u emitted at t); each column sums to 1.
     - ``occupancy`` ``(T, U+1)``: P(the alignment passes through (t, u)).
+    - ``blank_posteriors`` ``(T, U+1)``: P(the alignment leaves (t, u) by its blank
+      arc); with ``emit_posteriors`` the two arc posteriors of stage 3.
 
     Posteriors and occupancy are always within [0, 1] and expected frames within
     [0, T-1] (float rounding clipped away); a non-finite utterance (``loss`` NaN
@@ -46,6 +48,7 @@ class Alignment:
     frame_posteriors: np.ndarray
     emit_posteriors: np.ndarray
     occupancy: np.ndarray
+    blank_posteriors: np.ndarray
 
 
 def _np(x) -> np.ndarray:
@@ -107,16 +110,48 @@ def align(
     with torch.no_grad():
         state = engine.forward(logits, *on_device, LossOptions(blank=blank, fused=fused), True)
         best, from_emit = engine.best_path(state)
+    return _alignments(state, best, from_emit, logits.dtype == torch.float64)
+
+
+def align_compact(blank_lp: np.ndarray, emit_lp: np.ndarray, targets: np.ndarray,
+                  logit_lengths: np.ndarray, target_lengths: np.ndarray, *,
+                  backend: str = "cpu") -> list[Alignment]:
+    """``align`` of a lattice dump's compact arrays, on ``backend`` ("cpu" or "cuda").
+
+    ``blank_lp``, ``emit_lp`` ``(B, T, U+1)`` float32/float64 numpy (entries outside
+    the lengths, and ``emit_lp`` at u = U_b, are never read), targets ``(B, S)``
+    and lengths ``(B,)`` int64, already validated (``DumpReader.read_lattice``).
+    The same alignments as ``align`` of the logits the arrays came from.
+    """
+    from .engine import load_engine
+
+    arrays = (blank_lp, emit_lp, targets, logit_lengths, target_lengths)
+    if backend == "cuda":
+        from .devices import tensor_device
+
+        arrays = [torch.from_numpy(np.ascontiguousarray(a)).to(tensor_device(backend))
+                  for a in arrays]
+    engine = load_engine(backend)
+    state = engine.forward_compact(*arrays, True)
+    best, from_emit = engine.best_path(state)
+    return _alignments(state, best, from_emit, blank_lp.dtype == np.float64)
+
+
+def _alignments(state, best, from_emit, float64: bool) -> list[Alignment]:
+    """Per-utterance ``Alignment``s from a kept forward state and its Viterbi table: the
+    O(B*T*U) bookkeeping, in float64 numpy."""
     with np.errstate(invalid="ignore"):  # nodes outside the lengths may hold garbage
-        emit_lp, alpha, beta = (
-            _np(a).astype(np.float64) for a in (state.emit_lp, state.alpha, state.beta)
+        blank_lp, emit_lp, alpha, beta = (
+            _np(a).astype(np.float64)
+            for a in (state.blank_lp, state.emit_lp, state.alpha, state.beta)
         )
     log_like, best, from_emit = _np(state.log_like).astype(np.float64), _np(best), _np(from_emit)
+    logit_lengths, target_lengths = _np(state.logit_lengths), _np(state.target_lengths)
     # The loss rounded as rnnt_loss and score round it (float32 unless float64 logits).
-    loss = (-log_like).astype(np.float64 if logits.dtype == torch.float64 else np.float32)
+    loss = (-log_like).astype(np.float64 if float64 else np.float32)
     loss = loss.astype(np.float64).tolist()
     out = []
-    for b in range(logits.shape[0]):
+    for b in range(log_like.shape[0]):
         T, U = int(logit_lengths[b]), int(target_lengths[b])
         ll = log_like[b]
         a, be = alpha[b, :T, : U + 1], beta[b, :T, : U + 1]
@@ -127,6 +162,12 @@ def align(
         occupancy = np.clip(np.exp(a + be - ll), 0.0, 1.0)
         # P(emit label u at t) = alpha(t, u) * p(y_u | t, u) * beta(t, u+1) / P.
         emit_post = np.clip(np.exp(a[:, :U] + emit_lp[b, :T, :U] + be[:, 1:] - ll), 0.0, 1.0)
+        # P(blank out of (t, u)) = alpha(t, u) * p(blank | t, u) * beta(t+1, u) / P; the
+        # final blank out of (T-1, U) ends the path (beta 0 after it).
+        after = np.full((T, U + 1), -np.inf)
+        after[: T - 1] = be[1:]
+        after[T - 1, U] = 0.0
+        blank_post = np.clip(np.exp(a + blank_lp[b, :T, : U + 1] + after - ll), 0.0, 1.0)
         frames, path = _backtrack(from_emit[b], T, U)
         # A mean over frames 0..T-1, so within [0, T-1]; the same rounding (columns
         # summing to 1 + eps) could put it a hair outside.
@@ -134,6 +175,6 @@ def align(
         out.append(Alignment(
             T=T, U=U, loss=loss[b], best_log_prob=float(best[b]), frames=frames, path=path,
             expected_frames=expected, frame_posteriors=emit_post[frames, np.arange(U)],
-            emit_posteriors=emit_post, occupancy=occupancy,
+            emit_posteriors=emit_post, occupancy=occupancy, blank_posteriors=blank_post,
         ))
     return out

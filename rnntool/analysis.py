@@ -24,7 +24,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .align import Alignment
-    from .reader import DumpReader, Utterance
+    from .reader import DumpReader, LatticeUtterance, Utterance
 
 ALIGN_FIELDS = ["utt_id", "position", "token_id", "token", "frame", "expected_frame",
                 "frame_posterior"]
@@ -35,6 +35,7 @@ ALIGN_FIELDS = ["utt_id", "position", "token_id", "token", "frame", "expected_fr
 class DumpReport:
     """What ``inspect`` finds in one dump.
 
+    ``kind``: ``"full"`` (logits) or ``"lattice"`` (a lattice dump's compact arrays).
     ``T``, ``U``, ``V``: ``(min, max)`` over the utterances that could be read
     (None when none could); ``dtypes``: their logits' dtypes, sorted;
     ``with_stored_loss``/``with_grads``: how many carry a trainer's loss or
@@ -44,6 +45,7 @@ class DumpReport:
 
     file: str
     layout: str
+    kind: str
     blank: int
     vocab_size: int
     has_vocab: bool
@@ -66,6 +68,7 @@ class DumpReport:
 
         return {
             "file": self.file,
+            "kind": self.kind,
             "layout": self.layout,
             "blank": self.blank,
             "vocab_size": self.vocab_size,
@@ -87,7 +90,8 @@ def inspect_dump(reader: DumpReader) -> DumpReport:
     """Read every utterance of ``reader`` and report what the dump holds and every problem.
 
     Problems: whatever makes an utterance unreadable (``DumpError``: bad labels,
-    lengths or shapes); NaN or +inf logits; for ``input_kind="log_probs"`` rows
+    lengths or shapes; in a lattice dump, arrays that disagree in shape or hold NaN
+    or +inf); NaN or +inf logits; for ``input_kind="log_probs"`` rows
     that do not normalise (``dump.log_prob_problem``); and a loss that is +inf or
     negative beyond rounding (``score.loss_problem``; a NaN loss comes from NaN
     logits, already reported). Scores on the CPU engine (no torch).
@@ -100,6 +104,12 @@ def inspect_dump(reader: DumpReader) -> DumpReport:
     infos = []
     for u in reader.utt_ids:
         found[u] = []
+        if reader.kind == "lattice":  # shapes, dtypes, labels, NaN or +inf: DumpError
+            try:
+                infos.append(reader.read_lattice(u).info)
+            except DumpError as e:
+                found[u].append(str(e))
+            continue
         try:
             one = reader.read(u)
             info, x = one.info, one.logits
@@ -124,6 +134,7 @@ def inspect_dump(reader: DumpReader) -> DumpReport:
     return DumpReport(
         file=reader.path,
         layout=reader.layout,
+        kind=reader.kind,
         blank=reader.blank,
         vocab_size=reader.vocab_size,
         has_vocab=reader.vocab is not None,
@@ -203,28 +214,81 @@ def _tensors(utt: Utterance, backend: str):
     return x, y, torch.tensor([utt.info.T]), torch.tensor([utt.info.U])
 
 
-def align_utterance(reader: DumpReader, utt: Utterance, *, backend: str = "cpu",
-                    grad_norms: bool = False) -> AlignedUtterance:
-    """Align one utterance of ``reader`` (read with ``reader.read``) on ``backend``.
+def align_utterance(reader: DumpReader, utt: Utterance | LatticeUtterance, *,
+                    backend: str = "cpu", grad_norms: bool = False) -> AlignedUtterance:
+    """Align one utterance of ``reader`` (``reader.read``, or ``reader.read_lattice`` of
+    a lattice dump) on ``backend``.
 
     With the dump's blank and input kind. ``grad_norms``: also the per-node
-    gradient norms (``gradient_norms``), when the loss is finite. Warnings the
-    engine raises (``ImpossibleLossWarning`` for an impossible loss) pass through.
+    gradient norms, when the loss is finite: from the engine's gradient of the
+    logits (``gradient_norms``), or for a lattice dump from its arrays
+    (``lattice_gradient_norms``). Warnings the engine raises
+    (``ImpossibleLossWarning`` for an impossible loss) pass through.
     """
-    from .align import align
+    from .align import align, align_compact
+    from .reader import LatticeUtterance
     from .score import utterance_problem
 
-    (al,) = align(*_tensors(utt, backend), blank=reader.blank,
-                  fused_log_softmax=reader.input_kind == "logits", backend=backend)
+    fused = reader.input_kind == "logits"
+    if isinstance(utt, LatticeUtterance):
+        T, U1 = utt.blank_lp.shape
+        emit = np.full((T, U1), -np.inf, utt.blank_lp.dtype)
+        emit[:, : U1 - 1] = utt.emit_lp
+        (al,) = align_compact(utt.blank_lp[None], emit[None], _at_least_one(utt.labels)[None],
+                              np.array([T]), np.array([U1 - 1]), backend=backend)
+    else:
+        (al,) = align(*_tensors(utt, backend), blank=reader.blank, fused_log_softmax=fused,
+                      backend=backend)
     aligned = AlignedUtterance(
         utt_id=utt.info.utt_id, labels=utt.labels,
         tokens=[reader.vocab[int(t)] for t in utt.labels] if reader.vocab else None,
         alignment=al, problem=utterance_problem(reader, utt.info, al.loss),
     )
     if grad_norms and aligned.finite:
-        aligned.grad_norm = gradient_norms(utt.logits, utt.labels, blank=reader.blank,
-                                           fused=reader.input_kind == "logits", backend=backend)
+        if isinstance(utt, LatticeUtterance):
+            aligned.grad_norm = lattice_gradient_norms(al, utt.blank_lp, utt.emit_lp,
+                                                       utt.log_p2_others, fused=fused)
+        else:
+            aligned.grad_norm = gradient_norms(utt.logits, utt.labels, blank=reader.blank,
+                                               fused=fused, backend=backend)
     return aligned
+
+
+def _at_least_one(labels: np.ndarray) -> np.ndarray:
+    """Labels as a ``(max(U, 1),)`` int64 row (the kernels want a non-empty targets row)."""
+    return labels.astype(np.int64) if labels.size else np.zeros(1, np.int64)
+
+
+def lattice_gradient_norms(al: Alignment, blank_lp: np.ndarray, emit_lp: np.ndarray,
+                           log_p2_others: np.ndarray, *, fused: bool = True) -> np.ndarray:
+    """``(T, U+1)`` float64: the per-node gradient norm ``||d loss / d logits[t, u, :]||``
+    from a lattice dump's arrays (``blank_lp``, ``log_p2_others`` ``(T, U+1)``,
+    ``emit_lp`` ``(T, U)``) and the utterance's alignment ``al``; no logits needed.
+
+    At a node, with arc posteriors g_b (blank) and g_y (next label) and occupancy
+    occ = g_b + g_y, the gradient is ``occ * p_v - g_b [v = blank] - g_y [v = y]``, so
+
+        ||g||^2 = occ^2 * S + (occ * p_blank - g_b)^2 + (occ * p_y - g_y)^2
+
+    with S the sum of p_v^2 over the other v (the stored ``log_p2_others``). This
+    equals the issue's ``occ^2 * sum_v p_v^2 - 2 occ (p_blank g_b + p_y g_y) + g_b^2
+    + g_y^2``, written term by term: each term is non-negative, so nothing cancels
+    where the distribution is peaked (that form loses all digits there). For
+    log-prob input (``fused=False``) the gradient has no softmax term:
+    ``||g||^2 = g_b^2 + g_y^2``.
+    """
+    T, U1 = blank_lp.shape
+    g_b = al.blank_posteriors
+    g_y = np.zeros((T, U1))
+    g_y[:, : U1 - 1] = al.emit_posteriors
+    if not fused:
+        return np.sqrt(g_b**2 + g_y**2)
+    occ = g_b + g_y
+    p_b = np.exp(blank_lp.astype(np.float64))
+    p_y = np.zeros((T, U1))
+    p_y[:, : U1 - 1] = np.exp(emit_lp.astype(np.float64))
+    others = np.exp(log_p2_others.astype(np.float64))
+    return np.sqrt(occ**2 * others + (occ * p_b - g_b) ** 2 + (occ * p_y - g_y) ** 2)
 
 
 def gradient_norms(logits: np.ndarray, targets: np.ndarray, *, blank: int, fused: bool = True,

@@ -412,10 +412,14 @@ def inspect(
 
 # --------------------------------------------------------------------------- align / plot
 def _utterances(selected, with_grads: bool = False):
-    """Yield ``(reader, Utterance)`` one at a time, validated, in input order."""
+    """Yield ``(reader, Utterance)`` one at a time, validated, in input order (a
+    ``LatticeUtterance`` from a lattice dump)."""
     for reader, ids in selected:
         for utt_id in ids:
-            yield reader, reader.read(utt_id, with_grads=with_grads)
+            if reader.kind == "lattice":
+                yield reader, reader.read_lattice(utt_id)
+            else:
+                yield reader, reader.read(utt_id, with_grads=with_grads)
 
 
 @app.command("align")
@@ -561,6 +565,11 @@ def grad_check(
     backend = _backend(device)
     rows, problems = [], 0
     with _selection(inputs, blank, utts, utt_list, output=output) as selected:
+        for reader, _ in selected:
+            if reader.kind == "lattice":
+                raise fail(f"{reader.name}: is a lattice dump, which holds no logits; "
+                           "grad-check needs the full logits (a dump written with "
+                           "DumpWriter's default kind=\"full\")")
         compare_cuda = backend == "cpu" and cuda_usable()
         for reader, utt in _utterances(selected, with_grads=True):
             with _Utterance(reader.path, utt.info.utt_id) as one:

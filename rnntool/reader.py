@@ -100,9 +100,9 @@ class LatticeUtterance:
 
     info: UttInfo
     labels: np.ndarray
-    blank_lp: np.ndarray
-    emit_lp: np.ndarray
-    log_p2_others: np.ndarray
+    blank_lp: np.ndarray | None = None
+    emit_lp: np.ndarray | None = None
+    log_p2_others: np.ndarray | None = None  # (not read when only the loss is wanted)
 
 
 @dataclass
@@ -547,9 +547,12 @@ class DumpReader:
             self._check_unchanged(utt_id)
         return Utterance(info, x, y, grads)
 
-    def read_lattice(self, utt_id: str, info: UttInfo | None = None) -> LatticeUtterance:
+    def read_lattice(self, utt_id: str, info: UttInfo | None = None,
+                     names: Sequence[str] = tuple(LATTICE_DATASETS)) -> LatticeUtterance:
         """One utterance of a lattice dump, validated: labels as ``labels`` checks them,
-        and no NaN or +inf in its log-probs (-inf is a probability of 0)."""
+        and no NaN or +inf in its log-probs (-inf is a probability of 0). ``names``:
+        the arrays to read (the others are None), e.g. ``("blank_lp", "emit_lp")``
+        for its loss alone."""
         info = info or self.info(utt_id)
         if info.kind != "lattice":
             raise self._err(utt_id, "a full dump holds logits, not a lattice (read it with "
@@ -559,6 +562,8 @@ class DumpReader:
         arrays = {}
         try:
             for name, ds in self._layout.lattice(utt_id).items():
+                if name not in names:
+                    continue
                 self._checks.verify_filtered(ds, f"utterance {show(utt_id)}: {name}")
                 arrays[name] = np.asarray(ds[()]).astype(info.dtype, copy=False)
         except DumpError:

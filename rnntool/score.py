@@ -44,6 +44,29 @@ def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
     return logits, labels, t_len, u_len
 
 
+def _load_lattice_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
+                        store: np.ndarray):
+    """A lattice dump's batch: padded ``(B, T, U+1)`` ``blank_lp`` and ``emit_lp`` (views
+    of ``store``; entries outside the lengths are never read), ``(B, Umax)`` labels,
+    lengths. The third array (for gradient norms) is not read."""
+    infos = [g[0] for g in group]
+    B = len(infos)
+    T = max(i.T for i in infos)
+    U1 = max(i.U for i in infos) + 1
+    n = B * T * U1
+    flat = store.view(infos[0].dtype)
+    blank_lp, emit_lp = flat[:n].reshape(B, T, U1), flat[n : 2 * n].reshape(B, T, U1)
+    labels = np.zeros((B, max(U1 - 1, 1)), np.int64)
+    for b, (info, y) in enumerate(group):
+        lat = reader.read_lattice(info.utt_id, info, names=("blank_lp", "emit_lp"))
+        blank_lp[b, : info.T, : info.U + 1] = lat.blank_lp
+        emit_lp[b, : info.T, : info.U] = lat.emit_lp
+        labels[b, : info.U] = y
+    t_len = np.array([i.T for i in infos], np.int64)
+    u_len = np.array([i.U for i in infos], np.int64)
+    return blank_lp, emit_lp, labels, t_len, u_len
+
+
 def score_dumps(
     selected: Sequence[tuple[DumpReader, Sequence[str]]],
     *,
@@ -112,6 +135,28 @@ def _cpu_losses(reader, logits, targets, logit_lengths, target_lengths) -> np.nd
     return losses if logits.dtype == np.float64 else losses.astype(np.float32)
 
 
+def _lattice_losses(blank_lp, emit_lp, targets, logit_lengths, target_lengths,
+                    backend) -> np.ndarray:
+    """Losses of a lattice dump's padded batch: stage 2 alone on ``backend`` (no torch on
+    the CPU), rounded as scoring the logits rounds them, so a lattice dump scores to
+    the bits of the full dump it came from."""
+    from .engine import load_engine
+
+    arrays = (blank_lp, emit_lp, targets, logit_lengths, target_lengths)
+    if backend == "cuda":
+        import torch
+
+        from .devices import tensor_device
+
+        arrays = [torch.from_numpy(a).to(tensor_device(backend)) for a in arrays]
+    state = load_engine(backend).forward_compact(*arrays, False)
+    log_like = state.log_like
+    if not isinstance(log_like, np.ndarray):
+        log_like = log_like.cpu().numpy()
+    losses = -log_like
+    return losses if blank_lp.dtype == np.float64 else losses.astype(np.float32)
+
+
 def _torch_losses(reader, logits, targets, logit_lengths, target_lengths,
                   backend) -> np.ndarray:
     import torch
@@ -140,13 +185,16 @@ def _score_batches(reader, groups, backend, on_batch):
             f"{reader.name}: a batch of {len(largest)} utterances (--batch-mb)")
     check_memory(size * (2 if len(groups) > 1 else 1), what + " would")
     stores = [np.empty(size, np.uint8), np.empty(size if len(groups) > 1 else 0, np.uint8)]
+    load = _load_lattice_batch if reader.kind == "lattice" else _load_batch
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_batch, reader, groups[0], stores[0])
+        pending = pool.submit(load, reader, groups[0], stores[0])
         for k, group in enumerate(groups):
             batch = pending.result()
             if k + 1 < len(groups):
-                pending = pool.submit(_load_batch, reader, groups[k + 1], stores[(k + 1) % 2])
-            if backend == "cuda":
+                pending = pool.submit(load, reader, groups[k + 1], stores[(k + 1) % 2])
+            if reader.kind == "lattice":
+                losses = _lattice_losses(*batch, backend)
+            elif backend == "cuda":
                 losses = _torch_losses(reader, *batch, backend)
             else:
                 losses = _cpu_losses(reader, *batch)

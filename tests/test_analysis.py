@@ -14,8 +14,8 @@ from rnntool.dump import DumpWriter
 from rnntool.engine import ImpossibleLossWarning
 from rnntool.reader import DumpReader
 
-FACT_KEYS = ["file", "layout", "blank", "vocab_size", "vocab", "input_kind", "utterances", "T",
-             "U", "V", "dtypes", "with_stored_loss", "with_grads", "size_bytes", "problems"]
+FACT_KEYS = ["file", "kind", "layout", "blank", "vocab_size", "vocab", "input_kind", "utterances",
+             "T", "U", "V", "dtypes", "with_stored_loss", "with_grads", "size_bytes", "problems"]
 
 
 @pytest.fixture
