@@ -1,22 +1,49 @@
 """The HDF5 dump format and its writer (``DumpWriter``); the reader is ``reader.py``.
 
-Keyed layout (what ``DumpWriter`` writes)::
+Two kinds of dump (root attribute ``dump_kind``, format version 2), both keyed
+when ``DumpWriter`` writes them. A *full* dump stores each utterance's joint-network
+outputs, V numbers per lattice node; a *lattice* dump only the three the loss,
+the alignments and the gradient norms need (V = 512 float16 logits: about 80
+times smaller).
 
-    /                        attrs: format="rnntool.dump", format_version=1, blank, vocab_size,
-                                    input_kind="logits"|"log_probs"
+Full dump, keyed layout::
+
+    /                        attrs: format="rnntool.dump", format_version=2,
+                                    dump_kind="full", blank, vocab_size (-1: not
+                                    recorded), input_kind="logits"|"log_probs"
     /vocab                   optional (V,) UTF-8 token names
     /utts/<utt_id>/logits    (T, U+1, V) float16 | float32 | float64
     /utts/<utt_id>/labels    (U,) integers
     /utts/<utt_id>           optional attrs text=<str>, loss=<float>
     /utts/<utt_id>/grads     optional, same shape as logits
 
-Padded layout (read only), as a training loop dumps a batch: root datasets
-``logits (B, T, U+1, V)``, ``labels (B, Umax)``, ``logit_lengths (B,)``,
+Lattice dump (keyed), computed from the logits by the engine's stage 1
+(``Engine.lattice_terms``) with the file's blank and input_kind; every value a
+natural log (nats), finite or -inf (a probability of 0), never NaN or +inf::
+
+    /                               attrs as a full dump's, dump_kind="lattice",
+                                    vocab_size = V of the logits (always recorded)
+    /vocab                          optional, as above
+    /utts/<utt_id>/blank_lp         (T, U+1) log P(blank | t, u)
+    /utts/<utt_id>/emit_lp          (T, U)   log P(y_{u+1} | t, u)
+    /utts/<utt_id>/log_p2_others    (T, U+1) log of the sum of p_v^2 over every v
+                                    but the blank and y_{u+1} (at u = U: but the blank)
+    /utts/<utt_id>/labels           (U,) integers
+    /utts/<utt_id>                  optional attrs text=<str>, loss=<float>
+
+The three arrays share one dtype, float32 or float64 (``LATTICE_DTYPES``): the
+engine's lattice type by default (float64 for float64 logits, else float32), so
+a lattice dump scores to the same bits as the full dump of the same logits.
+
+Padded layout (full kind, read only), as a training loop dumps a batch: root
+datasets ``logits (B, T, U+1, V)``, ``labels (B, Umax)``, ``logit_lengths (B,)``,
 ``label_lengths (B,)``, optional ``utt_ids (B,)``; ids default to the batch index.
 
-``rnntool/reader.py`` reads both layouts without loading a whole file, one
-utterance's slice at a time, straight into the padded batch buffer the engine
-consumes. Also here: the log-prob normalisation check ``inspect`` runs.
+Format version 1 (no ``dump_kind``: full) is still read. ``rnntool/reader.py``
+reads every kind and layout without loading a whole file, one utterance's slice
+at a time, straight into the padded batch buffer the engine consumes;
+``rnntool/compact.py`` turns a full dump into a lattice dump. Also here: the
+log-prob normalisation check ``inspect`` runs.
 """
 
 from __future__ import annotations
@@ -51,6 +78,7 @@ LATTICE_DATASETS = {
 LATTICE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _CHUNK_BYTES = 1 << 20  # target size of one HDF5 chunk (chunks run along T)
+_BACKENDS = ("auto", "cpu", "cuda")  # DumpWriter(kind="lattice", backend=...)
 
 
 class DumpError(Exception):
@@ -119,15 +147,33 @@ def _attr_for_hdf5(utt_id: str, key: str, value):
     return a.reshape(()).item() if a.ndim == 0 else a
 
 
+def _logits_dtype(x):
+    """The dtype ``x``'s logits are checked as, without copying them: a numpy dtype
+    (a torch bfloat16 tensor counts as float32, what it is stored as in a full dump),
+    or the name of a torch dtype numpy has no match for."""
+    if not hasattr(x, "detach"):
+        return x.dtype
+    name = str(x.dtype).removeprefix("torch.")
+    if name == "bfloat16":
+        return np.dtype(np.float32)
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return name
+
+
 @dataclass
 class _Pending:
-    """One utterance validated and converted, not yet written."""
+    """One utterance validated and converted, not yet written: ``arrays`` maps a dataset
+    name to what it holds, each chunked along T (``logits`` and maybe ``grads`` of a
+    full dump; a lattice dump's ``LATTICE_DATASETS``), written in that order before
+    ``labels``; ``V`` the vocabulary size of its logits."""
 
     utt_id: str
-    x: np.ndarray
+    arrays: dict[str, np.ndarray]
     y: np.ndarray
-    grads: np.ndarray | None
     attrs: dict
+    V: int
 
 
 # --------------------------------------------------------------------------- writer
@@ -207,12 +253,40 @@ def _heap_bytes(name: str) -> int:
 
 
 class DumpWriter:
-    """Write a keyed dump. Use as a context manager; the file appears only on success.
+    """Write a keyed dump, full or lattice. Use as a context manager; the file appears
+    only on success.
 
-    ``DumpWriter(path, blank=0, vocab=None, input_kind="logits", compression=None)``:
-    ``vocab`` is a sequence of V token names; ``compression`` ``None``, ``"lzf"``
-    or ``"gzip"``. The dump is written to a temporary file beside ``path`` and
-    renamed into place on ``close()``, so an interrupted run leaves no half file.
+    ``DumpWriter(path, blank=0, vocab=None, input_kind="logits", compression=None, *,
+    kind="full", lattice_dtype=None, backend="auto", vocab_size=None)``:
+
+    - ``blank``: the blank index, in ``[-V, V)`` (negative counts from the end);
+      ``vocab``: a sequence of V token names; ``input_kind``: ``"logits"``
+      (log-softmax applied by the engine) or ``"log_probs"``; ``compression``
+      ``None``, ``"lzf"`` or ``"gzip"``; ``vocab_size``: V, when known before any
+      utterance (so that an empty lattice dump can record it); it and ``vocab``
+      fix V, else the first utterance written does.
+    - ``kind`` (one of ``DUMP_KINDS``): ``"full"`` stores the logits ``(T, U+1, V)``
+      as given (and gradients, if given); ``"lattice"`` takes the same logits but
+      stores only ``blank_lp (T, U+1)``, ``emit_lp (T, U)`` and ``log_p2_others
+      (T, U+1)`` in nats (see the module docstring), computed by the engine's
+      ``lattice_terms`` on the logits' device, so that only these small arrays
+      are copied to the host (never the logits).
+    - ``backend`` (lattice only): ``"auto"`` runs the CUDA engine for CUDA tensors
+      and the CPU engine for anything else; ``"cpu"`` or ``"cuda"`` force one
+      (``"cpu"`` with CUDA tensors is a ValueError; ``"cuda"`` without a usable
+      GPU, or with tensors it cannot run, raises the engine's own error; under
+      Numba's simulator ``"cuda"`` runs on CPU tensors and numpy arrays).
+    - ``lattice_dtype`` (lattice only): None stores the engine's lattice type,
+      float64 for float64 logits and float32 otherwise, the bits a full dump of
+      the same logits scores with; ``"float32"`` or ``"float64"`` (or the numpy
+      dtypes) force one. float32 from float64 logits rounds the values: its
+      losses are then no longer bit-identical to the full dump's; float64 from
+      float32 logits only widens them.
+
+    The dump is written to a temporary file beside ``path`` and renamed into
+    place on ``close()``, so an interrupted run leaves no half file. Raises
+    ValueError/TypeError for a bad argument, ``DumpWriteError`` (an OSError) when
+    the path cannot be written.
     """
 
     def __init__(
@@ -222,11 +296,31 @@ class DumpWriter:
         vocab: Sequence[str] | None = None,
         input_kind: str = "logits",
         compression: str | None = None,
+        *,
+        kind: str = "full",
+        lattice_dtype=None,
+        backend: str = "auto",
+        vocab_size: int | None = None,
     ) -> None:
         if input_kind not in INPUT_KINDS:
             raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {input_kind!r}")
         if compression not in (None, "lzf", "gzip"):
             raise ValueError(f"compression must be None, 'lzf' or 'gzip', got {compression!r}")
+        if kind not in DUMP_KINDS:
+            raise ValueError(f"kind must be one of {DUMP_KINDS}, got {kind!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if lattice_dtype is not None:
+            if kind != "lattice":
+                raise ValueError("lattice_dtype applies only to kind='lattice'")
+            try:
+                asked = np.dtype(lattice_dtype)
+            except TypeError:
+                asked = None
+            if asked is None or asked not in LATTICE_DTYPES:
+                raise ValueError("lattice_dtype must be None, 'float32' or 'float64', got "
+                                 f"{lattice_dtype!r}")
+            lattice_dtype = asked
         if isinstance(blank, bool):
             raise TypeError(f"blank must be an int, got {blank!r}")
         blank = _integer("blank", blank)
@@ -235,7 +329,20 @@ class DumpWriter:
         self.vocab = None if vocab is None else [str(t) for t in vocab]
         self.input_kind = input_kind
         self.compression = compression
+        self.kind = kind
+        self.lattice_dtype: np.dtype | None = lattice_dtype
+        self.backend = backend
         self.vocab_size: int | None = None if self.vocab is None else len(self.vocab)
+        if vocab_size is not None:
+            if isinstance(vocab_size, bool):
+                raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
+            vocab_size = _integer("vocab_size", vocab_size)
+            if vocab_size < 1:
+                raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+            if self.vocab_size is not None and self.vocab_size != vocab_size:
+                raise ValueError(f"vocab_size = {vocab_size} but vocab has {self.vocab_size} "
+                                 "names")
+            self.vocab_size = vocab_size
         if self.vocab is not None:
             for t in self.vocab:
                 try:
@@ -307,9 +414,8 @@ class DumpWriter:
         total = _RESERVE_BASE
         names = 0
         for it in items:
-            total += _RESERVE_PER_UTT + _array_bound(it.x) + it.y.nbytes
-            if it.grads is not None:
-                total += _array_bound(it.grads)
+            total += _RESERVE_PER_UTT + it.y.nbytes
+            total += sum(_array_bound(a) for a in it.arrays.values())
             for value in it.attrs.values():
                 total += 2 * (np.asarray(value).nbytes
                               + len(value.encode("utf-8", "surrogatepass") if isinstance(value, str)
@@ -355,7 +461,12 @@ class DumpWriter:
         return err
 
     def _dataset(self, group, name: str, data: np.ndarray) -> None:
-        """Create the chunked ``group/name`` (chunks along T) holding ``data``; see _store."""
+        """Create the chunked ``group/name`` (chunks along T) holding ``data``; see _store.
+        An empty array (a lattice's ``emit_lp`` of an utterance with no labels) is
+        stored contiguous: HDF5 has no chunks of an empty dimension."""
+        if data.size == 0:
+            self._store(group, name, data)
+            return
         self._store(group, name, data, chunks=(_chunk_rows(data), *data.shape[1:]),
                     compression=self.compression)
 
@@ -372,21 +483,24 @@ class DumpWriter:
         if "chunks" in kw:
             ds.id.flush()
 
-    def _prepare(self, utt_id, logits, labels, grads, attrs: dict, vocab_size: int | None,
-                 taken) -> _Pending:
-        """Validate and convert one utterance; touches nothing in the file."""
+    def _new_id(self, utt_id, taken) -> str:
+        """``utt_id`` as a str, checked: not empty, no '/', not in the file or ``taken``."""
         utt_id = _utt_id(utt_id)
         if not utt_id or "/" in utt_id:
             raise ValueError(f"utterance id {utt_id!r} is empty or contains '/'")
         if utt_id in self._utts or utt_id in taken:
             raise ValueError(f"utterance {utt_id!r} was already added")
-        x = _np(logits)
+        return utt_id
+
+    def _check_utterance(self, utt_id: str, shape: tuple, dtype, labels) -> tuple[np.ndarray, int]:
+        """Validate one utterance's logits ``shape`` and ``dtype`` (``_logits_dtype``'s)
+        and its labels, without reading its logits; ``(labels (U,), V)``."""
         y = _np(labels)
-        if x.ndim != 3:
-            raise ValueError(f"utterance {utt_id!r}: logits must be (T, U+1, V), got {x.shape}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"utterance {utt_id!r}: logits dtype {x.dtype} is not float16/32/64")
-        T, U1, V = x.shape
+        if len(shape) != 3:
+            raise ValueError(f"utterance {utt_id!r}: logits must be (T, U+1, V), got {shape}")
+        if not (isinstance(dtype, np.dtype) and dtype in _FLOAT_DTYPES):
+            raise TypeError(f"utterance {utt_id!r}: logits dtype {dtype} is not float16/32/64")
+        T, U1, V = shape
         if T == 0:
             raise ValueError(f"utterance {utt_id!r}: T = 0")
         if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
@@ -396,15 +510,28 @@ class DumpWriter:
             raise ValueError(
                 f"utterance {utt_id!r}: {y.shape[0]} labels but logits have U+1 = {U1}"
             )
-        if vocab_size is not None and vocab_size != V:
+        if self.vocab_size is not None and self.vocab_size != V:
             raise ValueError(f"utterance {utt_id!r}: V = {V}, the dump's vocab size is "
-                             f"{vocab_size}")
+                             f"{self.vocab_size}")
         blank = check_blank(self.blank, V)
         bad = bad_label(y, V, blank)
         if bad is not None:
             raise ValueError(f"utterance {utt_id!r}: labels[{bad.index[0]}] = {bad.value} is out "
                              f"of range or blank (V={V}, blank={blank})")
-        gx = None
+        return y, int(V)
+
+    @staticmethod
+    def _attrs(utt_id: str, attrs: dict) -> dict:
+        """The per-utterance attributes to store (None values left out), converted."""
+        return {str(key): _attr_for_hdf5(utt_id, str(key), value)
+                for key, value in attrs.items() if value is not None}
+
+    def _prepare(self, utt_id, logits, labels, grads, attrs: dict, taken) -> _Pending:
+        """Validate and convert one utterance of a full dump; touches nothing in the file."""
+        utt_id = self._new_id(utt_id, taken)
+        x = _np(logits)
+        y, V = self._check_utterance(utt_id, x.shape, x.dtype, labels)
+        arrays = {"logits": x}
         if grads is not None:
             gx = _np(grads)
             if gx.shape != x.shape:
@@ -413,11 +540,70 @@ class DumpWriter:
             if gx.dtype not in _FLOAT_DTYPES:
                 raise TypeError(f"utterance {utt_id!r}: grads dtype {gx.dtype} is not "
                                 "float16/32/64")
-        converted = {}
-        for key, value in attrs.items():
-            if value is not None:
-                converted[str(key)] = _attr_for_hdf5(utt_id, str(key), value)
-        return _Pending(utt_id, x, y, gx, converted)
+            arrays["grads"] = gx
+        return _Pending(utt_id, arrays, y, self._attrs(utt_id, attrs), V)
+
+    # ----------------------------------------------------------------- lattice kind
+    def _no_grads(self, grads) -> None:
+        if grads is not None:
+            raise ValueError(f"{self.path}: a lattice dump stores no gradients (grads= was "
+                             "given); write a full dump (kind='full') to keep them")
+
+    @staticmethod
+    def _lattice_input(logits):
+        """The logits as given when a torch tensor (on its device, never copied), else
+        as a numpy array."""
+        return logits.detach() if hasattr(logits, "detach") else np.asarray(logits)
+
+    def _lattice_backend(self, x) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "cuda" if hasattr(x, "detach") and x.device.type == "cuda" else "cpu"
+
+    def _lattice_pending(self, x, rows: Sequence[tuple], V: int) -> list[_Pending]:
+        """Run the engine's stage 1 on padded logits ``x`` ``(B, T, U+1, V)`` (validated:
+        ``rows`` holds each utterance's ``(utt_id, labels (U,), T, U, attrs)``) on their
+        device, and trim what comes back to the host into one ``_Pending`` each.
+        Raises ValueError for an utterance with NaN or +inf in its logits."""
+        if not rows:
+            return []
+        from .engine import LossOptions, load_engine
+
+        backend = self._lattice_backend(x)
+        engine = load_engine(backend)
+        B = len(rows)
+        targets = np.zeros((B, max(1, max(r[3] for r in rows))), np.int64)
+        for b, r in enumerate(rows):
+            targets[b, : r[3]] = r[1]
+        t_len = np.array([r[2] for r in rows], np.int64)
+        u_len = np.array([r[3] for r in rows], np.int64)
+        opts = LossOptions(blank=check_blank(self.blank, V), fused=self.input_kind == "logits")
+        if backend == "cuda":
+            import torch
+
+            xt = x if hasattr(x, "detach") else torch.from_numpy(x)
+            index = [torch.from_numpy(a).to(xt.device) for a in (targets, t_len, u_len)]
+            terms = engine.lattice_terms(xt, *index, opts)
+            terms = type(terms)(*(a.cpu().numpy() for a in terms))
+        else:
+            if hasattr(x, "detach"):
+                engine.check_device(x)
+            terms = engine.lattice_terms(x, targets, t_len, u_len, opts)
+        dtype = self.lattice_dtype or np.dtype(terms.blank_lp.dtype)
+        padded = {name: getattr(terms, name) for name in LATTICE_DATASETS}
+        pending = []
+        for b, (utt_id, y, T, U, attrs) in enumerate(rows):
+            arrays = {}
+            for name, shape in LATTICE_DATASETS.items():
+                T_, U_ = shape(T, U)
+                arrays[name] = np.ascontiguousarray(padded[name][b, :T_, :U_], dtype)
+            with np.errstate(all="ignore"):
+                broken = any((np.isnan(a) | np.isposinf(a)).any() for a in arrays.values())
+            if bool(terms.bad[b]) or broken:
+                raise ValueError(f"utterance {utt_id!r}: NaN or +inf in its logits; a lattice "
+                                 "dump cannot store them (score the full logits to find where)")
+            pending.append(_Pending(utt_id, arrays, y, attrs, V))
+        return pending
 
     def _write(self, items: Sequence[_Pending]) -> None:
         """Create every prepared utterance, or (on any exception) none of them.
@@ -428,6 +614,8 @@ class DumpWriter:
         (HDF5 refusing something, KeyboardInterrupt) removes the utterances of
         this call and leaves the writer usable.
         """
+        if not items:  # an empty batch: nothing to write
+            return
         what = (f"utterance {items[0].utt_id!r}" if len(items) == 1 else
                 f"utterance {items[0].utt_id!r} (the first of a batch of {len(items)})")
         try:
@@ -442,10 +630,9 @@ class DumpWriter:
                 g = self._utts.create_group(it.utt_id)
                 self._held.append(g)
                 done.append(it.utt_id)
-                self._dataset(g, "logits", it.x)
+                for name, data in it.arrays.items():
+                    self._dataset(g, name, data)
                 self._store(g, "labels", it.y)
-                if it.grads is not None:
-                    self._dataset(g, "grads", it.grads)
                 for key, value in it.attrs.items():
                     g.attrs[key] = value
             self._f.flush()
@@ -460,7 +647,7 @@ class DumpWriter:
         self._held = []
         self._heap += sum(_heap_bytes(it.utt_id) for it in items)
         if items and self.vocab_size is None:
-            self.vocab_size = int(items[0].x.shape[2])
+            self.vocab_size = items[0].V
 
     def add(self, utt_id: str, logits, labels, *, grads=None, **attrs) -> None:
         """One utterance: ``logits`` ``(T, U+1, V)``, ``labels`` ``(U,)``; attrs text=, loss=.
@@ -468,7 +655,13 @@ class DumpWriter:
         All or nothing: everything is validated and converted before anything is
         written, and a failed write leaves no trace of the utterance. Tensors may
         require grad and live on any device; numbers may be Python, numpy or 0-d
-        array/tensor scalars.
+        array/tensor scalars. Logits are numpy arrays or torch tensors, float16,
+        float32 or float64 (torch bfloat16 too: a full dump stores it as float32).
+
+        A lattice dump (``kind="lattice"``) stores the lattice of these logits
+        (see the class docstring); ``grads`` is then a ValueError, and so are NaN
+        or +inf in the logits (``"utterance 'u3': NaN or +inf in its logits; a
+        lattice dump cannot store them (...)"``).
 
         Raises ValueError/TypeError for bad input (the writer stays usable);
         ``DumpWriteError`` (an OSError: ``"{path}: cannot write utterance 'u7' (No
@@ -477,28 +670,46 @@ class DumpWriter:
         once the writer is closed (or was finished by such an error).
         """
         self._check_open()
-        self._write([self._prepare(utt_id, logits, labels, grads, attrs, self.vocab_size, ())])
+        if self.kind == "full":
+            self._write([self._prepare(utt_id, logits, labels, grads, attrs, ())])
+            return
+        self._no_grads(grads)
+        x = self._lattice_input(logits)
+        utt_id = self._new_id(utt_id, ())
+        y, V = self._check_utterance(utt_id, tuple(x.shape), _logits_dtype(x), labels)
+        row = (utt_id, y, int(x.shape[0]), int(x.shape[1]) - 1, self._attrs(utt_id, attrs))
+        self._write(self._lattice_pending(x[None], [row], V))
 
     def add_batch(self, logits, labels, logit_lengths, label_lengths, utt_ids=None,
                   *, grads=None, losses=None, texts=None) -> list[str]:
         """A padded batch ``(B, T, U+1, V)``; padding is trimmed. Returns the ids written.
 
-        ``utt_ids`` default to ``"<n>"`` counting from the utterances already
-        written; ``losses`` ``(B,)`` and ``texts`` become per-utterance attrs.
-        All or nothing: the whole batch is validated before any utterance is
-        written, and a failure while writing removes the ones already written.
-        Errors as for ``add``.
+        ``labels`` ``(B, S)``, ``logit_lengths`` and ``label_lengths`` ``(B,)``
+        integers (arrays, tensors or sequences); utterance b is ``logits[b, :T_b,
+        :U_b+1]`` with labels ``labels[b, :U_b]``. ``utt_ids`` default to ``"<n>"``
+        counting from the utterances already written; ``losses`` ``(B,)`` and
+        ``texts`` become per-utterance attrs (an entry None: none for that
+        utterance). All or nothing: the whole batch is validated (for a lattice
+        dump also computed) before any utterance is written, and a failure while
+        writing removes the ones already written. For a lattice dump only labels
+        and lengths are copied to the host before the engine runs, and the engine
+        runs once on the whole padded batch. Errors as for ``add``.
         """
         self._check_open()
-        x = _np(logits)
+        lattice = self.kind == "lattice"
+        if lattice:
+            self._no_grads(grads)
+            x = self._lattice_input(logits)
+        else:
+            x = _np(logits)
         y = _np(labels)
         if x.ndim != 4:
-            raise ValueError(f"logits must be (B, T, U+1, V), got {x.shape}")
+            raise ValueError(f"logits must be (B, T, U+1, V), got {tuple(x.shape)}")
         if y.ndim != 2:
             raise ValueError(f"labels must be (B, S), got {y.shape}")
         t_len = _lengths("logit_lengths", logit_lengths)
         u_len = _lengths("label_lengths", label_lengths)
-        B = x.shape[0]
+        B = int(x.shape[0])
         if utt_ids is None:
             n0 = len(self._utts)
             utt_ids = [str(n0 + b) for b in range(B)]
@@ -510,7 +721,7 @@ class DumpWriter:
             lv = list(losses) if isinstance(losses, list | tuple) else _np(losses)
             if len(lv) != B or (isinstance(lv, np.ndarray) and lv.ndim != 1):
                 raise ValueError(f"losses must be (B,) = ({B},), got {np.shape(lv)}")
-            loss_values = [_number("losses entry", v) for v in lv]
+            loss_values = [None if v is None else _number("losses entry", v) for v in lv]
         if texts is not None:
             texts = list(texts)
             if len(texts) != B:
@@ -522,20 +733,31 @@ class DumpWriter:
                 raise ValueError(f"grads shape {gx.shape} != logits shape {x.shape}")
         if not (len(utt_ids) == y.shape[0] == t_len.shape[0] == u_len.shape[0] == B):
             raise ValueError("batch sizes of logits, labels, lengths and utt_ids disagree")
+        shape = tuple(int(n) for n in x.shape)
+        dtype = _logits_dtype(x) if lattice else None
         pending: list[_Pending] = []
+        rows: list[tuple] = []  # lattice: (utt_id, labels, T, U, attrs) for _lattice_pending
         taken: set[str] = set()
         for b in range(B):
             T_b, U_b = int(t_len[b]), int(u_len[b])
-            if not lengths_fit(T_b, U_b, x.shape[1], x.shape[2], y.shape[1]):
+            if not lengths_fit(T_b, U_b, shape[1], shape[2], y.shape[1]):
                 raise ValueError(f"utterance {utt_ids[b]!r}: lengths T={T_b}, U={U_b} do not "
-                                 f"fit the padded shape {tuple(x.shape)}")
+                                 f"fit the padded shape {shape}")
             attrs = {"loss": None if loss_values is None else loss_values[b],
                      "text": None if texts is None else texts[b]}
-            it = self._prepare(utt_ids[b], x[b, :T_b, : U_b + 1], y[b, :U_b],
-                               None if gx is None else gx[b, :T_b, : U_b + 1], attrs,
-                               self.vocab_size, taken)
-            taken.add(it.utt_id)
-            pending.append(it)
+            if lattice:
+                utt_id = self._new_id(utt_ids[b], taken)
+                y_b, _ = self._check_utterance(utt_id, (T_b, U_b + 1, shape[3]), dtype,
+                                               y[b, :U_b])
+                rows.append((utt_id, y_b, T_b, U_b, self._attrs(utt_id, attrs)))
+            else:
+                it = self._prepare(utt_ids[b], x[b, :T_b, : U_b + 1], y[b, :U_b],
+                                   None if gx is None else gx[b, :T_b, : U_b + 1], attrs, taken)
+                utt_id = it.utt_id
+                pending.append(it)
+            taken.add(utt_id)
+        if lattice:
+            pending = self._lattice_pending(x, rows, shape[3])
         self._write(pending)
         return [it.utt_id for it in pending]
 
@@ -548,13 +770,21 @@ class DumpWriter:
         (``"{path}: cannot write the dump (...)"``) when that fails, after removing
         the temporary file; any exception here (KeyboardInterrupt included) leaves
         no file. Closing again does nothing; closing a writer finished by an error
-        raises ValueError (the dump was not written).
+        raises ValueError (the dump was not written), and so does closing a lattice
+        writer that knows no V (no utterance, ``vocab`` or ``vocab_size``): a lattice
+        dump must record it, so none is written.
         """
         if self._failed is not None:
             raise ValueError(f"{self.path}: not written: the writer was closed after an "
                              f"error ({self._failed})")
         if self._closed:
             return
+        if self.kind == "lattice" and self.vocab_size is None:
+            msg = (f"{self.path}: not written: a lattice dump must record the vocabulary size "
+                   "of its logits, and no utterance, vocab or vocab_size gave it")
+            self._failed = msg
+            self._discard()
+            raise ValueError(msg)
         f = self._f
         try:
             vocab = None
@@ -565,7 +795,7 @@ class DumpWriter:
                 self._reserve(_RESERVE_BASE)
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["dump_kind"] = "full"
+            f.attrs["dump_kind"] = self.kind
             f.attrs["blank"] = self.blank
             f.attrs["vocab_size"] = -1 if self.vocab_size is None else self.vocab_size
             f.attrs["input_kind"] = self.input_kind
