@@ -279,3 +279,22 @@ def bad_dump(path, how):
             del f["utts/u1/labels"]
             f["utts/u1/labels"] = np.array([1, 2])
     return path
+
+
+def read_lattice_dump(path) -> tuple[dict, dict]:
+    """Everything a lattice dump holds, read with h5py directly for exact comparisons:
+    ``(root, utts)``: ``root`` the root attributes (and ``vocab``: the token names or
+    None), ``utts`` maps an id to its datasets (``blank_lp``, ``emit_lp``,
+    ``log_p2_others``, ``labels``: numpy arrays as stored) and attributes (``attrs``)."""
+    def plain(v):
+        v = v.decode() if isinstance(v, bytes) else v
+        return v.item() if isinstance(v, np.generic) else v
+
+    with h5py.File(path, "r") as f:
+        root = {k: plain(v) for k, v in f.attrs.items()}
+        root["vocab"] = ([plain(t) for t in f["vocab"][()]] if "vocab" in f else None)
+        utts = {}
+        for utt_id, g in f["utts"].items():
+            utts[utt_id] = {name: g[name][()] for name in g}
+            utts[utt_id]["attrs"] = {k: plain(v) for k, v in g.attrs.items()}
+    return root, utts
