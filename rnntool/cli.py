@@ -524,6 +524,68 @@ def plot(
         raise typer.Exit(1)
 
 
+# --------------------------------------------------------------------------- compact
+@app.command()
+@command
+def compact(
+    input: Annotated[Path, typer.Argument(help="A full-logit HDF5 dump (keyed or padded "
+                                          "layout).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="The lattice dump to write "
+                                        "(atomically).")],
+    device: Device = "auto",
+    blank: Blank = None,
+    utts: Utts = None,
+    utt_list: UttList = None,
+    batch_mb: Annotated[int, typer.Option("--batch-mb", help="Memory budget of one padded "
+                                          "batch of logits, MiB.")] = 64,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="float32|float64 (default: float32, float64 for float64 logits: "
+        "then scores are the same bits as the full dump's).")] = None,
+    compression: Annotated[str, typer.Option("--compression",
+                                             help="none|lzf|gzip.")] = "none",
+    quiet: Quiet = False,
+) -> None:
+    """Convert a full dump into a lattice dump, hundreds of times smaller.
+
+    Per utterance and lattice node, the lattice dump keeps the blank and
+    next-label log-probs and log of the sum of p_v^2 over the other tokens: what
+    score, align, plot and inspect need (grad-check needs the logits). Stage 1 of
+    the engine runs on --device, one batch at a time; stored losses, texts and
+    the vocab carry over. The output appears only when complete.
+    """
+    from .compact import compact_dump, lattice_writer_for
+    from .reader import show
+
+    if output == "-":
+        raise fail("-o -: a lattice dump is an HDF5 file; give a file name")
+    if dtype not in (None, "float32", "float64"):
+        raise fail(f"--dtype {dtype!r} is not one of float32, float64")
+    if compression not in ("none", "lzf", "gzip"):
+        raise fail(f"--compression {compression!r} is not one of none, lzf, gzip")
+    backend = _backend(device)
+    with (_selection([input], blank, utts, utt_list, output=output) as selected,
+          _progress(quiet) as bar):
+        ((reader, ids),) = selected
+        if reader.kind == "lattice":
+            raise fail(f"{reader.name}: is already a lattice dump")
+        task = bar.add_task("compacting", total=len(ids))
+        with lattice_writer_for(reader, output, lattice_dtype=dtype, backend=backend,
+                                compression=None if compression == "none" else compression
+                                ) as writer:
+            try:
+                n = compact_dump(reader, ids, writer, backend=backend,
+                                 budget_bytes=batch_mb << 20,
+                                 on_batch=lambda k: bar.advance(task, k))
+            except (ValueError, TypeError) as e:  # the writer names the utterance
+                raise fail(f"{reader.name}: {e}") from None
+        size_in = reader.file_size()
+    if not quiet:
+        size_out = os.path.getsize(output)
+        _stderr().print(f"{n} utterances: {show(input)} ({size_in / 2**20:.2f} MiB) -> "
+                        f"{show(output)} ({size_out / 2**20:.2f} MiB, "
+                        f"{size_in / max(size_out, 1):.0f}x smaller)", markup=False)
+
+
 # --------------------------------------------------------------------------- grad-check
 @app.command("grad-check")
 @command

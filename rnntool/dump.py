@@ -631,7 +631,12 @@ class DumpWriter:
                 self._held.append(g)
                 done.append(it.utt_id)
                 for name, data in it.arrays.items():
-                    self._dataset(g, name, data)
+                    if self.kind == "lattice" and self.compression is None:
+                        # Small arrays read whole: a chunk index would cost more than
+                        # the data (2.6 KB per array, a third of a typical lattice).
+                        self._store(g, name, data)
+                    else:
+                        self._dataset(g, name, data)
                 self._store(g, "labels", it.y)
                 for key, value in it.attrs.items():
                     g.attrs[key] = value
