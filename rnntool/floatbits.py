@@ -379,24 +379,41 @@ def sum_exp(row, m, scratch):
 def sum_sq_probs(row, hi, lo, skip1, skip2, scratch):
     """sum over v not in {skip1, skip2} of p_v**2, with log p_v = (row[v] - hi) - lo (the
     normaliser split as stage 1 keeps it), in ``sum_exp``'s order: element v to lane
-    v % 16, one fixed combining tree, the last block padded with zeros.
+    v % 16, one fixed combining tree, the last block padded with -inf.
 
     Summing only the other entries, rather than subtracting the two large ones from
-    the full sum afterwards, keeps the small sum of a peaked row accurate. ``scratch``:
-    ``2 * LANES`` lattice floats.
+    the full sum afterwards, keeps the small sum of a peaked row accurate. The two
+    skipped entries add an exact 0, in the (at most two) blocks that hold them; every
+    other block runs the plain loop, which vectorises.
+    ``scratch``: ``2 * LANES`` lattice floats.
     """
     V = row.shape[0]
     acc = scratch[:LANES]
+    tail = scratch[LANES:]
+    zero = like(hi, 0.0)
+    lo = like(hi, lo)  # in the lattice type (math.log gave float64): the loop stays float32
     for k in range(LANES):
-        acc[k] = 0.0
-    for v0 in range(0, V, LANES):
-        for k in range(LANES):
-            v = v0 + k
-            e = like(hi, 0.0)
-            if v < V and v != skip1 and v != skip2:
+        acc[k] = zero
+    full = V - V % LANES
+    for v0 in range(0, full, LANES):
+        if (v0 <= skip1 < v0 + LANES) or (v0 <= skip2 < v0 + LANES):
+            for k in range(LANES):  # one of at most two blocks: the masked loop
+                v = v0 + k
                 lp = (load(row, v) - hi) - lo
                 e = exp(lp + lp)
-            acc[k] += e
+                acc[k] += e if (v != skip1) & (v != skip2) else zero
+        else:
+            for k in range(LANES):  # every other block: the same sums, vectorised
+                lp = (load(row, v0 + k) - hi) - lo
+                acc[k] += exp(lp + lp)
+    if full < V:
+        for k in range(LANES):
+            tail[k] = load(row, full + k) if full + k < V else -np.inf
+        for k in range(LANES):
+            v = full + k
+            lp = (tail[k] - hi) - lo
+            e = exp(lp + lp)
+            acc[k] += e if (v != skip1) & (v != skip2) else zero
     w = LANES // 2
     while w >= 1:
         for k in range(w):

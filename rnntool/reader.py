@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -115,12 +116,21 @@ class Utterance:
     grads: np.ndarray | None = None
 
 
+_MEMINFO_TTL = 0.25  # seconds a reading of /proc/meminfo is reused (it is per utterance)
+_meminfo: list = [-1.0, 0]  # [when read (monotonic), MemAvailable in bytes]
+
+
 def available_memory() -> int:
-    """Bytes of memory this process could still allocate (MemAvailable on Linux)."""
+    """Bytes of memory this process could still allocate (MemAvailable on Linux, read at
+    most every quarter second)."""
+    now = time.monotonic()
+    if now - _meminfo[0] < _MEMINFO_TTL:
+        return _meminfo[1]
     with contextlib.suppress(OSError, ValueError, StopIteration):
         with open("/proc/meminfo") as f:
             line = next(x for x in f if x.startswith("MemAvailable:"))
-        return int(line.split()[1]) * 1024
+        _meminfo[:] = [now, int(line.split()[1]) * 1024]
+        return _meminfo[1]
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
@@ -561,8 +571,12 @@ class DumpReader:
         check_memory(info.nbytes, f"{self.name}: utterance {show(utt_id)}: its lattice")
         arrays = {}
         try:
-            for name, ds in self._layout.lattice(utt_id).items():
+            for name, (ds, run) in self._layout.lattice(utt_id).items():
                 if name not in names:
+                    continue
+                shape = LATTICE_DATASETS[name](info.T, info.U)
+                if run is not None and self._lattice_direct(ds, run, shape, info.dtype):
+                    arrays[name] = self._pread_array(utt_id, name, run, shape, info.dtype)
                     continue
                 self._checks.verify_filtered(ds, f"utterance {show(utt_id)}: {name}")
                 arrays[name] = np.asarray(ds[()]).astype(info.dtype, copy=False)
@@ -580,6 +594,30 @@ class DumpReader:
                                 + (f" (and {more} more)" if more else "")
                                 + "; a lattice dump holds finite log-probs or -inf")
         return LatticeUtterance(info, y, **arrays)
+
+    def _lattice_direct(self, ds, run, shape, dtype) -> bool:
+        """May a lattice array stored raw be read with ``pread``? Once per file, the first
+        such array is read both ways and must give the same bytes (as ``_probe``)."""
+        if not self.direct:
+            return False
+        if self._direct_ok is None:
+            try:
+                mine = self._pread_array("", "", run, shape, dtype)
+            except DumpError:
+                mine = None
+            theirs = np.ascontiguousarray(ds[()], dtype)
+            self._direct_ok = mine is not None and mine.tobytes() == theirs.tobytes()
+        return self._direct_ok
+
+    def _pread_array(self, utt_id: str, name: str, run, shape, dtype) -> np.ndarray:
+        """A raw run ``(offset, bytes)`` read into a new ``shape`` array of ``dtype``."""
+        a = np.empty(shape, dtype)
+        got = os.preadv(self._fd, [memoryview(a).cast("B")], run[0])
+        if got != a.nbytes:
+            self._check_unchanged(utt_id)
+            raise self._err(utt_id, f"the file ends inside its {name} ({got} of {a.nbytes} "
+                            f"bytes at offset {run[0]})")
+        return a
 
     def checked(self, utt_ids: Sequence[str]) -> list[tuple[UttInfo, np.ndarray]]:
         """``(info, labels)`` of every utterance, all validated, in the order given."""
@@ -760,20 +798,22 @@ class _LatticeLayout(_KeyedLayout):
                           else f"blank_lp {b.shape} and labels {y.shape}")
                 raise r._err(utt_id, f"{name} has shape {ds.shape}, but {source} make it "
                              f"{_LATTICE_FORMS[name]} = {want}")
-        dtype = native(b.dtype)
-        for name, ds in named.items():
-            if native(ds.dtype) not in LATTICE_DTYPES:
-                raise r._err(utt_id, f"{name} dtype {ds.dtype} is not float32/64 (a lattice "
+        stored = {name: ds.dtype for name, ds in named.items()}  # (h5py builds it per call)
+        dtype = native(stored["blank_lp"])
+        for name, t in stored.items():
+            if native(t) not in LATTICE_DTYPES:
+                raise r._err(utt_id, f"{name} dtype {t} is not float32/64 (a lattice "
                              "dump holds float32 or float64)")
-            if native(ds.dtype) != dtype:
-                raise r._err(utt_id, f"{name} dtype {ds.dtype} differs from blank_lp's "
-                             f"{b.dtype}; a lattice dump's arrays share one dtype")
+            if native(t) != dtype:
+                raise r._err(utt_id, f"{name} dtype {t} differs from blank_lp's "
+                             f"{stored['blank_lp']}; a lattice dump's arrays share one dtype")
         if y.dtype.kind not in "iu":
             raise r._err(utt_id, f"labels dtype {y.dtype} is not an integer type")
         attrs = self._attrs(utt_id, g)
-        for name, ds in named.items():
-            r._checks.raw_run(ds, name)
+        regions = {name: r._checks.raw_run(ds, name) for name, ds in named.items()}
         self._load_labels(utt_id, y)
+        # For lattice(), next: the datasets not looked up twice.
+        self._sets_read = (utt_id, named, regions)
         return UttInfo(utt_id, T, U, r.vocab_size, dtype, attrs, kind="lattice")
 
     def logits(self, utt_id: str, info: UttInfo, frames: int | None = None):
@@ -782,9 +822,18 @@ class _LatticeLayout(_KeyedLayout):
     def grads(self, utt_id: str):
         raise KeyError("grads")  # never asked: a lattice dump's info has has_grads False
 
-    def lattice(self, utt_id: str) -> dict[str, h5py.Dataset]:
-        g = self._group(utt_id)
-        return {name: self._r._child(g, name) for name in LATTICE_DATASETS}
+    def lattice(self, utt_id: str) -> dict[str, tuple[h5py.Dataset, tuple[int, int] | None]]:
+        """``{name: (dataset, raw run)}`` of the utterance's three arrays, the raw run
+        ``(byte offset, bytes)`` when the array may be read straight from the file
+        (``StorageChecks.raw_run``)."""
+        cached = getattr(self, "_sets_read", (None,))
+        if cached[0] == utt_id:
+            _, named, regions = cached
+        else:
+            g = self._group(utt_id)
+            named = {name: self._r._child(g, name) for name in LATTICE_DATASETS}
+            regions = {name: self._r._checks.raw_run(ds, name) for name, ds in named.items()}
+        return {name: (named[name], regions[name]) for name in LATTICE_DATASETS}
 
 
 class _PaddedLayout:

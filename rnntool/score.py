@@ -22,6 +22,7 @@ from .reader import DumpReader, UttInfo, check_memory, group_by_budget, padded_b
 SCORE_FIELDS = ["utt_id", "T", "U", "loss", "loss_per_frame", "loss_per_token"]
 STORED_FIELDS = ["stored_loss", "loss_diff"]
 DEFAULT_BATCH_BYTES = 64 << 20
+LATTICE_BATCH_BYTES = 8 << 20  # a lattice dump's batches at most (they are not size-sorted)
 
 
 def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
@@ -44,27 +45,62 @@ def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
     return logits, labels, t_len, u_len
 
 
-def _load_lattice_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
-                        store: np.ndarray):
-    """A lattice dump's batch: padded ``(B, T, U+1)`` ``blank_lp`` and ``emit_lp`` (views
-    of ``store``; entries outside the lengths are never read), ``(B, Umax)`` labels,
-    lengths. The third array (for gradient norms) is not read."""
-    infos = [g[0] for g in group]
-    B = len(infos)
-    T = max(i.T for i in infos)
-    U1 = max(i.U for i in infos) + 1
-    n = B * T * U1
-    flat = store.view(infos[0].dtype)
-    blank_lp, emit_lp = flat[:n].reshape(B, T, U1), flat[n : 2 * n].reshape(B, T, U1)
+def _read_lattices(reader: DumpReader, ids: Iterator[str], budget_bytes: int) -> list:
+    """The next utterances of ``ids`` from a lattice dump, read (and checked) until
+    their arrays reach ``budget_bytes``; the third array (for gradient norms) is not read."""
+    got, size = [], 0
+    for u in ids:
+        lat = reader.read_lattice(u, names=("blank_lp", "emit_lp"))
+        got.append(lat)
+        size += lat.info.nbytes
+        if size >= budget_bytes:
+            break
+    return got
+
+
+def _pad_lattices(lats: Sequence, dtype):
+    """Padded ``(B, T, U+1)`` ``blank_lp`` and ``emit_lp`` (entries outside the lengths are
+    never read), ``(B, max(Umax, 1))`` labels, lengths."""
+    B = len(lats)
+    T = max(lat.info.T for lat in lats)
+    U1 = max(lat.info.U for lat in lats) + 1
+    # Left uninitialised: the padding is never read, and its pages never touched.
+    blank_lp = np.empty((B, T, U1), dtype)
+    emit_lp = np.empty((B, T, U1), dtype)
     labels = np.zeros((B, max(U1 - 1, 1)), np.int64)
-    for b, (info, y) in enumerate(group):
-        lat = reader.read_lattice(info.utt_id, info, names=("blank_lp", "emit_lp"))
-        blank_lp[b, : info.T, : info.U + 1] = lat.blank_lp
-        emit_lp[b, : info.T, : info.U] = lat.emit_lp
-        labels[b, : info.U] = y
-    t_len = np.array([i.T for i in infos], np.int64)
-    u_len = np.array([i.U for i in infos], np.int64)
+    for b, lat in enumerate(lats):
+        T_b, U_b = lat.info.T, lat.info.U
+        blank_lp[b, :T_b, : U_b + 1] = lat.blank_lp
+        emit_lp[b, :T_b, :U_b] = lat.emit_lp
+        labels[b, :U_b] = lat.labels
+    t_len = np.array([lat.info.T for lat in lats], np.int64)
+    u_len = np.array([lat.info.U for lat in lats], np.int64)
     return blank_lp, emit_lp, labels, t_len, u_len
+
+
+def _score_lattices(reader, utt_ids, backend, budget_bytes, on_batch):
+    """Score a lattice dump in one pass, in input order: each utterance's arrays are
+    read (and checked) once, on a helper thread, while stage 2 runs on the batch
+    before. Stage 2 costs nothing per padded node, so batches are not sorted by size.
+    Bad input raises ``DumpError`` mid-way; callers write rows only at the end."""
+    ids = iter(list(utt_ids))
+    # Batches in input order are padded to their longest utterance: keep them small.
+    budget_bytes = min(budget_bytes, LATTICE_BATCH_BYTES)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_read_lattices, reader, ids, budget_bytes)
+        while True:
+            lats = pending.result()
+            if not lats:
+                return
+            pending = pool.submit(_read_lattices, reader, ids, budget_bytes)
+            # Groups of one dtype (a dump may mix float32 and float64 utterances).
+            for dtype in dict.fromkeys(lat.info.dtype for lat in lats):
+                group = [lat for lat in lats if lat.info.dtype == dtype]
+                losses = _lattice_losses(*_pad_lattices(group, dtype), backend)
+                for lat, loss in zip(group, losses, strict=True):
+                    yield _row(reader, lat.info, float(loss))
+            if on_batch is not None:
+                on_batch(len(lats))
 
 
 def score_dumps(
@@ -116,6 +152,9 @@ def score_reader(
     engine scores one; how each utterance is read is the reader's choice
     (``DumpReader(direct=...)``).
     """
+    if reader.kind == "lattice":
+        yield from _score_lattices(reader, utt_ids, backend, budget_bytes, on_batch)
+        return
     items = reader.checked(utt_ids)  # validates every utterance before scoring any
     groups = list(group_by_budget(items, budget_bytes))
     yield from _score_batches(reader, groups, backend, on_batch)
@@ -185,16 +224,13 @@ def _score_batches(reader, groups, backend, on_batch):
             f"{reader.name}: a batch of {len(largest)} utterances (--batch-mb)")
     check_memory(size * (2 if len(groups) > 1 else 1), what + " would")
     stores = [np.empty(size, np.uint8), np.empty(size if len(groups) > 1 else 0, np.uint8)]
-    load = _load_lattice_batch if reader.kind == "lattice" else _load_batch
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, reader, groups[0], stores[0])
+        pending = pool.submit(_load_batch, reader, groups[0], stores[0])
         for k, group in enumerate(groups):
             batch = pending.result()
             if k + 1 < len(groups):
-                pending = pool.submit(load, reader, groups[k + 1], stores[(k + 1) % 2])
-            if reader.kind == "lattice":
-                losses = _lattice_losses(*batch, backend)
-            elif backend == "cuda":
+                pending = pool.submit(_load_batch, reader, groups[k + 1], stores[(k + 1) % 2])
+            if backend == "cuda":
                 losses = _torch_losses(reader, *batch, backend)
             else:
                 losses = _cpu_losses(reader, *batch)

@@ -170,13 +170,15 @@ class StorageChecks:
         shuffle, Fletcher-32, n-bit and scale-offset cannot change it. Any other
         filter is refused (its output cannot be checked). Once per dataset.
         """
+        dcpl = ds.id.get_create_plist()
+        if not dcpl.get_nfilters():
+            return  # nothing to check (and cheaper to see than the cache below)
         key = (ds.file.filename, ds.name)
         if key in self._verified:
             return
-        dcpl = ds.id.get_create_plist()
         filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
-        if ds.chunks is None or not filters:
-            self._verified.add(key)  # nothing to check: not again for the next utterance
+        if ds.chunks is None:
+            self._verified.add(key)  # not again for the next utterance
             return
         unknown = [f for f in filters if f not in _CHECKED_FILTERS]
         if unknown:
