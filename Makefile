@@ -27,6 +27,7 @@ lint: install
 
 demo: install
 	$(BIN)/rnntool score sample_data/sample.h5
+	$(BIN)/rnntool score sample_data/sample-lattice.h5 -q -f tsv | cut -f1,4 | head -4
 
 # A separate, large (~6 GB) environment with torchaudio and warprnnt_numba beside
 # rnntool, for benchmarks/ only. torch 2.14.1 lies on this machine's disk.

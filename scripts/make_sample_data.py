@@ -2,7 +2,10 @@
 
 Makes ``sample_data/sample.h5`` (keyed layout, with a vocab, the trainer's own
 loss per utterance, and trainer gradients for two utterances), which the
-README's first command scores. About a minute on two CPU cores; fixed seeds.
+README's first command scores, and ``sample_data/sample-lattice.h5``, the same
+utterances as a lattice dump (``DumpWriter(kind="lattice")``; the same file as
+``rnntool compact sample_data/sample.h5``). About a minute on two CPU cores;
+fixed seeds.
 
 The task: each utterance is a random word over a 10-letter alphabet; its
 "audio" is, per letter, 2-4 frames of that letter's prototype feature vector
@@ -10,6 +13,7 @@ plus noise, with occasional silence frames between letters. A trained model's
 alignments are sharp and monotonic, as a real ASR model's are.
 
     python scripts/make_sample_data.py [--out sample_data/sample.h5] [--steps 3000]
+                                       [--lattice-out sample_data/sample-lattice.h5]
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class TinyTransducer(nn.Module):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="sample_data/sample.h5")
+    ap.add_argument("--lattice-out", default="sample_data/sample-lattice.h5")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--utts", type=int, default=24, help="held-out utterances to dump")
     args = ap.parse_args()
@@ -100,7 +105,8 @@ def main() -> None:
 
     model.eval()
     held = torch.Generator().manual_seed(99)
-    with DumpWriter(args.out, blank=0, vocab=VOCAB) as w:
+    with (DumpWriter(args.out, blank=0, vocab=VOCAB) as w,
+          DumpWriter(args.lattice_out, blank=0, vocab=VOCAB, kind="lattice") as lw):
         for n in range(args.utts):
             x, y = make_example(held, protos)
             logits = model(x[None], y[None]).detach()
@@ -114,7 +120,9 @@ def main() -> None:
             text = "".join(LETTERS[i - 1] for i in y.tolist())
             w.add(f"utt{n:03d}", logits[0], y, grads=grads, text=text,
                   loss=float(trainer_loss.detach()))
-    print(f"wrote {args.out}: {args.utts} utterances, vocab {len(VOCAB)}")
+            lw.add(f"utt{n:03d}", logits[0], y, text=text, loss=float(trainer_loss.detach()))
+    print(f"wrote {args.out} and {args.lattice_out}: {args.utts} utterances, vocab "
+          f"{len(VOCAB)}")
 
 
 if __name__ == "__main__":
