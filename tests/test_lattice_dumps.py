@@ -280,3 +280,18 @@ def test_a_bad_lattice_dump_is_one_line(tmp_path, command, how, needle):
     extra = ["-d", tmp_path / "png"] if command == "plot" else ["-o", tmp_path / "out.tsv"]
     one_line_error(invoke(command, path, *extra), "bad.h5", "utterance u1", needle)
     assert not (tmp_path / "out.tsv").exists()
+
+
+def test_the_bundled_lattice_sample_scores_as_the_full_sample():
+    """sample_data/sample-lattice.h5 (the README's and make demo's) is sample.h5 as a
+    lattice dump: the same rows to the last digit, the same alignments."""
+    from helpers import SAMPLE
+
+    lattice = SAMPLE.with_name("sample-lattice.h5")
+    for cmd in ("score", "align"):
+        want = invoke(cmd, SAMPLE, "-f", "tsv")
+        got = invoke(cmd, lattice, "-f", "tsv")
+        assert want.exit_code == got.exit_code == 0
+        assert got.stdout == want.stdout and len(rows_of(got.stdout)) >= 24
+    with DumpReader(lattice) as r:
+        assert r.kind == "lattice" and len(r) == 24 and r.vocab is not None
