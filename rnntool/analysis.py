@@ -61,32 +61,30 @@ class DumpReport:
     problems: list[str] = field(default_factory=list)
 
     def facts(self) -> dict:
-        """The report as ``inspect`` shows it, in its order: JSON-ready values, ranges as
-        ``[min, max]`` lists, ``vocab`` as ``"yes"``/``"no"``, ``problems`` as a count."""
-        def span(s):
-            return list(s) if s is not None else None
+        """The report as one row of ``inspect`` (``INSPECT_FIELDS``, in order): JSON-ready
+        values, ranges as ``_min``/``_max`` columns (None when no utterance could be
+        read), ``vocab`` a boolean, ``dtypes`` comma-separated, ``problems`` a count."""
+        def ends(s):
+            return (None, None) if s is None else s
 
+        (t0, t1), (u0, u1), (v0, v1) = ends(self.T), ends(self.U), ends(self.V)
         return {
-            "file": self.file,
-            "kind": self.kind,
-            "layout": self.layout,
-            "blank": self.blank,
-            "vocab_size": self.vocab_size,
-            "vocab": "yes" if self.has_vocab else "no",
-            "input_kind": self.input_kind,
-            "utterances": self.utterances,
-            "T": span(self.T),
-            "U": span(self.U),
-            "V": span(self.V),
-            "dtypes": self.dtypes,
-            "with_stored_loss": self.with_stored_loss,
-            "with_grads": self.with_grads,
-            "size_bytes": self.size_bytes,
+            "file": self.file, "kind": self.kind, "layout": self.layout, "blank": self.blank,
+            "vocab_size": self.vocab_size, "vocab": self.has_vocab,
+            "input_kind": self.input_kind, "utterances": self.utterances,
+            "T_min": t0, "T_max": t1, "U_min": u0, "U_max": u1, "V_min": v0, "V_max": v1,
+            "dtypes": ",".join(self.dtypes), "with_stored_loss": self.with_stored_loss,
+            "with_grads": self.with_grads, "size_bytes": self.size_bytes,
             "problems": len(self.problems),
         }
 
 
-def inspect_dump(reader: DumpReader) -> DumpReport:
+INSPECT_FIELDS = ["file", "kind", "layout", "blank", "vocab_size", "vocab", "input_kind",
+                  "utterances", "T_min", "T_max", "U_min", "U_max", "V_min", "V_max", "dtypes",
+                  "with_stored_loss", "with_grads", "size_bytes", "problems"]
+
+
+def inspect_dump(reader: DumpReader, on_utterance=None) -> DumpReport:
     """Read every utterance of ``reader`` and report what the dump holds and every problem.
 
     Problems: whatever makes an utterance unreadable (``DumpError``: bad labels,
@@ -95,6 +93,7 @@ def inspect_dump(reader: DumpReader) -> DumpReport:
     that do not normalise (``dump.log_prob_problem``); and a loss that is +inf or
     negative beyond rounding (``score.loss_problem``; a NaN loss comes from NaN
     logits, already reported). Scores on the CPU engine (no torch).
+    ``on_utterance()`` is called after each utterance is read (progress).
     """
     from .dump import DumpError, log_prob_problem
     from .reader import show
@@ -104,6 +103,8 @@ def inspect_dump(reader: DumpReader) -> DumpReport:
     infos = []
     for u in reader.utt_ids:
         found[u] = []
+        if on_utterance is not None:
+            on_utterance()
         if reader.kind == "lattice":  # shapes, dtypes, labels, NaN or +inf: DumpError
             try:
                 infos.append(reader.read_lattice(u).info)

@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -159,23 +160,20 @@ def _root(
 
 
 # --------------------------------------------------------------------------- shared options
-Inputs = Annotated[list[Path], typer.Argument(help="HDF5 dumps (keyed or padded layout).")]
-Output = Annotated[
-    str | None, typer.Option("-o", "--output", help="Write here (atomically); '-' = stdout.")
-]
-Format = Annotated[
-    str | None,
-    typer.Option("--format", "-f", help="tsv|csv|jsonl|json|table (default: table on a "
-                 "terminal, tsv otherwise)."),
-]
-Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")]
-Blank = Annotated[int | None, typer.Option("--blank", help="Blank index (overrides the file).")]
-Utts = Annotated[
-    list[str] | None, typer.Option("--utt", help="Only this utterance id (repeatable).")
-]
-UttList = Annotated[
-    str | None, typer.Option("--utt-list", help="File of utterance ids, one a line; '-' = stdin.")
-]
+Inputs = Annotated[list[Path], typer.Argument(
+    metavar="FILE", help="HDF5 dumps (keyed or padded layout, full or lattice).")]
+Output = Annotated[str | None, typer.Option(
+    "-o", "--output", metavar="FILE", help="Write here (atomically); '-' = stdout.")]
+Format = Annotated[str | None, typer.Option(
+    "--format", "-f", metavar="FORMAT",
+    help="tsv|csv|jsonl|json|table (default: table on a terminal, tsv otherwise).")]
+Device = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto|cpu|cuda.")]
+Blank = Annotated[int | None, typer.Option(
+    "--blank", metavar="N", help="Blank index (overrides the file).")]
+Utts = Annotated[list[str] | None, typer.Option(
+    "--utt", metavar="ID", help="Only this utterance id (repeatable).")]
+UttList = Annotated[str | None, typer.Option(
+    "--utt-list", metavar="FILE", help="File of utterance ids, one a line; '-' = stdin.")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Hide progress and info.")]
 
 
@@ -317,8 +315,8 @@ def score(
     blank: Blank = None,
     utts: Utts = None,
     utt_list: UttList = None,
-    batch_mb: Annotated[int, typer.Option("--batch-mb", help="Memory budget of one padded "
-                                          "batch, MiB.")] = 64,
+    batch_mb: Annotated[int, typer.Option(
+        "--batch-mb", metavar="MIB", help="Memory budget of one padded batch, MiB.")] = 64,
     via_hdf5: Annotated[bool, typer.Option("--via-hdf5", "--no-mmap",
                                            help="Read all data through HDF5, even raw "
                                            "data rnntool could read straight from the "
@@ -368,45 +366,44 @@ def score(
 @app.command()
 @command
 def inspect(
-    input: Annotated[Path, typer.Argument(help="An HDF5 dump.")],
-    fmt: Annotated[str | None, typer.Option("--format", "-f", help="text|json.")] = None,
+    inputs: Inputs,
+    output: Output = None,
+    fmt: Format = None,
     blank: Blank = None,
+    quiet: Quiet = False,
 ) -> None:
-    """What a dump holds, and every problem in it.
+    """What each dump holds, and every problem in it: one row per file.
 
-    Prints layout, blank, vocab, input kind, number of utterances, T/U/V ranges,
-    dtypes and size. Every problem found goes to stderr, one line each naming
-    the file and utterance, and makes the exit code 1: bad labels, lengths or
-    shapes; NaN/+inf logits; a loss that is +inf or below 0 beyond rounding (as
-    score says); and for input_kind=log_probs, rows that do not normalise:
-    |logsumexp over V| above 4 * eps * max(1, ln V), eps that of the precision
-    the values carry (float16 9.8e-4, bfloat16 7.8e-3, float32 1.2e-7, float64
-    2.2e-16), 8 times what rounding can do.
+    Fields: file, kind (full or lattice), layout, blank, vocab_size, vocab (true
+    if token names are stored), input_kind, utterances, T_min/T_max, U_min/U_max,
+    V_min/V_max, dtypes, with_stored_loss, with_grads, size_bytes, problems (a
+    count). Every problem found goes to stderr, one line each naming the file and
+    utterance, and makes the exit code 1: bad labels, lengths or shapes; NaN/+inf
+    logits (in a lattice dump, NaN/+inf log-probs, or arrays that disagree in
+    shape); a loss that is +inf or below 0 beyond rounding (as score says); and
+    for input_kind=log_probs, rows that do not normalise: |logsumexp over V| above
+    4 * eps * max(1, ln V), eps that of the precision the values carry (float16
+    9.8e-4, bfloat16 7.8e-3, float32 1.2e-7, float64 2.2e-16), 8 times what
+    rounding can do.
     """
-    import json
+    from .analysis import INSPECT_FIELDS, inspect_dump
+    from .output import open_output, render
 
-    from .analysis import inspect_dump
-    from .reader import DumpReader, probe
-
-    fmt = fmt or "text"
-    if fmt not in ("text", "json"):
-        raise fail(f"--format {fmt!r} is not one of text, json")
-    probe(input, blank)
-    with DumpReader(input, blank=blank) as reader:
-        report = inspect_dump(reader)
-    facts = report.facts()
-    if fmt == "json":
-        print(json.dumps(facts, indent=1))
-    else:
-        for k, v in facts.items():
-            if isinstance(v, list):
-                v = "-".join(map(str, v)) if k in ("T", "U", "V") else ", ".join(v)
-            if k == "size_bytes":
-                k, v = "size", f"{v / 2**20:.2f} MiB ({v} bytes)"
-            print(f"{k}\t{v}")
-    for p in report.problems:
-        print(f"rnntool: {p}", file=sys.stderr)
-    if report.problems:
+    reads = _inputs_of(inputs, None)
+    fmt = _output_format(fmt, output, reads)
+    rows, problems = [], []
+    with (_selection(inputs, blank, None, None, output=output) as selected,
+          _progress(quiet) as bar):
+        task = bar.add_task("inspecting", total=sum(len(r) for r, _ in selected))
+        for reader, _ in selected:
+            report = inspect_dump(reader, on_utterance=lambda: bar.advance(task))
+            rows.append(report.facts())
+            problems += report.problems
+    with open_output(output, reads) as out:
+        render(rows, INSPECT_FIELDS, fmt, out, title="Dumps")
+    for p in problems:
+        print(f"rnntool: {_line(p)}", file=sys.stderr)
+    if problems:
         raise typer.Exit(1)
 
 
@@ -479,7 +476,8 @@ def align_cmd(
 @command
 def plot(
     inputs: Inputs,
-    out_dir: Annotated[Path, typer.Option("--out-dir", "-d", help="Directory for the PNGs.")],
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-d", metavar="DIR",
+                                          help="Directory for the PNGs.")],
     device: Device = "auto",
     blank: Blank = None,
     utts: Utts = None,
@@ -528,20 +526,21 @@ def plot(
 @app.command()
 @command
 def compact(
-    input: Annotated[Path, typer.Argument(help="A full-logit HDF5 dump (keyed or padded "
-                                          "layout).")],
-    output: Annotated[str, typer.Option("-o", "--output", help="The lattice dump to write "
-                                        "(atomically).")],
+    input: Annotated[Path, typer.Argument(
+        metavar="FILE", help="A full-logit HDF5 dump (keyed or padded layout).")],
+    output: Annotated[str, typer.Option(
+        "-o", "--output", metavar="FILE", help="The lattice dump to write (atomically).")],
     device: Device = "auto",
     blank: Blank = None,
     utts: Utts = None,
     utt_list: UttList = None,
-    batch_mb: Annotated[int, typer.Option("--batch-mb", help="Memory budget of one padded "
-                                          "batch of logits, MiB.")] = 64,
+    batch_mb: Annotated[int, typer.Option(
+        "--batch-mb", metavar="MIB", help="Memory budget of one padded batch of logits, "
+        "MiB.")] = 64,
     dtype: Annotated[str | None, typer.Option(
-        "--dtype", help="float32|float64 (default: float32, float64 for float64 logits: "
-        "then scores are the same bits as the full dump's).")] = None,
-    compression: Annotated[str, typer.Option("--compression",
+        "--dtype", metavar="DTYPE", help="float32|float64 (default: float32, float64 for "
+        "float64 logits: then scores are the same bits as the full dump's).")] = None,
+    compression: Annotated[str, typer.Option("--compression", metavar="FILTER",
                                              help="none|lzf|gzip.")] = "none",
     quiet: Quiet = False,
 ) -> None:
@@ -597,10 +596,10 @@ def grad_check(
     blank: Blank = None,
     utts: Utts = None,
     utt_list: UttList = None,
-    samples: Annotated[int, typer.Option("--samples", help="Finite-difference probes per "
-                                         "utterance.")] = 20,
-    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance.")] = 1e-3,
-    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance.")] = 1e-5,
+    samples: Annotated[int, typer.Option(
+        "--samples", metavar="N", help="Finite-difference probes per utterance.")] = 20,
+    rtol: Annotated[float, typer.Option("--rtol", metavar="X", help="Relative tolerance.")] = 1e-3,
+    atol: Annotated[float, typer.Option("--atol", metavar="X", help="Absolute tolerance.")] = 1e-5,
     quiet: Quiet = False,
 ) -> None:
     """Check gradients w.r.t. the logits against a float64 reference.
@@ -657,10 +656,44 @@ def grad_check(
 
 
 def main() -> None:
+    """The console script: one line and exit 2 for a usage error (an unknown option, a
+    missing argument, a bad value), never click's framed box."""
     # Default SIGPIPE handling would kill us mid-write with no cleanup; Python's
     # BrokenPipeError is caught per command instead. SIGINT, SIGTERM and SIGHUP
     # remove every temporary file and exit 130/143/129 with one line (cleanup.py).
     from . import cleanup
 
     cleanup.install_cli_handlers()
-    app()
+    # Typer vendors click privately; its UsageError is BadParameter's base class.
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(prog_name="rnntool", standalone_mode=False)
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `rnntool` or `rnntool score`
+            print(e.ctx.get_help(), file=sys.stderr)
+            sys.exit(2)
+        where = e.ctx.command_path if e.ctx is not None else "rnntool"
+        print(f"rnntool: error: {_line(e.format_message())} (see '{where} --help')",
+              file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("rnntool: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _plain_argument_types() -> None:
+    """Help shows an argument by its metavar alone (``FILE``), not with Typer's Python
+    type (``<list[Path]>``), which means nothing to a shell user."""
+    from typer.core import TyperArgument
+
+    shown = TyperArgument.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if self.metavar is not None else shown(self, ctx)
+
+    TyperArgument.display_type_rich = display_type_rich
+
+
+_plain_argument_types()

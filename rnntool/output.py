@@ -57,6 +57,8 @@ def default_format(output: str | None) -> str:
 
 
 def _cell(v, spec: str = ".6f") -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"

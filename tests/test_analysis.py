@@ -15,7 +15,8 @@ from rnntool.engine import ImpossibleLossWarning
 from rnntool.reader import DumpReader
 
 FACT_KEYS = ["file", "kind", "layout", "blank", "vocab_size", "vocab", "input_kind", "utterances",
-             "T", "U", "V", "dtypes", "with_stored_loss", "with_grads", "size_bytes", "problems"]
+             "T_min", "T_max", "U_min", "U_max", "V_min", "V_max", "dtypes", "with_stored_loss",
+             "with_grads", "size_bytes", "problems"]
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_inspect_dump_facts(dump):
     assert report.size_bytes == path.stat().st_size
     facts = report.facts()
     assert list(facts) == FACT_KEYS
-    assert facts["T"] == list(t_span) and facts["vocab"] == "yes"
+    assert (facts["T_min"], facts["T_max"]) == t_span and facts["vocab"] is True
     assert facts["problems"] == 0
 
 

@@ -205,12 +205,20 @@ def test_inspect(dump, tmp_path):
     path, ids, _ = dump
     result = invoke("inspect", path)
     assert result.exit_code == 0, result.output
-    facts = dict(line.split("\t", 1) for line in result.stdout.strip().splitlines())
+    (facts,) = rows_of(result.stdout)
     assert facts["layout"] == "keyed" and facts["utterances"] == "6" and facts["blank"] == "0"
     assert facts["vocab_size"] == "7" and facts["dtypes"] == "float32"
     assert facts["problems"] == "0" and facts["with_stored_loss"] == "6"
+    assert facts["kind"] == "full" and facts["vocab"] in ("true", "false")
     result = invoke("inspect", path, "--format", "json")
-    assert json.loads(result.stdout)["T"] == [1, 9]
+    (facts,) = json.loads(result.stdout)
+    assert (facts["T_min"], facts["T_max"]) == (1, 9) and isinstance(facts["vocab"], bool)
+    # Several files, one row each; -o writes the rows, -q hides progress.
+    out = tmp_path / "facts.jsonl"
+    result = invoke("inspect", path, "-o", out,
+                    "-f", "jsonl", "-q")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert [json.loads(line)["file"] for line in out.read_text().splitlines()] == [str(path)]
     with h5py.File(path, "r+") as f:
         f[f"utts/{ids[0]}/labels"][0] = 0  # utterance 0 has the full U = 4
         f[f"utts/{ids[4]}/logits"][0, 0, 0] = np.nan
@@ -313,3 +321,27 @@ def test_cpu_scoring_never_imports_torch(dump):
         c = code.replace("'cpu']", "'cpu'" + "".join(f", {e!r}" for e in extra) + "]")
         out = subprocess.run([sys.executable, "-c", c], capture_output=True, text=True)
         assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+# --------------------------------------------------------------------------- usage errors, help
+@pytest.mark.parametrize("args,needle", [
+    (["score", "--bogus"], "No such option: --bogus (see 'rnntool score --help')"),
+    (["score"], "Missing argument 'FILE'"),
+    (["score", "x.h5", "--batch-mb", "many"], "Invalid value for '--batch-mb'"),
+    (["frob"], "No such command 'frob'"),
+])
+def test_a_usage_error_is_one_line_and_exit_2(args, needle):
+    """The console script, not click's framed box: one line on stderr, exit 2."""
+    result = run_cli(*args)
+    one_line_error(result, needle)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["score", "align", "plot", "grad-check", "inspect",
+                                     "compact"])
+def test_help_names_metavars_a_shell_user_reads(command):
+    """``--help`` shows FILE, ID, N..., never Python types such as <list[Path]> or <str>."""
+    text = invoke(command, "--help").stdout
+    assert "FILE" in text
+    for python_type in ("<list[", "<str>", "<int>", "<Path>", "{inputs}", "<bool>"):
+        assert python_type not in text, (command, python_type)

@@ -104,7 +104,7 @@ def test_inspect(tmp_path, how):
     path, _ = broken_dump(tmp_path / "d.h5", how)
     result = invoke_quietly("inspect", path)
     one_problem_line(result, path, "b", "1 NaN or +inf logits" if how == "nan" else WHY[how])
-    assert "utterances\t3" in result.stdout
+    assert rows_of(result.stdout)[0]["utterances"] == "3"
 
 
 def test_plot_as_a_real_process_prints_no_raw_warning(tmp_path):
