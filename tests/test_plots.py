@@ -1,6 +1,10 @@
-"""rnntool.plots and the numbers it draws: gradient norms, and PNGs written atomically."""
+"""rnntool.plots and the numbers it draws: gradient norms, and PNGs written atomically;
+the figures: fixed colour ranges, token names (every k-th, fonts, escapes), tiny lattices."""
 
+import io
+import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -130,3 +134,196 @@ def test_long_utterances_are_downsampled(tmp_path):
     # Block maxima, NaN-padded edges ignored.
     assert plots._block_max(np.arange(12.0).reshape(4, 3), 3, 2).tolist() == [[7.0, 8.0],
                                                                              [10.0, 11.0]]
+
+
+# --------------------------------------------------------------------------- the figure
+def arrays(T, U, *, occ=0.5, gn=0.1):
+    """Arrays for ``build_figure``: constant occupancy and gradient norm, an L-shaped path."""
+    path = np.array([(t, 0) for t in range(T)] + [(T - 1, u) for u in range(1, U + 1)])
+    return dict(utt_id="u", loss=1.0, best_log_prob=-2.0, occupancy=np.full((T, U + 1), occ),
+                best_path=path, grad_norm=np.full((T, U + 1), gn))
+
+
+def drawn_quietly(fig):
+    """Render ``fig`` as a PNG (glyphs are looked up only then); no warning may be raised."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.savefig(buf, format="png", dpi=50)
+    assert [str(w.message) for w in caught] == []
+    assert buf.getvalue()[:8] == PNG_MAGIC
+
+
+def ytick_names(ax):
+    return [t.get_text() for t in ax.get_yticklabels()]
+
+
+def visible_ticks(axis):
+    lo, hi = sorted(axis.get_view_interval())
+    return [v for v in axis.get_majorticklocs() if lo <= v <= hi]
+
+
+def test_colour_ranges_are_fixed_and_the_same_in_every_figure(aligned):
+    # Two utterances with very different gradient norms get the same colour scales.
+    figs = [plots.build_figure(**arrays(6, 3, gn=1e-3)),
+            plots.build_figure(**arrays(6, 3, occ=1e-11, gn=1e-11)),
+            plots.build_figure(**{**arrays(6, 3), "grad_norm": np.geomspace(1e-12, 1.4, 24)
+                                  .reshape(6, 4)})]
+    for fig in figs:
+        occ_ax, grad_ax = fig.axes[:2]
+        (occ_im,), (grad_im,) = occ_ax.images, grad_ax.images
+        assert (occ_im.norm.vmin, occ_im.norm.vmax) == plots.OCCUPANCY_RANGE == (-8.0, 0.0)
+        assert (grad_im.norm.vmin, grad_im.norm.vmax) == plots.GRAD_NORM_RANGE == (-8.0, 0.5)
+        # Values below the range are clipped: the colour bars say so with an arrow.
+        assert occ_im.colorbar.extend == grad_im.colorbar.extend == "min"
+        drawn_quietly(fig)
+    # The documented bound: a norm is at most sqrt(2) x the occupancy, below the top.
+    a = aligned("a")
+    assert (a.grad_norm <= math.sqrt(2) * a.alignment.occupancy + 1e-12).all()
+    assert math.log10(math.sqrt(2)) < plots.GRAD_NORM_RANGE[1]
+
+
+@pytest.mark.parametrize("U, k", [(0, 1), (39, 1), (40, 2), (59, 2), (60, 2), (130, 4),
+                                  (400, 11)])
+def test_every_kth_token_is_named_and_the_axis_says_so(U, k):
+    tokens = [f"t{i}" for i in range(U)]
+    fig = plots.build_figure(**arrays(3, U), tokens=tokens)
+    for ax in fig.axes[:2]:
+        ticks = list(range(0, U + 1, k))
+        assert len(ticks) <= plots.MAX_NAMES
+        assert list(ax.get_yticks()) == ticks
+        assert ytick_names(ax) == ["∅", *(tokens[u - 1] for u in ticks[1:])]
+        label = ax.get_ylabel()
+        assert label.startswith("labels emitted u")
+        assert (f"every {plots._ordinal(k)} token named" in label) == (k > 1)
+    drawn_quietly(fig)
+
+
+def test_ordinals():
+    assert [plots._ordinal(k) for k in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "101st",
+        "111th"]
+
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("tokens", [[], None])
+def test_no_labels_gives_one_row_and_integer_ticks(T, tokens):
+    fig = plots.build_figure(**arrays(T, 0), tokens=tokens)
+    for ax in fig.axes[:2]:
+        assert tuple(ax.get_ylim()) == (-0.5, 0.5) and tuple(ax.get_xlim()) == (-0.5, T - 0.5)
+        assert visible_ticks(ax.yaxis) == [0]
+        assert visible_ticks(ax.xaxis) == list(range(T))
+        if tokens is not None:
+            assert ytick_names(ax) == ["∅"]
+    # One node (T = 1, U = 0): the path is a dot, not an invisible line.
+    (line,) = fig.axes[0].get_lines()
+    assert (line.get_marker() == "o") == (T == 1)
+    drawn_quietly(fig)
+
+
+def test_titles_have_balanced_parentheses():
+    fig = plots.build_figure(**arrays(3, 2), tokens=["a", "b"])
+    titles = [ax.get_title() for ax in fig.axes[:2]] + [fig.get_suptitle()]
+    assert titles[0] == "log10 P(the alignment passes through (t, u))"
+    for title in titles:
+        depth = 0
+        for c in title:
+            depth += {"(": 1, ")": -1}.get(c, 0)
+            assert depth >= 0, title
+        assert depth == 0, title
+
+
+def has_glyphs(text):
+    """Whether an installed font (not a placeholder font) draws every character of text."""
+    from matplotlib.font_manager import fontManager
+
+    need = {ord(c) for c in text}
+    return any(need <= plots._charmap(e.fname, e.index) for e in fontManager.ttflist
+               if not e.name.startswith(plots._PLACEHOLDER_FONTS))
+
+
+CJK = ["你好", "こんにちは", "한국어", "カタカナ"]
+
+
+def test_names_in_scripts_the_default_font_lacks_draw_without_warnings():
+    fig = plots.build_figure(**arrays(5, 4), tokens=CJK, labels=[7, 8, 9, 10])
+    names = ytick_names(fig.axes[0])
+    drawn_quietly(fig)  # no "Glyph missing" warnings, whatever fonts this machine has
+    if has_glyphs("".join(CJK)):
+        assert names == ["∅", *CJK]
+        assert "#N" not in fig.axes[0].get_ylabel()
+    else:  # no font: the token ids, and the axis says what they are
+        assert names == ["∅", "#7", "#8", "#9", "#10"]
+        assert "#N: token id" in fig.axes[0].get_ylabel()
+
+
+def test_without_ids_undrawable_characters_are_escaped_and_the_id_too():
+    fig = plots.build_figure(**{**arrays(3, 1), "utt_id": "发言001"}, tokens=["你好"])
+    drawn_quietly(fig)
+    if not has_glyphs("你好发言"):
+        assert ytick_names(fig.axes[0]) == ["∅", "\\u4f60\\u597d"]
+        assert fig.get_suptitle().startswith("\\u53d1\\u8a00001   loss")
+
+
+def test_a_font_with_the_glyphs_is_chosen(monkeypatch):
+    # DejaVu Sans Mono as the default font lacks characters DejaVu Sans has: a name
+    # using them is drawn with a font that has them (as a CJK name is where a CJK font
+    # is installed), without warnings.
+    import matplotlib
+    from matplotlib.font_manager import FontProperties, findfont
+
+    mono = plots._charmap(os.fspath(findfont(FontProperties(family="DejaVu Sans Mono"))))
+    sans = plots._charmap(os.fspath(findfont(FontProperties(family="DejaVu Sans"))))
+    extra = sorted(c for c in sans - mono if chr(c).isalpha())[:3]
+    assert extra
+    name = "".join(map(chr, extra))
+    with matplotlib.rc_context({"font.family": "DejaVu Sans Mono"}):
+        fig = plots.build_figure(**arrays(3, 1), tokens=[name], labels=[4])
+        assert ytick_names(fig.axes[0]) == ["∅", name]
+        family = fig.axes[0].get_yticklabels()[1].get_fontfamily()
+        assert family[0] == "DejaVu Sans Mono" and len(family) == 2
+        drawn_quietly(fig)
+        # The choice is cached.
+        hits = plots._fallback_font.cache_info().hits
+        plots.build_figure(**arrays(3, 1), tokens=[name], labels=[4])
+        assert plots._fallback_font.cache_info().hits == hits + 1
+
+
+def test_display_names_escape_control_characters_and_are_cut():
+    assert plots.display_name("a\nb\tc") == "a\\nb\\tc"
+    assert plots.display_name("\x00\x7f\u200b\u2028", 40) == "\\x00\\x7f\\u200b\\u2028"
+    assert plots.display_name("") == "''"
+    assert plots.display_name("▁the") == "▁the"
+    long = plots.display_name("x" * 40)
+    assert long == "x" * 15 + "…" and len(long) == plots.NAME_CHARS
+    # Never cut inside an escape.
+    assert plots.display_name("abcdefghijklm\x01z") == "abcdefghijklm…"
+    assert plots.display_name("你好", drawable=frozenset(map(ord, "你"))) == "你\\u597d"
+
+
+def test_odd_names_are_drawn_as_they_are(aligned):
+    tokens = ["a\nb", "\x00", "x" * 100, "$x$", "$", "", "a\\b"]
+    fig = plots.build_figure(**arrays(4, len(tokens)), tokens=tokens)
+    labels = fig.axes[0].get_yticklabels()
+    assert [t.get_text() for t in labels] == [
+        "∅", "a\\nb", "\\x00", "x" * 15 + "…", "$x$", "$", "''", "a\\b"]
+    assert not any(t.get_parse_math() for t in labels)  # "$x$" is no formula
+    assert not fig._suptitle.get_parse_math()
+    drawn_quietly(fig)
+
+
+@pytest.mark.parametrize("kind", ["full", "lattice"])
+def test_save_png_with_a_cjk_vocab_warns_nothing(tmp_path, kind):
+    x, y, T, U = random_batch(1, 5, 3, 5, seed=3, mixed=False)
+    path = tmp_path / "d.h5"
+    with DumpWriter(path, vocab=["_", *CJK], kind=kind) as w:
+        w.add_batch(x, y, T, U, utt_ids=["发言"])
+    out = tmp_path / "png"
+    out.mkdir()
+    with DumpReader(path) as r, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        utt = r.read("发言") if kind == "full" else r.read_lattice("发言")
+        a = align_utterance(r, utt, backend="cpu", grad_norms=True)
+        dest = plots.save_png(out, a)
+    assert [str(w.message) for w in caught] == []
+    assert dest.read_bytes()[:8] == PNG_MAGIC
