@@ -28,11 +28,10 @@ is shown with control, format, private-use and unassigned characters escaped
 "…"). Names in a script the default font lacks (CJK, kana, Hangul, ...) are
 drawn with an installed font that has every such character (preferring Noto
 Sans CJK, Source Han Sans, WenQuanYi, Droid Sans Fallback, Noto Sans, then any
-other, never a placeholder font that draws boxes; the
-choice is cached); with no such font, a name the fonts cannot draw is shown as
-its token id ``#N`` instead, the axis says so, and no warning is printed. The
-utterance id in the title is treated the same way, its undrawable characters
-escaped as ``\\uXXXX``.
+other, never a placeholder font that draws boxes; the choice is cached); with
+no such font, a name the fonts cannot draw is shown as its token id ``#N``
+instead, the axis says so, and no warning is printed. The utterance id in the
+title is treated the same way, its undrawable characters escaped as ``\\uXXXX``.
 """
 
 from __future__ import annotations
