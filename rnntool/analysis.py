@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .reader import DumpReader, LatticeUtterance, Utterance
 
 ALIGN_FIELDS = ["utt_id", "position", "token_id", "token", "frame", "expected_frame",
-                "frame_posterior"]
+                "frame_posterior", "loss", "best_log_prob"]
 
 
 # --------------------------------------------------------------------------- inspect
@@ -190,7 +190,8 @@ class AlignedUtterance:
         return math.exp(self.alignment.best_log_prob + self.alignment.loss)
 
     def rows(self) -> list[dict]:
-        """One row per token (``ALIGN_FIELDS``); none when the loss is not finite."""
+        """One row per token (``ALIGN_FIELDS``; ``loss`` and ``best_log_prob`` are the
+        utterance's, on each of its rows); none when the loss is not finite."""
         if not self.finite:
             return []
         al = self.alignment
@@ -200,6 +201,7 @@ class AlignedUtterance:
             "frame": int(al.frames[pos]),
             "expected_frame": float(al.expected_frames[pos]),
             "frame_posterior": float(al.frame_posteriors[pos]),
+            "loss": al.loss, "best_log_prob": al.best_log_prob,
         } for pos in range(al.U)]
 
 

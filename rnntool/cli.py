@@ -197,12 +197,13 @@ def _backend(device: str) -> str:
 
 
 def _wanted(utts: list[str] | None, utt_list: str | None) -> list[str] | None:
+    """The ids --utt and --utt-list select, each once, in the order first given."""
     if not utts and not utt_list:
         return None
     wanted = list(utts or [])
     if utt_list:
         wanted += _read_utt_list(utt_list)
-    return wanted
+    return list(dict.fromkeys(wanted))
 
 
 _MAX_ID_LINE = 1 << 20
@@ -235,15 +236,31 @@ def _read_utt_list(utt_list: str) -> list[str]:
     return ids
 
 
+class Selection(list):
+    """``[(reader, selected ids)]`` in input order; ``several``: more than one input
+    (rows then carry a ``file`` column); ``empty``: the inputs that hold no utterance
+    at all (each a problem: one line, exit 1)."""
+
+    several: bool = False
+    empty: list[str]
+
+    def report_empty(self) -> bool:
+        """Print one line per empty input; whether there was any."""
+        for name in self.empty:
+            print(f"rnntool: {_line(name)}: the dump holds no utterances", file=sys.stderr)
+        return bool(self.empty)
+
+
 @contextlib.contextmanager
 def _selection(inputs: list[Path], blank: int | None, utts: list[str] | None,
                utt_list: str | None, direct: bool = True, output: str | None = None):
-    """Open every input and yield ``[(reader, selected ids)]``; close them all after.
+    """Open every input and yield a ``Selection``; close them all after.
 
     Each file is first opened in a child process (``reader.probe``: a file that
-    crashes HDF5 itself is one line). An id asked for with --utt/--utt-list that
-    no input holds is an error; so is an ``output`` that is a file an input's
-    external links name.
+    crashes HDF5 itself is one line). A file given twice (by any name: the same
+    device and inode) is read once; ids are selected once each. An id asked for
+    with --utt/--utt-list that no input holds is an error; so is an ``output``
+    that is a file an input's external links name.
     """
     from .output import check_writable
     from .reader import DumpReader, probe, show
@@ -251,11 +268,19 @@ def _selection(inputs: list[Path], blank: int | None, utts: list[str] | None,
     wanted = _wanted(utts, utt_list)
     readers = []
     try:
+        seen = set()
         for p in inputs:
+            with contextlib.suppress(OSError):
+                st = os.stat(p)
+                if (st.st_dev, st.st_ino) in seen:
+                    continue  # the same file again: its utterances once
+                seen.add((st.st_dev, st.st_ino))
             probe(p, blank)
             readers.append(DumpReader(p, blank=blank, direct=direct))
         check_writable(output, _inputs_of(inputs, utt_list) + _linked(readers))
-        selected = []
+        selected = Selection()
+        selected.several = len(readers) > 1
+        selected.empty = [r.name for r in readers if len(r) == 0]
         found = set()
         for r in readers:
             ids = r.utt_ids if wanted is None else [u for u in wanted if u in r]
@@ -419,6 +444,29 @@ def _utterances(selected, with_grads: bool = False):
                 yield reader, reader.read(utt_id, with_grads=with_grads)
 
 
+@contextlib.contextmanager
+def _rows_out(output: str | None, reads: list[str], fields: list[str], fmt: str,
+              title: str, specs: dict | None = None):
+    """A ``RowWriter`` on ``-o``/stdout: rows appear as they are written (tsv, csv,
+    jsonl); the file, if any, is renamed into place only when the block succeeds."""
+    from .output import RowWriter, open_output
+
+    with open_output(output, reads) as out:
+        writer = RowWriter(out, fields, fmt, title=title, specs=specs)
+        yield writer
+        writer.close()
+
+
+def _with_file(fields: list[str], selected) -> list[str]:
+    """``fields`` with a ``file`` column first when there are several inputs."""
+    return ["file", *fields] if selected.several else list(fields)
+
+
+def _tagged(rows, reader) -> list[dict]:
+    """``rows`` with the input's name as ``file``."""
+    return [dict(r, file=reader.name) for r in rows]
+
+
 @app.command("align")
 @command
 def align_cmd(
@@ -436,39 +484,44 @@ def align_cmd(
     One row per token: utt_id, position (0-based), token_id, token (from the
     dump's vocab), frame (Viterbi emission frame), expected_frame (posterior
     mean over all alignments), frame_posterior (probability of emitting the token
-    at that frame). In table mode each utterance's best-path log-probability and
-    full loss go to stderr. An utterance whose loss is not finite (NaN or +inf
+    at that frame), and the utterance's loss (-log P(y|x), nats) and
+    best_log_prob (log P of the best path) on each of its rows; with several
+    inputs a file column first. Rows appear as utterances finish (tsv, csv,
+    jsonl). In table mode each utterance's best path's share of the probability
+    also goes to stderr. An utterance whose loss is not finite (NaN or +inf
     logits, or no possible alignment) gets no rows: one line on stderr names it,
     the others are still aligned, and the exit code is 1 (also for a loss below
     0 beyond rounding, whose rows are written). Posteriors are within [0, 1].
     """
     from .analysis import ALIGN_FIELDS, align_utterance
-    from .output import open_output, render
     from .reader import show
 
     reads = _inputs_of(inputs, utt_list)
     fmt = _output_format(fmt, output, reads)
     backend = _backend(device)
-    rows, summary, problems = [], [], 0
-    with _selection(inputs, blank, utts, utt_list, output=output) as selected:
+    summary, problems = [], 0
+    with (_selection(inputs, blank, utts, utt_list, output=output) as selected,
+          _progress(quiet) as bar,
+          _rows_out(output, reads, _with_file(ALIGN_FIELDS, selected), fmt,
+                    "Token emission frames") as rows):
+        task = bar.add_task("aligning", total=sum(len(ids) for _, ids in selected))
         for reader, utt in _utterances(selected):
             with _Utterance(reader.path, utt.info.utt_id) as one:
                 aligned = align_utterance(reader, utt, backend=backend)
                 one.report(aligned.problem)
             problems += aligned.problem is not None
             if aligned.finite:
-                rows += aligned.rows()
+                rows.write(_tagged(aligned.rows(), reader))
                 summary.append((aligned.utt_id, aligned.best_log_prob, aligned.loss,
                                 aligned.best_path_share))
-    with open_output(output, reads) as out:
-        render(rows, ALIGN_FIELDS, fmt, out, title="Token emission frames")
+            bar.advance(task)
     if fmt == "table" and not quiet:
         err = _stderr()
         for utt_id, best, loss, share in summary:
             err.print(f"{show(utt_id)}: best path log P = {best:.4f}, all paths log P = "
                       f"{-loss:.4f} (loss {loss:.4f}); best path holds "
                       f"{share:.1%} of the probability", markup=False)
-    if problems:
+    if selected.report_empty() or problems:
         raise typer.Exit(1)
 
 
@@ -484,7 +537,8 @@ def plot(
     utt_list: UttList = None,
     quiet: Quiet = False,
 ) -> None:
-    """Heatmaps of each utterance's T x (U+1) lattice, as OUT_DIR/<utt_id>.png.
+    """Heatmaps of each utterance's T x (U+1) lattice, as OUT_DIR/<utt_id>.png
+    (OUT_DIR/<file stem>/<utt_id>.png with several inputs).
 
     Two panels: log node occupancy with the Viterbi path over it, and the
     per-node gradient norm ||d loss / d logits[t, u, :]||. Long utterances are
@@ -508,17 +562,21 @@ def plot(
         # A PNG must never replace an input (a dump named like one, in the out dir).
         reads = _inputs_of(inputs, utt_list) + _linked(r for r, _ in selected)
         n = problems = 0
-        for reader, utt in _utterances(selected):
-            with _Utterance(reader.path, utt.info.utt_id) as one:
-                aligned = align_utterance(reader, utt, backend=backend, grad_norms=True)
-                one.report(aligned.problem)
-                if aligned.finite:
-                    save_png(out_dir, aligned, inputs=reads)
-                    n += 1
-            problems += aligned.problem is not None
+        with _progress(quiet) as bar:
+            task = bar.add_task("plotting", total=sum(len(ids) for _, ids in selected))
+            for reader, utt in _utterances(selected):
+                with _Utterance(reader.path, utt.info.utt_id) as one:
+                    aligned = align_utterance(reader, utt, backend=backend, grad_norms=True)
+                    one.report(aligned.problem)
+                    if aligned.finite:
+                        save_png(_png_dir(out_dir, reader, selected), aligned, inputs=reads)
+                        n += 1
+                problems += aligned.problem is not None
+                bar.advance(task)
     if not quiet:
-        _stderr().print(f"wrote {n} PNGs to {out_dir}", markup=False)
-    if problems:
+        _stderr().print(f"wrote {n} PNG{'' if n == 1 else 's'} to {show(out_dir)}",
+                        markup=False)
+    if selected.report_empty() or problems:
         raise typer.Exit(1)
 
 
@@ -583,6 +641,21 @@ def compact(
         _stderr().print(f"{n} utterances: {show(input)} ({size_in / 2**20:.2f} MiB) -> "
                         f"{show(output)} ({size_out / 2**20:.2f} MiB, "
                         f"{size_in / max(size_out, 1):.0f}x smaller)", markup=False)
+
+
+def _png_dir(out_dir: Path, reader, selected) -> Path:
+    """Where an input's PNGs go: OUT_DIR, or with several inputs OUT_DIR/<file stem>/
+    (the same utterance id in two dumps gets two PNGs)."""
+    if not selected.several:
+        return out_dir
+    from .output import confined_name
+
+    sub = out_dir / confined_name(Path(reader.path).stem)
+    try:
+        sub.mkdir(exist_ok=True)
+    except OSError as e:
+        raise fail(f"{_line(str(sub))}: cannot create the directory ({e.strerror})") from None
+    return sub
 
 
 # --------------------------------------------------------------------------- grad-check

@@ -115,6 +115,52 @@ def render(rows: Sequence[dict], fields: Sequence[str], fmt: str, out: io.TextIO
         raise OutputError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
+class RowWriter:
+    """Rows written as they come: ``tsv``, ``csv`` and ``jsonl`` line by line (the header
+    first), flushed after each ``write``, so that a pipeline sees the first rows while
+    the run goes on; ``json`` and ``table`` are rendered whole by ``close``.
+
+    ``RowWriter(out, fields, fmt, title=None, specs=None)``; ``write(rows)`` takes an
+    iterable of dicts (any number, e.g. one utterance's); ``close()`` finishes (the
+    header of an empty tsv/csv too). Formatting as ``render``.
+    """
+
+    def __init__(self, out: io.TextIOBase, fields: Sequence[str], fmt: str,
+                 title: str | None = None, specs: dict[str, str] | None = None) -> None:
+        if fmt not in FORMATS:
+            raise OutputError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+        self.out, self.fields, self.fmt, self.title = out, list(fields), fmt, title
+        self.specs = specs or {}
+        self._held: list[dict] = []  # json, table: rendered at close
+        self._csv = None
+        self.count = 0
+        if fmt in ("tsv", "csv"):
+            self._csv = csv.writer(out, delimiter="\t" if fmt == "tsv" else ",",
+                                   lineterminator="\n")
+            self._csv.writerow(self.fields)
+            out.flush()
+
+    def write(self, rows) -> None:
+        rows = list(rows)
+        self.count += len(rows)
+        if self.fmt in ("json", "table"):
+            self._held += rows
+            return
+        for r in rows:
+            if self._csv is not None:
+                self._csv.writerow([_cell(r.get(f), self.specs.get(f, ".6f"))
+                                    for f in self.fields])
+            else:
+                self.out.write(json.dumps({f: _json_value(r.get(f)) for f in self.fields})
+                               + "\n")
+        if rows:
+            self.out.flush()
+
+    def close(self) -> None:
+        if self.fmt in ("json", "table"):
+            render(self._held, self.fields, self.fmt, self.out, self.title, self.specs)
+
+
 # --------------------------------------------------------------------------- files
 def check_writable(output: str | None, inputs: Sequence[str | os.PathLike] = ()) -> None:
     """Fail early (before any work) if ``-o output`` cannot be written: the rules of
@@ -308,8 +354,8 @@ def confined_name(utt_id: str, suffix: str = "") -> str:
 
 __all__ = [
     # rendering and the CLI's outputs
-    "FORMATS", "NAME_MAX", "atomic_file", "check_writable", "confined_name", "default_format",
-    "open_output", "render",
+    "FORMATS", "NAME_MAX", "RowWriter", "atomic_file", "check_writable", "confined_name",
+    "default_format", "open_output", "render",
     # moved to rnntool.files; still importable from here
     "OutputError", "Target", "check_replaceable", "creation_mode", "fd_alias", "resolve_target",
     "resolve_target_inputs", "umask",

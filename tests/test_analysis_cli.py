@@ -28,8 +28,13 @@ def test_align_rows(dump):
     assert result.exit_code == 0, result.output
     rows = rows_of(result.stdout)
     assert list(rows[0]) == ["utt_id", "position", "token_id", "token", "frame",
-                             "expected_frame", "frame_posterior"]
-    expected = align(x, y, T, U)
+                             "expected_frame", "frame_posterior", "loss", "best_log_prob"]
+    expected = align(x, y, T, U, blank=0)
+    # The utterance's loss and best path's log P on each of its rows (for tsv/json users).
+    for r in rows:
+        al = expected["abc".index(r["utt_id"])]
+        assert float(r["loss"]) == pytest.approx(al.loss, abs=1e-6)
+        assert float(r["best_log_prob"]) == pytest.approx(al.best_log_prob, abs=1e-6)
     want = [(u, p, int(y[b, p]), "_abcde"[int(y[b, p])], int(al.frames[p]))
             for b, (u, al) in enumerate(zip("abc", expected, strict=True)) for p in range(al.U)]
     got = [(r["utt_id"], int(r["position"]), int(r["token_id"]), r["token"], int(r["frame"]))
