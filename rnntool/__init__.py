@@ -1,16 +1,17 @@
 """rnntool: the RNN-Transducer loss as a torch loss and a command-line tool.
 
-Public API: ``rnnt_loss`` and ``TransducerLoss`` (the loss engine on Numba CPU
-and CUDA kernels), ``reference_rnnt_loss`` (the float64 oracle), and the HDF5
-dump format's ``DumpWriter``/``DumpReader``, and ``align`` (Viterbi paths,
-emission posteriors, occupancy). They are
-imported on first use, so that ``rnntool --help`` does not pay for torch.
+Public API: ``rnnt_loss`` and ``RNNTLoss`` (torchaudio's function and module, its
+signature and defaults) and ``TransducerLoss`` (SpeechBrain's module, its values):
+the loss engine on Numba CPU and CUDA kernels; ``reference_rnnt_loss`` (the
+float64 oracle), the HDF5 dump format's ``DumpWriter``/``DumpReader``, and
+``align`` (Viterbi paths, emission posteriors, occupancy). They are imported on
+first use, so that ``rnntool --help`` does not pay for torch.
 """
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "TransducerLoss", "rnnt_loss", "reference_rnnt_loss", "align", "Alignment",
+    "TransducerLoss", "RNNTLoss", "rnnt_loss", "reference_rnnt_loss", "align", "Alignment",
     "DumpWriter", "DumpReader", "DumpError", "DumpWriteError", "ImpossibleLossWarning",
     "__version__",
 ]
@@ -18,6 +19,7 @@ __all__ = [
 _LAZY = {
     "rnnt_loss": "loss",
     "TransducerLoss": "loss",
+    "RNNTLoss": "loss",
     "reference_rnnt_loss": "reference",
     "align": "align",
     "Alignment": "align",

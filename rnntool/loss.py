@@ -1,4 +1,4 @@
-"""The torch-facing loss: ``rnnt_loss``, ``TransducerLoss``, validation and backend dispatch.
+"""The torch-facing loss: ``rnnt_loss``, ``RNNTLoss``, ``TransducerLoss``, validation, dispatch.
 
 The engine's stages live in ``cpu.py`` and ``cuda.py``, behind the ``Engine``
 contract of ``engine.py``; this module checks the inputs, picks the engine,
@@ -328,28 +328,38 @@ def _check_reduction(reduction: str) -> None:
 
 
 def reduction_weights(
-    reduction: str, logit_lengths: torch.Tensor, target_lengths: torch.Tensor
+    reduction: str, logit_lengths: torch.Tensor, target_lengths: torch.Tensor, *,
+    per_frame: bool = False,
 ) -> torch.Tensor:
-    """``(B,)`` float64 weights w with value = sum_b w_b * loss_b (any reduction but none).
+    """``(B,)`` float64 weights w with value = sum_b w_b * loss_b (``none``: w_b * loss_b).
+
+    ``per_frame`` (``TransducerLoss``, SpeechBrain's values) divides ``none``,
+    ``sum`` and ``mean`` by each utterance's T_b as well; ``mean_frames`` and
+    ``mean_tokens`` are already normalised and ignore it.
 
     For B = 0 the weights are empty; ``_reduce`` then gives what torch's own losses
     give on an empty batch (0 for ``sum``, NaN for the means).
     """
     B = logit_lengths.shape[0]
+    frames = logit_lengths.to(torch.float64)  # on the lengths' device: no host sync
     if reduction in ("none", "sum") or B == 0:
-        return torch.ones(B, dtype=torch.float64)
+        return 1.0 / frames if per_frame else torch.ones(B, dtype=torch.float64)
+    if reduction == "mean_frames" or (reduction == "mean" and per_frame):
+        return 1.0 / (B * frames)
     if reduction == "mean":
         return torch.full((B,), 1.0 / B, dtype=torch.float64)
-    if reduction == "mean_frames":
-        return 1.0 / (B * logit_lengths.to(torch.float64))
     _check_reduction(reduction)
     tokens = target_lengths.clamp(min=1).sum().to(torch.float64)  # mean_tokens
     return torch.full((B,), 1.0, dtype=torch.float64) / tokens
 
 
-def _reduce(losses: torch.Tensor, reduction: str, weights: torch.Tensor) -> torch.Tensor:
+def _reduce(losses: torch.Tensor, reduction: str, weights: torch.Tensor,
+            weigh_none: bool = False) -> torch.Tensor:
+    """The reduced loss: sum_b w_b * loss_b, or ``losses`` (times w with ``weigh_none``)."""
     if reduction == "none":
-        return losses
+        if not weigh_none:
+            return losses
+        return (losses.to(torch.float64) * weights.to(losses.device)).to(losses.dtype)
     value = (losses.to(torch.float64) * weights.to(losses.device)).sum()
     if losses.shape[0] == 0 and reduction != "sum":
         value = value + math.nan  # the mean of nothing, as torch.mean of an empty tensor
@@ -429,7 +439,8 @@ def _losses(engine: Engine, opts: LossOptions, logits, targets, logit_lengths, t
 
 class _RNNTLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, logit_lengths, target_lengths, engine, opts, weights):
+    def forward(ctx, logits, targets, logit_lengths, target_lengths, engine, opts, weights,
+                weigh_none):
         losses, ctx.state = _losses(
             engine, opts, logits, targets, logit_lengths, target_lengths, True
         )
@@ -437,7 +448,7 @@ class _RNNTLossFunction(torch.autograd.Function):
         # The index tensors too: autograd then refuses a backward after they were
         # modified in place (the state's arrays on the CPU share their memory).
         ctx.save_for_backward(logits, targets, logit_lengths, target_lengths)
-        return _reduce(losses, opts.reduction, weights)
+        return _reduce(losses, opts.reduction, weights, weigh_none)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -449,7 +460,34 @@ class _RNNTLossFunction(torch.autograd.Function):
             go = go.expand(logits.shape[0])
         scale = go * ctx.weights.to(go.device)
         grad = ctx.engine.backward(logits, ctx.state, ctx.opts, scale)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
+
+
+def _loss(logits, targets, logit_lengths, target_lengths, blank, checked: CallOptions,
+          per_frame: bool) -> torch.Tensor:
+    """The loss with checked options; ``per_frame``: ``none``/``sum``/``mean`` of
+    loss_b / T_b (SpeechBrain's values, ``TransducerLoss``)."""
+    index = (targets, logit_lengths, target_lengths)
+    blank = check_meta(logits, *index, blank)
+    logits = resolve_logits(logits)
+    engine = engine_for(checked.backend, logits)
+    validate = checked.validate
+    if validate is None:
+        validate = not any(x.is_cuda for x in index)
+    if validate or not engine.guards_indices:
+        blank, targets, logit_lengths, target_lengths = check_inputs(logits, *index, blank)
+    else:
+        targets, logit_lengths, target_lengths = (_index_values(x) for x in index)
+    opts = checked.for_engine(blank)
+    per_frame = per_frame and opts.reduction in ("none", "sum", "mean")
+    weights = reduction_weights(opts.reduction, logit_lengths, target_lengths,
+                                per_frame=per_frame)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _RNNTLossFunction.apply(
+            logits, targets, logit_lengths, target_lengths, engine, opts, weights, per_frame
+        )
+    losses, _ = _losses(engine, opts, logits, targets, logit_lengths, target_lengths, False)
+    return _reduce(losses, opts.reduction, weights, per_frame)
 
 
 def rnnt_loss(
@@ -457,16 +495,22 @@ def rnnt_loss(
     targets: torch.Tensor,
     logit_lengths: torch.Tensor,
     target_lengths: torch.Tensor,
-    *,
-    blank: int = 0,
+    blank: int = -1,
+    clamp: float | None = -1,
     reduction: str = "mean",
     fused_log_softmax: bool = True,
-    clamp: float | None = None,
+    *,
     fastemit_lambda: float = 0.0,
     backend: str = "auto",
     validate: bool | None = None,
 ) -> torch.Tensor:
     """RNN-Transducer loss ``-log P(y|x)`` in nats (Graves 2012), differentiable w.r.t. logits.
+
+    A drop-in for ``torchaudio.functional.rnnt_loss``: its arguments in its order
+    with its defaults (``blank=-1``, the last class; ``clamp=-1``, off), so that
+    ``rnnt_loss(logits, targets, logit_lengths, target_lengths, 0)`` and every
+    other call of torchaudio's gives torchaudio's value and gradient. rnntool's
+    own options follow, keyword-only.
 
     Args:
         logits: ``(B, T, U+1, V)`` joint-network outputs, float16/bfloat16/float32/float64,
@@ -479,16 +523,21 @@ def rnnt_loss(
         target_lengths: ``(B,)`` labels per utterance, ``0 <= U_b <= U`` (0: all-blank path).
             ``targets`` and the lengths are integer tensors (int8 to int64, uint8 to
             uint64) on the CPU or on the logits' device.
-        blank: blank index; negative counts from the end (-1 = last). A Python or numpy
-            integer or a 0-d integer tensor (not a bool).
-        reduction: ``"none"`` ``(B,)``, ``"sum"``, ``"mean"`` (batch mean),
-            ``"mean_frames"`` (mean of loss_b / T_b), ``"mean_tokens"``
-            (sum of losses / sum of max(U_b, 1)). The gradient always matches the value.
-        fused_log_softmax: ``True``/``False``; if False the input is log-probs and the
-            gradient is w.r.t. them.
+        blank: blank index, default -1 (the last class, torchaudio's default); negative
+            counts from the end. A Python or numpy integer or a 0-d integer tensor (not
+            a bool).
         clamp: clip each utterance's gradient ``d loss_b / d logits`` elementwise to
             ``[-clamp, clamp]`` before the reduction's scaling (torchaudio's convention);
-            ``None``, a number ``<= 0`` or ``inf`` disables it. NaN is an error.
+            the default -1, any number ``<= 0``, ``None`` or ``inf`` disables it. NaN is
+            an error.
+        reduction: ``"none"`` ``(B,)``, ``"sum"``, ``"mean"`` (batch mean of the
+            per-utterance losses, torchaudio's), and rnntool's ``"mean_frames"`` (mean
+            of loss_b / T_b), ``"mean_tokens"`` (sum of losses / sum of max(U_b, 1)).
+            The gradient always matches the value.
+        fused_log_softmax: ``True``/``False``; if False the input is log-probs and the
+            gradient is w.r.t. them.
+
+    Keyword-only (rnntool's):
         fastemit_lambda: FastEmit regularisation (Yu et al. 2021), a finite number
             ``>= 0``: the gradient through every label emission is scaled by
             ``1 + lambda``. The returned loss stays the plain ``-log P(y|x)`` (NeMo
@@ -502,6 +551,12 @@ def rnnt_loss(
 
         ``clamp`` and ``fastemit_lambda`` take Python or numpy real numbers and 0-d
         real tensors (not bools, strings or tensors with a shape).
+
+    Beyond torchaudio: float64 and bfloat16 logits, any integer dtype for targets
+    and lengths (torchaudio wants int32), lengths shorter than the padded dims
+    (torchaudio wants ``T = max T_b`` and ``U+1 = max U_b + 1``). Stricter: a label
+    equal to blank within an utterance's length is a ``ValueError``. The loss of
+    float16 logits comes back in float32 (torchaudio's in float16).
 
     Returns:
         The loss in float32 (float64 for float64 logits): ``(B,)`` for ``"none"``,
@@ -529,33 +584,97 @@ def rnnt_loss(
     """
     checked = check_options(reduction, fused_log_softmax, clamp, fastemit_lambda, backend,
                             validate)
-    index = (targets, logit_lengths, target_lengths)
-    blank = check_meta(logits, *index, blank)
-    logits = resolve_logits(logits)
-    engine = engine_for(checked.backend, logits)
-    validate = checked.validate
-    if validate is None:
-        validate = not any(x.is_cuda for x in index)
-    if validate or not engine.guards_indices:
-        blank, targets, logit_lengths, target_lengths = check_inputs(logits, *index, blank)
-    else:
-        targets, logit_lengths, target_lengths = (_index_values(x) for x in index)
-    opts = checked.for_engine(blank)
-    weights = reduction_weights(opts.reduction, logit_lengths, target_lengths)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _RNNTLossFunction.apply(
-            logits, targets, logit_lengths, target_lengths, engine, opts, weights
-        )
-    losses, _ = _losses(engine, opts, logits, targets, logit_lengths, target_lengths, False)
-    return _reduce(losses, opts.reduction, weights)
+    return _loss(logits, targets, logit_lengths, target_lengths, blank, checked, False)
 
 
-class TransducerLoss(torch.nn.Module):
-    """RNN-T loss as an ``nn.Module``; ``forward(logits, labels, T, U)`` as SpeechBrain's.
+class _LossModule(torch.nn.Module):
+    """The options of ``rnnt_loss`` kept by a module, checked in the constructor
+    (``blank``'s type here, its range against V in ``forward``) with the same
+    ``TypeError``/``ValueError`` as ``rnnt_loss``, and checked again in ``forward``."""
 
-    A drop-in for SpeechBrain's Numba ``TransducerLoss`` on CPU and CUDA tensors.
-    Options as ``rnnt_loss``; ``reduction="mean_frames"`` is SpeechBrain's
-    per-frame normalisation, with a gradient that matches the value.
+    def __init__(self, blank, clamp, reduction, fused_log_softmax, fastemit_lambda, backend,
+                 validate) -> None:
+        super().__init__()
+        as_index("blank", blank)
+        check_options(reduction, fused_log_softmax, clamp, fastemit_lambda, backend, validate)
+        self.blank = blank
+        self.clamp = clamp
+        self.reduction = reduction
+        self.fused_log_softmax = fused_log_softmax
+        self.fastemit_lambda = fastemit_lambda
+        self.backend = backend
+        self.validate = validate
+
+    def _checked(self) -> CallOptions:
+        return check_options(self.reduction, self.fused_log_softmax, self.clamp,
+                             self.fastemit_lambda, self.backend, self.validate)
+
+    def extra_repr(self) -> str:
+        return f"blank={self.blank}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class RNNTLoss(_LossModule):
+    """RNN-T loss as an ``nn.Module``: a drop-in for ``torchaudio.transforms.RNNTLoss``.
+
+    ``RNNTLoss(blank=-1, clamp=-1, reduction="mean", fused_log_softmax=True)`` in
+    torchaudio's order with its defaults, then rnntool's ``fastemit_lambda``,
+    ``backend`` and ``validate``, keyword-only; ``forward(logits, targets,
+    logit_lengths, target_lengths)`` is ``rnnt_loss`` with these options (see it
+    for every argument and error).
+    """
+
+    def __init__(
+        self,
+        blank: int = -1,
+        clamp: float | None = -1.0,
+        reduction: str = "mean",
+        fused_log_softmax: bool = True,
+        *,
+        fastemit_lambda: float = 0.0,
+        backend: str = "auto",
+        validate: bool | None = None,
+    ) -> None:
+        super().__init__(blank, clamp, reduction, fused_log_softmax, fastemit_lambda, backend,
+                         validate)
+
+    def forward(self, logits, targets, logit_lengths, target_lengths):
+        """logits ``(B, T, U+1, V)``, targets ``(B, S)``, lengths ``(B,)``."""
+        return _loss(logits, targets, logit_lengths, target_lengths, self.blank,
+                     self._checked(), False)
+
+
+class TransducerLoss(_LossModule):
+    """RNN-T loss as an ``nn.Module``: a drop-in for SpeechBrain's Numba ``TransducerLoss``,
+    in value too, on CPU and CUDA tensors.
+
+    ``TransducerLoss(blank=0, reduction="mean")`` as SpeechBrain's, then
+    rnntool's options keyword-only (as ``rnnt_loss``'s; ``clamp=None``: off);
+    ``forward(logits, labels, T, U)`` with ``T`` and ``U`` the absolute lengths
+    (frames and labels per utterance), as SpeechBrain's module takes them.
+    (SpeechBrain's function ``speechbrain.nnet.losses.transducer_loss`` takes
+    relative lengths and turns them into these with ``(lens * dim).round().int()``:
+    do that before calling.)
+
+    Values: SpeechBrain's kernels divide each utterance's loss by its T_b, so
+    ``"none"`` is ``loss_b / T_b`` ``(B,)``, ``"sum"`` their sum and ``"mean"``
+    (the default) their batch mean, here as there. ``"mean_frames"`` is the same
+    as ``"mean"``; ``"mean_tokens"`` keeps ``rnnt_loss``'s meaning (sum of loss_b /
+    sum of max(U_b, 1)). ``rnnt_loss`` and ``RNNTLoss`` give the plain loss_b.
+
+    Gradient: the gradient of the returned value, as everywhere in rnntool, so
+    with ``"mean"`` each utterance's gradient is ``1 / (B * T_b)`` of its
+    ``d loss_b / d logits``. SpeechBrain's is not: whatever the reduction, its
+    backward hands back the unnormalised ``d loss_b / d logits`` (times
+    ``grad_output``), which is the gradient of ``rnnt_loss(..., blank=0,
+    reduction="sum")``. A model trained with SpeechBrain's loss took steps about
+    ``B * T`` times larger (``B`` the batch size, ``T`` its typical frame count)
+    than this module gives: to keep its dynamics, multiply the learning rate by
+    about ``B * T`` with this module (not exact: the mean of loss_b / T_b also
+    weighs short utterances more than SpeechBrain's gradient does; Adam's step
+    barely depends on the gradient's scale, but its ``eps`` and any gradient
+    clipping threshold do), or train with ``rnnt_loss(logits, labels, T, U, 0,
+    reduction="sum")``, whose gradient is SpeechBrain's exactly (its value is not
+    divided by T_b).
 
     The constructor checks every option as ``rnnt_loss`` does (``blank``'s type
     here, its range against V in ``forward``) and raises the same ``TypeError``/
@@ -575,26 +694,9 @@ class TransducerLoss(torch.nn.Module):
         backend: str = "auto",
         validate: bool | None = None,
     ) -> None:
-        super().__init__()
-        as_index("blank", blank)
-        check_options(reduction, fused_log_softmax, clamp, fastemit_lambda, backend, validate)
-        self.blank = blank
-        self.reduction = reduction
-        self.fused_log_softmax = fused_log_softmax
-        self.clamp = clamp
-        self.fastemit_lambda = fastemit_lambda
-        self.backend = backend
-        self.validate = validate
+        super().__init__(blank, clamp, reduction, fused_log_softmax, fastemit_lambda, backend,
+                         validate)
 
     def forward(self, logits, labels, T, U):  # noqa: N803 (SpeechBrain's names)
-        """logits ``(B, T, U+1, V)``, labels ``(B, S)``, T and U ``(B,)`` lengths."""
-        return rnnt_loss(
-            logits, labels, T, U,
-            blank=self.blank, reduction=self.reduction,
-            fused_log_softmax=self.fused_log_softmax, clamp=self.clamp,
-            fastemit_lambda=self.fastemit_lambda, backend=self.backend,
-            validate=self.validate,
-        )
-
-    def extra_repr(self) -> str:
-        return f"blank={self.blank}, reduction={self.reduction!r}, backend={self.backend!r}"
+        """logits ``(B, T, U+1, V)``, labels ``(B, S)``, T and U ``(B,)`` absolute lengths."""
+        return _loss(logits, labels, T, U, self.blank, self._checked(), True)
