@@ -346,44 +346,60 @@ def score(
                                            help="Read all data through HDF5, even raw "
                                            "data rnntool could read straight from the "
                                            "file.")] = False,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="Name each bad utterance on stderr and score the others "
+        "(exit 1 at the end) instead of stopping at the first (exit 2).")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Per-utterance RNN-T losses of dumped logits.
+    """Per-utterance RNN-T losses of dumped logits (or of a lattice dump).
 
     One row per utterance: utt_id, T, U, loss (-log P(y|x), nats), loss_per_frame,
     loss_per_token (loss / max(U, 1)); and stored_loss, loss_diff when the dump
-    carries the trainer's own loss. A summary goes to stderr. Exit 1 if any loss
-    cannot be true: NaN or inf, or below 0 by more than float rounding
-    (8 float32 ulps per lattice arc, at least 1e-6 nats); those utterances are
-    named on stderr, one line each, and their rows are still written as computed.
+    carries the trainer's own loss; with several inputs a file column first. Rows
+    appear in input order as utterances are scored (tsv, csv, jsonl; json and
+    table at the end). A summary goes to stderr. Exit 1 if any loss cannot be
+    true: NaN or inf, or below 0 by more than float rounding (8 float32 ulps per
+    lattice arc, at least 1e-6 nats); those utterances are named on stderr, one
+    line each, and their rows are still written as computed. Bad input (a label
+    out of range, a broken array) stops the run with one line and exit 2, unless
+    --skip-bad. An input with no utterances is one line and exit 1.
     """
-    from .output import open_output, render
     from .reader import show
-    from .score import score_dumps, score_fields, summarize
+    from .score import score_rows, selection_fields, summarize
 
     reads = _inputs_of(inputs, utt_list)
     fmt = _output_format(fmt, output, reads)
     backend = _backend(device)
+    scored, problems, bad = [], 0, 0
     with (_selection(inputs, blank, utts, utt_list, direct=not via_hdf5, output=output)
-          as selected, _progress(quiet) as bar):
+          as selected, _progress(quiet) as bar,
+          _rows_out(output, reads, _with_file(selection_fields(selected), selected), fmt,
+                    "RNN-T loss per utterance") as out):
         task = bar.add_task("scoring", total=sum(len(ids) for _, ids in selected))
-        rows = score_dumps(selected, backend=backend, budget_bytes=batch_mb << 20,
-                           on_batch=lambda n: bar.advance(task, n))
-    with open_output(output, reads) as out:
-        render(rows, score_fields(rows), fmt, out, title="RNN-T loss per utterance")
-    err = _stderr()
-    problems = [r for r in rows if r["_problem"] is not None]
-    for r in problems:
-        err.print(f"rnntool: {r['_file']}: utterance {show(r['utt_id'])}: {r['_problem']}",
-                  markup=False)
+        for r in score_rows(selected, backend=backend, budget_bytes=batch_mb << 20,
+                            on_batch=lambda n: bar.advance(task, n), skip_bad=skip_bad):
+            if "_bad" in r:
+                bad += 1
+                print(f"rnntool: {_line(r['_bad'])}", file=sys.stderr)
+                continue
+            if r["_problem"] is not None:
+                problems += 1
+                print(f"rnntool: {_line(r['_file'])}: utterance {show(r['utt_id'])}: "
+                      f"{r['_problem']}", file=sys.stderr)
+            out.write([dict(r, file=r["_file"])])
+            scored.append({k: r[k] for k in ("utt_id", "loss", "_file")})
     if not quiet:
-        summary = summarize(rows)
+        summary = summarize(scored)
+        err = _stderr()
         err.print(f"{summary['count']} utterances, mean loss {summary['mean']:.4f}, "
-                  f"total {summary['total']:.4f} nats ({summary['finite']} finite)", markup=False)
+                  f"total {summary['total']:.4f} nats ({summary['finite']} finite)"
+                  + (f"; {bad} bad, skipped" if bad else ""), markup=False)
         if summary["worst"]:
-            err.print("worst: " + ", ".join(f"{show(r['utt_id'])} {r['loss']:.3f}"
-                                            for r in summary["worst"]), markup=False)
-    if problems:
+            err.print("worst: " + ", ".join(
+                (f"{show(r['_file'])}:" if selected.several else "")
+                + f"{show(r['utt_id'])} {r['loss']:.3f}" for r in summary["worst"]),
+                markup=False)
+    if selected.report_empty() or problems or bad:
         raise typer.Exit(1)
 
 
@@ -428,7 +444,7 @@ def inspect(
         render(rows, INSPECT_FIELDS, fmt, out, title="Dumps")
     for p in problems:
         print(f"rnntool: {_line(p)}", file=sys.stderr)
-    if problems:
+    if selected.report_empty() or problems:
         raise typer.Exit(1)
 
 

@@ -619,6 +619,15 @@ class DumpReader:
                             f"bytes at offset {run[0]})")
         return a
 
+    def has_stored_loss(self, utt_id: str) -> bool:
+        """Whether the utterance carries a trainer's loss (attribute ``loss``), without
+        reading or checking anything else (a table's columns are chosen with it)."""
+        utts = self._f.get("utts") if self.layout == "keyed" else None
+        try:
+            return utts is not None and "loss" in utts[utt_id].attrs
+        except (KeyError, OSError, ValueError, TypeError, RuntimeError):
+            return False
+
     def checked(self, utt_ids: Sequence[str]) -> list[tuple[UttInfo, np.ndarray]]:
         """``(info, labels)`` of every utterance, all validated, in the order given."""
         items = []

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .dump import DumpError
 from .engine import ImpossibleLossWarning
 from .lattice import negative_loss_tolerance
 from .reader import DumpReader, UttInfo, check_memory, group_by_budget, padded_bytes, show
@@ -45,12 +46,20 @@ def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
     return logits, labels, t_len, u_len
 
 
-def _read_lattices(reader: DumpReader, ids: Iterator[str], budget_bytes: int) -> list:
+def _read_lattices(reader: DumpReader, ids: Iterator[str], budget_bytes: int,
+                   skip_bad: bool = False) -> list:
     """The next utterances of ``ids`` from a lattice dump, read (and checked) until
-    their arrays reach ``budget_bytes``; the third array (for gradient norms) is not read."""
+    their arrays reach ``budget_bytes``; the third array (for gradient norms) is not
+    read. With ``skip_bad`` a bad utterance is its ``{"utt_id", "_bad"}`` row instead."""
     got, size = [], 0
     for u in ids:
-        lat = reader.read_lattice(u, names=("blank_lp", "emit_lp"))
+        try:
+            lat = reader.read_lattice(u, names=("blank_lp", "emit_lp"))
+        except DumpError as e:
+            if not skip_bad:
+                raise
+            got.append({"utt_id": u, "_bad": str(e)})
+            continue
         got.append(lat)
         size += lat.info.nbytes
         if size >= budget_bytes:
@@ -78,7 +87,7 @@ def _pad_lattices(lats: Sequence, dtype):
     return blank_lp, emit_lp, labels, t_len, u_len
 
 
-def _score_lattices(reader, utt_ids, backend, budget_bytes, on_batch):
+def _score_lattices(reader, utt_ids, backend, budget_bytes, on_batch, skip_bad=False):
     """Score a lattice dump in one pass, in input order: each utterance's arrays are
     read (and checked) once, on a helper thread, while stage 2 runs on the batch
     before. Stage 2 costs nothing per padded node, so batches are not sorted by size.
@@ -87,48 +96,94 @@ def _score_lattices(reader, utt_ids, backend, budget_bytes, on_batch):
     # Batches in input order are padded to their longest utterance: keep them small.
     budget_bytes = min(budget_bytes, LATTICE_BATCH_BYTES)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_lattices, reader, ids, budget_bytes)
+        pending = pool.submit(_read_lattices, reader, ids, budget_bytes, skip_bad)
         while True:
-            lats = pending.result()
-            if not lats:
+            got = pending.result()
+            if not got:
                 return
-            pending = pool.submit(_read_lattices, reader, ids, budget_bytes)
+            pending = pool.submit(_read_lattices, reader, ids, budget_bytes, skip_bad)
+            lats = [g for g in got if not isinstance(g, dict)]
+            rows = {}
             # Groups of one dtype (a dump may mix float32 and float64 utterances).
             for dtype in dict.fromkeys(lat.info.dtype for lat in lats):
                 group = [lat for lat in lats if lat.info.dtype == dtype]
                 losses = _lattice_losses(*_pad_lattices(group, dtype), backend)
                 for lat, loss in zip(group, losses, strict=True):
-                    yield _row(reader, lat.info, float(loss))
+                    rows[id(lat)] = _row(reader, lat.info, float(loss))
+            for g in got:  # in input order, the bad ones where they were
+                yield g if isinstance(g, dict) else rows[id(g)]
             if on_batch is not None:
-                on_batch(len(lats))
+                on_batch(len(got))
 
 
-def score_dumps(
+WINDOW = 256  # utterances scored together and put back in input order (the reorder buffer)
+
+
+def score_rows(
     selected: Sequence[tuple[DumpReader, Sequence[str]]],
     *,
     backend: str = "cpu",
     budget_bytes: int = DEFAULT_BATCH_BYTES,
     on_batch: Callable[[int], None] | None = None,
-) -> list[dict]:
-    """The rows of ``score_reader`` for every ``(reader, utterance ids)`` in ``selected``,
-    in input order (file by file, each file's ids in the order given), each with
-    ``_file``: the reader's name, for messages."""
-    rows = []
+    skip_bad: bool = False,
+) -> Iterator[dict]:
+    """Rows of every ``(reader, utterance ids)`` in ``selected`` as they are scored, in
+    input order (file by file, each file's ids in the order given), each with
+    ``_file``: the reader's name.
+
+    Full dumps go by windows of ``WINDOW`` utterances: a window is validated, sorted
+    by size into batches, scored, and its rows put back in input order, so the first
+    rows come after one window, not the whole run. A bad utterance raises
+    ``DumpError`` -- or, with ``skip_bad``, gives a row with ``_bad``: the one-line
+    message (no fields of its own), and the others are scored.
+    """
     for reader, ids in selected:
-        order = {u: i for i, u in enumerate(ids)}
-        got = list(score_reader(reader, ids, backend=backend, budget_bytes=budget_bytes,
-                                on_batch=on_batch))
-        got.sort(key=lambda r: order[r["utt_id"]])
-        for r in got:
+        if reader.kind == "lattice":
+            rows = _score_lattices(reader, ids, backend, budget_bytes, on_batch, skip_bad)
+        else:
+            rows = _score_windows(reader, ids, backend, budget_bytes, on_batch, skip_bad)
+        for r in rows:
             r["_file"] = reader.name
-        rows += got
-    return rows
+            yield r
+
+
+def score_dumps(selected, **kw) -> list[dict]:
+    """``score_rows`` as a list."""
+    return list(score_rows(selected, **kw))
+
+
+def _score_windows(reader, ids, backend, budget_bytes, on_batch, skip_bad):
+    ids = list(ids)
+    for start in range(0, len(ids), WINDOW):
+        window = ids[start : start + WINDOW]
+        items, bad = [], {}
+        for u in window:
+            try:
+                info = reader.info(u)
+                items.append((info, reader.labels(u, info)))
+            except DumpError as e:
+                if not skip_bad:
+                    raise
+                bad[u] = {"utt_id": u, "_bad": str(e)}
+        got = {r["utt_id"]: r for r in _score_batches(
+            reader, list(group_by_budget(items, budget_bytes)), backend, on_batch)}
+        if bad and on_batch is not None:
+            on_batch(len(bad))
+        for u in window:
+            yield got[u] if u in got else bad[u]
 
 
 def score_fields(rows: Sequence[dict]) -> list[str]:
     """The fields to show of ``rows``: ``SCORE_FIELDS``, and ``STORED_FIELDS`` when any
     utterance carries the trainer's own loss."""
     return SCORE_FIELDS + (STORED_FIELDS if any("stored_loss" in r for r in rows) else [])
+
+
+def selection_fields(selected: Sequence[tuple[DumpReader, Sequence[str]]]) -> list[str]:
+    """``score_fields`` decided before scoring (a streamed table needs its header
+    first): ``STORED_FIELDS`` when any selected utterance carries a stored loss."""
+    stored = any(r.has_stored_loss(u) for r, ids in selected for u in ids)
+    return SCORE_FIELDS + (STORED_FIELDS if stored else [])
 
 
 def score_reader(

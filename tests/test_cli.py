@@ -127,17 +127,25 @@ def test_score_output_file_is_atomic_and_complete(dump, tmp_path):
 
 
 def test_score_interrupted_leaves_no_output(dump, tmp_path, monkeypatch):
+    """Ctrl-C after rows were already streamed into the temporary file: exit 130, no
+    output file, no temporary file."""
     import rnntool.score as score_mod
 
-    def boom(*a, **k):
-        yield from ()
-        raise KeyboardInterrupt
+    real = score_mod._score_batches
+    calls = []
 
-    monkeypatch.setattr(score_mod, "score_reader", boom)
+    def boom(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the first window's rows are out
+            raise KeyboardInterrupt
+        yield from real(*a, **k)
+
+    monkeypatch.setattr(score_mod, "_score_batches", boom)
+    monkeypatch.setattr(score_mod, "WINDOW", 2)  # a window's rows are written, then Ctrl-C
     path, _, _ = dump
     out = tmp_path / "scores.tsv"
-    result = invoke("score", path, "-o", out)
-    assert result.exit_code == 130
+    result = invoke("score", path, "-o", out, "--batch-mb", "0")
+    assert result.exit_code == 130 and len(calls) == 2
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".rnntool")]
 
 
@@ -345,3 +353,82 @@ def test_help_names_metavars_a_shell_user_reads(command):
     assert "FILE" in text
     for python_type in ("<list[", "<str>", "<int>", "<Path>", "{inputs}", "<bool>"):
         assert python_type not in text, (command, python_type)
+
+
+# --------------------------------------------------------------------------- workflows (issue 12)
+def many_small(path, n=2000, V=16):
+    rng = np.random.default_rng(5)
+    with DumpWriter(path, blank=0) as w:
+        for k in range(n):
+            T, U = int(rng.integers(10, 30)), int(rng.integers(1, 6))
+            w.add(f"utt{k:05d}", rng.standard_normal((T, U + 1, V)).astype(np.float32),
+                  rng.integers(1, V, U))
+    return path
+
+
+def test_score_streams_rows_before_the_run_ends(tmp_path):
+    """The header and first row of a 2000-utterance dump arrive while the process is
+    still scoring (rows are written in input order as windows finish)."""
+    path = many_small(tmp_path / "many.h5")
+    proc = subprocess.Popen([sys.executable, "-m", "rnntool", "score", str(path), "-f", "tsv",
+                             "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        header = proc.stdout.readline()
+        first = proc.stdout.readline()
+        still_running = proc.poll() is None
+        rest = proc.stdout.read()
+    finally:
+        proc.wait(timeout=300)
+    assert header.startswith("utt_id\t") and first.startswith("utt00000\t")
+    assert still_running, "the first row came only after the whole run"
+    assert proc.returncode == 0
+    assert len(rest.splitlines()) == 1999
+
+
+def test_several_inputs_carry_a_file_column_and_score_each_selection_once(dump, tmp_path):
+    path, ids, _ = dump
+    other = tmp_path / "copy.h5"
+    other.write_bytes(path.read_bytes())
+    result = invoke("score", path, other, "--utt", ids[1], "--utt", ids[1], "-f", "tsv")
+    assert result.exit_code == 0, result.output
+    rows = rows_of(result.stdout)
+    assert [(r["file"], r["utt_id"]) for r in rows] == [(str(path), ids[1]), (str(other), ids[1])]
+    assert f"{path}:{ids[1]}" in result.stderr and f"{other}:{ids[1]}" in result.stderr
+    # One input given twice (by another name too) is read once; no file column then.
+    link = tmp_path / "link.h5"
+    link.symlink_to(path)
+    rows = rows_of(invoke("score", path, link, "--utt", ids[1], "-f", "tsv").stdout)
+    assert len(rows) == 1 and "file" not in rows[0]
+
+
+@pytest.mark.parametrize("kind", ["full", "lattice"])
+def test_skip_bad_scores_the_others_and_exits_1(tmp_path, kind):
+    x, y, T, U = random_batch(4, 5, 2, 6, seed=41, mixed=False)
+    path = tmp_path / "d.h5"
+    with DumpWriter(path, blank=0, kind=kind) as w:
+        w.add_batch(x, y, T, U, utt_ids=["a", "b", "c", "d"])
+    with h5py.File(path, "r+") as f:
+        f["utts/b/labels"][0] = 0  # a label equal to blank
+        if kind == "lattice":
+            f["utts/d/blank_lp"][0, 0] = np.nan
+    stop = invoke("score", path, "-f", "tsv")
+    one_line_error(stop, "utterance b", "equals blank")
+    result = invoke("score", path, "-f", "tsv", "--skip-bad")
+    assert result.exit_code == 1
+    kept = ["a", "c"] if kind == "lattice" else ["a", "c", "d"]
+    assert [r["utt_id"] for r in rows_of(result.stdout)] == kept
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("rnntool:")]
+    assert any("utterance b" in ln and "equals blank" in ln for ln in lines)
+    if kind == "lattice":
+        assert any("utterance d" in ln and "nan" in ln for ln in lines)
+
+
+def test_an_empty_dump_is_one_line_and_exit_1(tmp_path):
+    path = tmp_path / "empty.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("utts")
+    for cmd in ("score", "align", "inspect"):
+        result = invoke(cmd, path, "-f", "tsv")
+        assert result.exit_code == 1, (cmd, result.output)
+        assert f"{path}: the dump holds no utterances" in result.stderr
