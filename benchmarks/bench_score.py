@@ -38,7 +38,7 @@ import numpy as np
 
 from rnntool.dump import DumpWriter
 from rnntool.reader import DumpReader, padded_bytes
-from rnntool.score import score_reader
+from rnntool.score import score_rows
 
 
 def make_dump(path: str, gb: float, V: int = 512, seed: int = 0, max_t: int = 400,
@@ -77,8 +77,8 @@ def h5py_read(path: str) -> tuple[float, int]:
 
 def rnntool_score(path: str, batch_mb: int, direct: bool) -> float:
     t0 = time.perf_counter()
-    with DumpReader(path, direct=direct) as r:
-        for _ in score_reader(r, r.utt_ids, budget_bytes=batch_mb << 20):
+    with DumpReader(path, direct=direct) as r:  # as `rnntool score` does: rows streamed
+        for _ in score_rows([(r, r.utt_ids)], budget_bytes=batch_mb << 20):
             pass
     return time.perf_counter() - t0
 
