@@ -37,7 +37,8 @@ def make_candidates(device: str):
     """name -> (loss_fn(logits, labels, T, U) -> scalar loss) for every tool that imports."""
     import rnntool
 
-    cands = {"rnntool": lambda x, y, T, U: rnntool.rnnt_loss(x, y, T, U, reduction="sum")}
+    cands = {"rnntool": lambda x, y, T, U: rnntool.rnnt_loss(x, y, T, U, blank=0,
+                                                              reduction="sum")}
     missing = {}
     try:
         import torchaudio.functional as taf

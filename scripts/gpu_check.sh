@@ -56,7 +56,7 @@ for B, T, U, V, dt in [(4, 50, 20, 40, torch.float32), (3, 33, 17, 129, torch.fl
     res = {}
     for dev in ("cpu", "cuda"):
         xx = x.detach().to(dev).requires_grad_()  # a leaf on each device
-        l = rnntool.rnnt_loss(xx, y.to(dev), Tl.to(dev), Ul.to(dev), reduction="none",
+        l = rnntool.rnnt_loss(xx, y.to(dev), Tl.to(dev), Ul.to(dev), blank=0, reduction="none",
                               clamp=0.5, fastemit_lambda=0.01)
         l.sum().backward()
         res[dev] = (l.detach().cpu().double(), xx.grad.cpu().double())

@@ -95,7 +95,8 @@ def main() -> None:
     start = time.time()
     for step in range(1, args.steps + 1):
         feats, labels, T, U = make_batch(g, protos, 32)
-        loss = rnntool.rnnt_loss(model(feats, labels), labels, T, U, reduction="mean_tokens")
+        loss = rnntool.rnnt_loss(model(feats, labels), labels, T, U, blank=0,
+                                 reduction="mean_tokens")
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -112,7 +113,7 @@ def main() -> None:
             logits = model(x[None], y[None]).detach()
             T, U = torch.tensor([x.shape[0]]), torch.tensor([y.shape[0]])
             leaf = logits.clone().requires_grad_(True)
-            trainer_loss = rnntool.rnnt_loss(leaf, y[None], T, U, reduction="sum")
+            trainer_loss = rnntool.rnnt_loss(leaf, y[None], T, U, blank=0, reduction="sum")
             grads = None
             if n < 2:  # what a trainer would dump for `rnntool grad-check`
                 trainer_loss.backward()

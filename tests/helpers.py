@@ -196,6 +196,7 @@ def run_engine(logits, labels, t_len, u_len, *, grad_output=None, backend="cpu",
     copy of ``logits``."""
     from rnntool import rnnt_loss
 
+    kw.setdefault("blank", 0)  # random_batch's (rnnt_loss's own default is torchaudio's -1)
     x = logits.detach().clone().requires_grad_(True)
     loss = rnnt_loss(x, labels, t_len, u_len, backend=backend, reduction=reduction, **kw)
     if grad_output is None:

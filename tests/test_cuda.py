@@ -46,12 +46,12 @@ def test_simulated_cuda_validates_like_cpu():
     logits, labels, t_len, u_len = random_batch(2, 3, 2, 5, seed=15, mixed=False)
     labels[1, 1] = 5
     with pytest.raises(ValueError, match=r"utterance 1: targets\[1, 1\] = 5"):
-        rnnt_loss(logits, labels, t_len, u_len, backend="cuda")
+        rnnt_loss(logits, labels, t_len, u_len, blank=0, backend="cuda")
     # Unvalidated (the sync-free CUDA path): bad utterances give NaN, never a bad read.
     t_len[0] = 9
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="validate=False"):
-        loss = rnnt_loss(logits, labels, t_len, u_len, backend="cuda", reduction="none",
-                         validate=False)
+        loss = rnnt_loss(logits, labels, t_len, u_len, blank=0, backend="cuda",
+                         reduction="none", validate=False)
     assert torch.isnan(loss).all()
 
 
@@ -65,7 +65,7 @@ def test_backend_cuda_refuses_what_it_cannot_run():
         "import torch, rnntool\n"
         "x = torch.randn(1, 2, 2, 3); y = torch.tensor([[1]]); T = torch.tensor([2]); "
         "U = torch.tensor([1])\n"
-        "try:\n    rnntool.rnnt_loss(x, y, T, U, backend='cuda')\n"
+        "try:\n    rnntool.rnnt_loss(x, y, T, U, blank=0, backend='cuda')\n"
         "except (RuntimeError, ValueError) as e:\n    print(type(e).__name__, e)\n"
     )
     env = {**__import__("os").environ, "NUMBA_ENABLE_CUDASIM": "0"}
