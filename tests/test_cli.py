@@ -63,7 +63,7 @@ def test_score_losses_equal_the_engine(dump):
     assert [r["utt_id"] for r in rows] == ids  # file order, not batch order
     assert list(rows[0]) == ["utt_id", "T", "U", "loss", "loss_per_frame", "loss_per_token",
                              "stored_loss", "loss_diff"]
-    expected = rnnt_loss(x, y, T, U, reduction="none")
+    expected = rnnt_loss(x, y, T, U, blank=0, reduction="none")
     for b, r in enumerate(rows):
         assert int(r["T"]) == int(T[b]) and int(r["U"]) == int(U[b])
         assert float(r["loss"]) == pytest.approx(float(expected[b]), abs=2e-6)
@@ -278,7 +278,7 @@ def test_direct_and_hdf5_reads_agree(tmp_path, layout):
     batched = rows_of(invoke("score", path, "-f", "tsv", "-q", "--via-hdf5").stdout)
     assert direct == batched
     assert rows_of(invoke("score", path, "-f", "tsv", "-q", "--no-mmap").stdout) == direct
-    expected = rnnt_loss(x, y, T, U, reduction="none")
+    expected = rnnt_loss(x, y, T, U, blank=0, reduction="none")
     assert [float(r["loss"]) for r in direct] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
@@ -300,7 +300,7 @@ def test_score_on_the_simulated_cuda_backend(dump):
     with rcuda.config(threads_v=4, rows_per_block=2, threads_diag=2):
         rows = rows_of(invoke("score", path, "--device", "cuda", "-f", "tsv", "-q",
                               "--utt", ids[0], "--utt", ids[1]).stdout)
-    want = rnnt_loss(x[:2], y[:2], T[:2], U[:2], reduction="none")
+    want = rnnt_loss(x[:2], y[:2], T[:2], U[:2], blank=0, reduction="none")
     assert [float(r["loss"]) for r in rows] == pytest.approx(want.tolist(), abs=2e-5)
 
 

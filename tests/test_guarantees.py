@@ -88,7 +88,7 @@ def test_bits_do_not_depend_on_the_thread_count(dtype):
         for n in sorted({1, max(2, before)}):  # two counts even on a one-core runner
             numba.set_num_threads(n)
             results.append(loss_and_grad(x, y, T, U))
-            results.append((rnnt_loss(x, y, T, U, reduction="none"), None))  # no-grad path
+            results.append((rnnt_loss(x, y, T, U, blank=0, reduction="none"), None))  # no-grad path
     finally:
         numba.set_num_threads(before)
     for loss, grad in results[2:]:
@@ -194,7 +194,7 @@ def test_any_strides_on_the_simulated_cuda_backend(B, T, U, V, dtype, view, seed
 def test_empty_batch_behaves_as_torch_losses(backend, reduction, want):
     x = torch.zeros(0, 5, 3, 4, requires_grad=True)
     empty = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    loss = rnnt_loss(x, empty[0], empty[1], empty[1], reduction=reduction, backend=backend)
+    loss = rnnt_loss(x, empty[0], empty[1], empty[1], blank=0, reduction=reduction, backend=backend)
     if want is None:
         assert loss.shape == (0,) and loss.dtype == torch.float32
         loss.sum().backward()
@@ -205,7 +205,7 @@ def test_empty_batch_behaves_as_torch_losses(backend, reduction, want):
         loss.backward()
     assert x.grad is not None and x.grad.shape == x.shape
     with torch.no_grad():
-        assert rnnt_loss(x, empty[0], empty[1], empty[1], reduction="none",
+        assert rnnt_loss(x, empty[0], empty[1], empty[1], blank=0, reduction="none",
                          backend=backend).shape == (0,)
     assert align(x.detach(), empty[0], empty[1], empty[1], backend=backend) == []
 
@@ -237,15 +237,17 @@ def test_negative_loss_warns_naming_the_utterance(backend):
     lp = torch.log_softmax(x, -1)
     lp[1] += 3.0  # utterance 1: "log-probs" that sum to e^3 per row
     with pytest.warns(RuntimeWarning, match=r"loss of utterance\(s\) \[1\] is negative"):
-        loss = rnnt_loss(lp, y, T, U, reduction="none", fused_log_softmax=False, backend=backend)
+        loss = rnnt_loss(lp, y, T, U, blank=0, reduction="none", fused_log_softmax=False,
+                         backend=backend)
     assert loss[1] < 0 < loss[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # normalised log-probs: no warning, even at loss ~ 0
-        rnnt_loss(torch.log_softmax(x, -1), y, T, U, fused_log_softmax=False, backend=backend)
+        rnnt_loss(torch.log_softmax(x, -1), y, T, U, blank=0, fused_log_softmax=False,
+                  backend=backend)
         sure = torch.full((1, 3, 1, 4), -1e4)
         sure[..., 0] = 0.0  # P(all blank) = 1 up to rounding: loss ~ 0, maybe -0
         rnnt_loss(sure, torch.zeros(1, 0, dtype=torch.long), torch.tensor([3]),
-                  torch.tensor([0]), backend=backend)
+                  torch.tensor([0]), blank=0, backend=backend)
 
 
 @pytest.mark.parametrize("blank", [np.int64(2), np.int32(-1), torch.tensor(0), np.array(1)])
@@ -304,6 +306,6 @@ def test_rounded_16_bit_log_probs_are_not_called_impossible(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loss = rnnt_loss(lp.to(torch.bfloat16), torch.ones(1, U, dtype=torch.long),
-                         torch.tensor([T]), torch.tensor([U]), fused_log_softmax=False,
-                         backend=backend)
+                         torch.tensor([T]), torch.tensor([U]), blank=0,
+                         fused_log_softmax=False, backend=backend)
     assert -0.1 < float(loss) < 0

@@ -33,29 +33,29 @@ def test_bad_values(mutate, match, backend):
     x, y, T, U = batch()
     mutate(x, y, T, U)
     with pytest.raises(ValueError, match=match):
-        rnnt_loss(x, y, T, U, backend=backend)
+        rnnt_loss(x, y, T, U, blank=0, backend=backend)
 
 
 def test_label_past_its_length_is_ignored(backend):
     x, y, T, U = batch()
     U[1] = 1
-    want = rnnt_loss(x, y, T, U, reduction="none", backend=backend)
+    want = rnnt_loss(x, y, T, U, blank=0, reduction="none", backend=backend)
     y[1, 1:] = 99  # padding, never read
-    assert torch.equal(rnnt_loss(x, y, T, U, reduction="none", backend=backend), want)
+    assert torch.equal(rnnt_loss(x, y, T, U, blank=0, reduction="none", backend=backend), want)
 
 
 def test_targets_shorter_than_length(backend):
     x, y, T, U = batch()
     with pytest.raises(ValueError, match=r"target_lengths\[0\] = 3 exceeds targets' dim 2"):
-        rnnt_loss(x, y[:, :2], T, U, backend=backend)
+        rnnt_loss(x, y[:, :2], T, U, blank=0, backend=backend)
 
 
 def test_batch_sizes_disagree(backend):
     x, y, T, U = batch()
     with pytest.raises(ValueError, match="batch sizes disagree: logits has 3, targets has 2"):
-        rnnt_loss(x, y[:2], T, U, backend=backend)
+        rnnt_loss(x, y[:2], T, U, blank=0, backend=backend)
     with pytest.raises(ValueError, match="target_lengths has 2"):
-        rnnt_loss(x, y, T, U[:2], backend=backend)
+        rnnt_loss(x, y, T, U[:2], blank=0, backend=backend)
 
 
 @pytest.mark.parametrize("blank", [6, -7, 100])
@@ -230,7 +230,7 @@ def _apply(changes, backend):
     args = dict(zip(TENSORS, (x, y, T, U), strict=True))
     for name, value in changes.items():
         args[name] = value(x, y, T, U) if callable(value) else value
-    return [args.pop(n) for n in TENSORS], {"backend": backend, **args}
+    return [args.pop(n) for n in TENSORS], {"backend": backend, "blank": 0, **args}
 
 
 def _params(api):
@@ -274,9 +274,9 @@ def test_align_refuses(changes, exc, match, backend):
 def test_torch_func_transforms_are_refused(backend):
     x, y, T, U = batch()
     with pytest.raises(TypeError, match="logits is a tensor inside a torch.func transform"):
-        torch.func.grad(lambda z: rnnt_loss(z, y, T, U, backend=backend))(x)
+        torch.func.grad(lambda z: rnnt_loss(z, y, T, U, blank=0, backend=backend))(x)
     with pytest.raises(TypeError, match="logits is a tensor inside a torch.func transform"):
-        torch.vmap(lambda z: rnnt_loss(z[None], y[:1], T[:1], U[:1], backend=backend))(x)
+        torch.vmap(lambda z: rnnt_loss(z[None], y[:1], T[:1], U[:1], blank=0, backend=backend))(x)
 
 
 def test_index_tensors_on_the_cpu_or_the_logits_device():
@@ -294,7 +294,7 @@ def test_index_tensors_on_the_cpu_or_the_logits_device():
 # --------------------------------------------------------------------------- what is accepted
 def _reference_args(backend):
     x, y, T, U = batch()
-    return x, y, T, U, rnnt_loss(x, y, T, U, reduction="none", backend=backend)
+    return x, y, T, U, rnnt_loss(x, y, T, U, blank=0, reduction="none", backend=backend)
 
 
 @pytest.mark.parametrize("blank", [0, np.int64(0), np.int8(0), torch.tensor(0), np.array(0),
@@ -311,7 +311,8 @@ def test_blank_types_accepted(blank, backend):
                                    torch.uint16, torch.uint32, torch.uint64])
 def test_index_dtypes_accepted(dtype, backend):
     x, y, T, U, want = _reference_args(backend)
-    got = rnnt_loss(x, y.to(dtype), T.to(dtype), U.to(dtype), reduction="none", backend=backend)
+    got = rnnt_loss(x, y.to(dtype), T.to(dtype), U.to(dtype), blank=0, reduction="none",
+                    backend=backend)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -320,7 +321,7 @@ def test_clamp_off(clamp, backend):
     x, y, T, U = random_batch(3, 5, 3, 6, seed=4, scale=3.0)
     _, want = reference_loss_and_grad(x.double(), y, T, U)
     xg = x.clone().requires_grad_(True)
-    rnnt_loss(xg, y, T, U, clamp=clamp, reduction="sum", backend=backend).backward()
+    rnnt_loss(xg, y, T, U, blank=0, clamp=clamp, reduction="sum", backend=backend).backward()
     assert float(want.abs().max()) > 0.5  # clamping at 0.5 would show
     torch.testing.assert_close(xg.grad.double(), want, atol=2e-6, rtol=1e-4)
 
@@ -331,7 +332,7 @@ def test_clamp_number_types(clamp, backend):
     x, y, T, U = random_batch(3, 5, 3, 6, seed=4, scale=3.0)
     _, want = reference_loss_and_grad(x.double(), y, T, U, clamp=0.1)
     xg = x.clone().requires_grad_(True)
-    rnnt_loss(xg, y, T, U, clamp=clamp, reduction="sum", backend=backend).backward()
+    rnnt_loss(xg, y, T, U, blank=0, clamp=clamp, reduction="sum", backend=backend).backward()
     torch.testing.assert_close(xg.grad.double(), want, atol=2e-6, rtol=1e-4)
 
 
@@ -340,19 +341,21 @@ def test_fastemit_lambda_number_types(lam, backend):
     x, y, T, U = random_batch(3, 5, 3, 6, seed=6)
     _, want = reference_loss_and_grad(x.double(), y, T, U, fastemit_lambda=0.5)
     xg = x.clone().requires_grad_(True)
-    rnnt_loss(xg, y, T, U, fastemit_lambda=lam, reduction="sum", backend=backend).backward()
+    rnnt_loss(xg, y, T, U, blank=0, fastemit_lambda=lam, reduction="sum",
+              backend=backend).backward()
     torch.testing.assert_close(xg.grad.double(), want, atol=2e-6, rtol=1e-4)
 
 
 def test_numpy_bools_and_transducer_loss_options_accepted(backend):
     x, y, T, U, want = _reference_args(backend)
     logp = torch.log_softmax(x, -1)
-    got = rnnt_loss(logp, y, T, U, fused_log_softmax=np.bool_(False), validate=np.bool_(True),
-                    reduction="none", backend=backend)
+    got = rnnt_loss(logp, y, T, U, blank=0, fused_log_softmax=np.bool_(False),
+                    validate=np.bool_(True), reduction="none", backend=backend)
     torch.testing.assert_close(got, want)
     criterion = TransducerLoss(np.int64(0), "none", fused_log_softmax=True, clamp=np.float32(1),
                                fastemit_lambda=0, backend=backend, validate=None)
-    torch.testing.assert_close(criterion(x, y, T, U), want, rtol=0, atol=0)
+    # SpeechBrain's values: each utterance's loss per frame.
+    torch.testing.assert_close(criterion(x, y, T, U), want / T, rtol=1e-6, atol=0)
 
 
 # --------------------------------------------------------------------------- unusual views
@@ -362,22 +365,22 @@ def test_negative_view_logits(backend):
     materialises it and the gradient reaches the view's base negated."""
     x0, y, T, U = random_batch(3, 5, 3, 6, seed=8)
     want, want_grad = reference_loss_and_grad(-x0.double(), y, T, U, reduction="sum")
-    plain = rnnt_loss(-x0, y, T, U, reduction="sum", backend=backend)
+    plain = rnnt_loss(-x0, y, T, U, blank=0, reduction="sum", backend=backend)
     # The view as the leaf.
     v = torch._neg_view(x0).requires_grad_(True)
     assert v.is_neg()
-    loss = rnnt_loss(v, y, T, U, reduction="sum", backend=backend)
+    loss = rnnt_loss(v, y, T, U, blank=0, reduction="sum", backend=backend)
     loss.backward()
     assert torch.equal(loss, plain)  # the same bits as the materialised -x0
     torch.testing.assert_close(loss.double(), want, atol=2e-4, rtol=1e-5)
     torch.testing.assert_close(v.grad.double(), want_grad, atol=2e-6, rtol=1e-4)
     # The view of a leaf: its gradient is the negation.
     x = x0.clone().requires_grad_(True)
-    rnnt_loss(torch._neg_view(x), y, T, U, reduction="sum", backend=backend).backward()
+    rnnt_loss(torch._neg_view(x), y, T, U, blank=0, reduction="sum", backend=backend).backward()
     torch.testing.assert_close(x.grad.double(), -want_grad, atol=2e-6, rtol=1e-4)
     # Negative-bit index tensors read as their values.
     neg = torch._neg_view
-    got = rnnt_loss(-x0, neg(-y), neg(-T), neg(-U), reduction="sum", backend=backend)
+    got = rnnt_loss(-x0, neg(-y), neg(-T), neg(-U), blank=0, reduction="sum", backend=backend)
     assert torch.equal(got, plain)
 
 
@@ -395,7 +398,8 @@ def test_conjugate_view_of_real_logits_is_the_tensor(backend):
     # a complex dtype, which the dtype check refuses (see BAD).
     x, y, T, U, want = _reference_args(backend)
     assert not x.conj().is_conj()
-    torch.testing.assert_close(rnnt_loss(x.conj(), y, T, U, reduction="none", backend=backend),
+    torch.testing.assert_close(rnnt_loss(x.conj(), y, T, U, blank=0, reduction="none",
+                                         backend=backend),
                                want, rtol=0, atol=0)
 
 
@@ -417,8 +421,8 @@ def test_expanded_logits(backend, dims):
     x = EXPANSIONS[dims](base).requires_grad_(True)
     assert 0 in x.stride()
     dense = x.detach().contiguous().requires_grad_(True)
-    loss = rnnt_loss(x, y, T, U, reduction="none", backend=backend)
-    loss_dense = rnnt_loss(dense, y, T, U, reduction="none", backend=backend)
+    loss = rnnt_loss(x, y, T, U, blank=0, reduction="none", backend=backend)
+    loss_dense = rnnt_loss(dense, y, T, U, blank=0, reduction="none", backend=backend)
     go = torch.tensor([0.5, 1.0, 2.0])
     loss.backward(go)
     loss_dense.backward(go)
