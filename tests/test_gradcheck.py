@@ -278,6 +278,17 @@ def test_no_checks_without_a_finite_loss(poison, loss):
     assert list(checks) == [] and np.array_equal(checks.loss, loss, equal_nan=True)
 
 
+def test_minus_inf_logits_are_not_probed():
+    """A token ruled out everywhere (-inf logits, the loss still finite): the probes
+    skip it and the finite differences keep their finite tolerance."""
+    logits, targets = _utterance()
+    logits[..., [v for v in range(6) if v != 0 and v not in targets][0]] = -np.inf
+    checks = grad_check_utterance(logits, targets, blank=0, samples=logits.size)
+    fd = _by_name(checks)["float64-vs-finite-diff"]
+    assert np.isfinite(checks.loss) and all(c.passed for c in checks), checks
+    assert 0 < fd.n <= np.isfinite(logits).sum() and fd.atol < 1e-5 + 1e-9
+
+
 def test_no_finite_difference_row_without_samples():
     logits, targets = _utterance()
     checks = grad_check_utterance(logits, targets, blank=0, samples=0)
