@@ -57,7 +57,7 @@ from .dump import (
     LATTICE_DTYPES,
     DumpError,
 )
-from .storage import RawRegion, StorageChecks, native
+from .storage import RawRegion, StorageChecks, native, preadv_all
 
 
 # --------------------------------------------------------------------------- infos
@@ -612,7 +612,7 @@ class DumpReader:
     def _pread_array(self, utt_id: str, name: str, run, shape, dtype) -> np.ndarray:
         """A raw run ``(offset, bytes)`` read into a new ``shape`` array of ``dtype``."""
         a = np.empty(shape, dtype)
-        got = os.preadv(self._fd, [memoryview(a).cast("B")], run[0])
+        got = preadv_all(self._fd, [memoryview(a).cast("B")], run[0])
         if got != a.nbytes:
             self._check_unchanged(utt_id)
             raise self._err(utt_id, f"the file ends inside its {name} ({got} of {a.nbytes} "

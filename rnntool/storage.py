@@ -68,15 +68,37 @@ class RawRegion(NamedTuple):
                 runs[-1][2] += row
             else:
                 runs.append([offset, [view], offset + row])
-        for offset, views, _ in runs:
-            for k in range(0, len(views), _IOV_MAX):
-                chunk = views[k : k + _IOV_MAX]
-                want = sum(v.nbytes for v in chunk)
-                got = os.preadv(fd, chunk, offset)
-                if got != want:  # a regular file's read is short only at its end
-                    return ShortRead(got, want, offset)
-                offset += want
+        for offset, views, end in runs:
+            got = preadv_all(fd, views, offset)
+            if got != end - offset:
+                return ShortRead(got, end - offset, offset)
         return None
+
+
+def preadv_all(fd: int, views: list[memoryview], offset: int) -> int:
+    """Fill the byte ``views`` from ``offset`` on with ``preadv``, as many calls as it
+    takes; returns the bytes read, fewer than asked only where the file ends.
+
+    One call reads at most ``_IOV_MAX`` buffers and, on Linux, about 2 GiB
+    (``MAX_RW_COUNT``, whatever the sizes asked): a short read of a regular file
+    means "go on", not "end of file", until a call reads nothing."""
+    total = k = 0
+    views = list(views)
+    while k < len(views):
+        got = os.preadv(fd, views[k : k + _IOV_MAX], offset)
+        if got == 0:  # the end of the file
+            break
+        total += got
+        offset += got
+        while got and k < len(views):  # drop what was filled, cut the one half-filled
+            n = views[k].nbytes
+            if got >= n:
+                got -= n
+                k += 1
+            else:
+                views[k] = views[k][got:]
+                got = 0
+    return total
 
 
 class StorageChecks:
@@ -253,4 +275,5 @@ def native(dtype: np.dtype) -> np.dtype:
     return dtype.newbyteorder("=") if dtype.kind == "f" else dtype
 
 
-__all__ = ["RawRegion", "ShortRead", "StorageChecks", "decoded_size", "lzf_size", "native"]
+__all__ = ["RawRegion", "ShortRead", "StorageChecks", "decoded_size", "lzf_size", "native",
+           "preadv_all"]

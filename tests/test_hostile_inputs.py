@@ -16,7 +16,15 @@ import time
 import h5py
 import numpy as np
 import pytest
-from helpers import invoke, one_line_error, random_batch, rows_of, run_cli, write_padded
+from helpers import (
+    invoke,
+    one_line_error,
+    random_batch,
+    rows_of,
+    run_cli,
+    write_lattice_raw,
+    write_padded,
+)
 
 from rnntool.dump import DumpError, DumpWriter
 from rnntool.reader import DumpReader
@@ -626,3 +634,66 @@ def test_dev_stdout_appending_to_an_input_is_refused(tmp_path):
                              timeout=60)
     assert out.returncode == 2 and "is also an input" in out.stderr, out.stderr
     assert path.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- lattice dumps
+def lattice_utt(T, U, seed=0, dtype=np.float32, level=-0.5):
+    """A lattice utterance's datasets (for write_lattice_raw): constant log-probs."""
+    rng = np.random.default_rng(seed)
+    return {"blank_lp": np.full((T, U + 1), level, dtype),
+            "emit_lp": np.full((T, U), 2 * level, dtype),
+            "log_p2_others": np.full((T, U + 1), max(4 * level, -1e38), dtype),
+            "labels": rng.integers(1, 5, U)}
+
+
+def capped_preadv(monkeypatch, cap=100):
+    """Make os.preadv read at most ``cap`` bytes a call, as Linux does beyond about
+    2 GiB (MAX_RW_COUNT) whatever is asked; returns the list of calls' byte counts."""
+    real = os.preadv
+    calls = []
+
+    def preadv(fd, buffers, offset):
+        cut, left = [], cap
+        for b in buffers:
+            b = memoryview(b).cast("B")
+            if left <= 0:
+                break
+            cut.append(b[:left])
+            left -= min(left, b.nbytes)
+        got = real(fd, cut, offset)
+        calls.append(got)
+        return got
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["full", "lattice"])
+def test_raw_reads_go_on_after_a_short_read_that_is_not_the_end(tmp_path, monkeypatch, kind):
+    # Linux reads at most 0x7ffff000 bytes per preadv call: an utterance of more than
+    # 2 GiB stored raw was "the file ends inside its logits/blank_lp" (of a file that
+    # did not end there). Simulated here with a cap of 100 bytes a call.
+    path = tmp_path / "d.h5"
+    if kind == "full":
+        path, _ = plain(tmp_path, n=3)
+    else:
+        write_lattice_raw(path, {f"u{i}": lattice_utt(7, 4, seed=i, level=-0.1 * (i + 1))
+                                 for i in range(3)})
+    with DumpReader(path, direct=False) as r:
+        want = {row["utt_id"]: row["loss"] for row in score_reader(r, r.utt_ids)}
+    calls = capped_preadv(monkeypatch)
+    with DumpReader(path) as r:
+        got = {row["utt_id"]: row["loss"] for row in score_reader(r, r.utt_ids)}
+        assert r._direct_ok  # really read with preadv, in more calls than one per array
+    assert got == want and max(calls) == 100 and len(calls) > 3
+    # The end of the file is still the end: a region past it is a short read.
+    from rnntool.storage import RawRegion, ShortRead
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.path.getsize(path)
+        dest = np.empty((1, 2, 50), np.float32)
+        assert RawRegion(size - 220, (1, 2, 50)).read_into(fd, dest, 4) == \
+            ShortRead(220, 400, size - 220)
+    finally:
+        os.close(fd)
