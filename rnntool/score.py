@@ -47,24 +47,46 @@ def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
 
 
 def _read_lattices(reader: DumpReader, ids: Iterator[str], budget_bytes: int,
-                   skip_bad: bool = False) -> list:
-    """The next utterances of ``ids`` from a lattice dump, read (and checked) until
-    their arrays reach ``budget_bytes``; the third array (for gradient norms) is not
-    read. With ``skip_bad`` a bad utterance is its ``{"utt_id", "_bad"}`` row instead."""
-    got, size = [], 0
-    for u in ids:
-        try:
-            lat = reader.read_lattice(u, names=("blank_lp", "emit_lp"))
-        except DumpError as e:
-            if not skip_bad:
-                raise
-            got.append({"utt_id": u, "_bad": str(e)})
-            continue
-        got.append(lat)
-        size += lat.info.nbytes
-        if size >= budget_bytes:
+                   skip_bad: bool = False, carry: list | None = None) -> list:
+    """The next utterances of ``ids`` from a lattice dump, read (and checked) while
+    their padded batch (``_lattice_batch_bytes``) stays within ``budget_bytes`` (one
+    larger utterance goes alone); the third array (for gradient norms) is not read.
+    An utterance read but not fitting is left in ``carry`` (a list kept between
+    calls), to start the next batch: batches in input order are padded to their
+    longest T and their longest U, which need not be the same utterance's (T = 10^5,
+    U = 0 beside T = 1, U = 10^5 would pad to 10^10 nodes). With ``skip_bad`` a bad
+    utterance is its ``{"utt_id", "_bad"}`` row instead."""
+    carry = [] if carry is None else carry
+    got, lats = [], []
+    while True:
+        if carry:
+            lat = carry.pop()
+        else:
+            u = next(ids, None)
+            if u is None:
+                break
+            try:
+                lat = reader.read_lattice(u, names=("blank_lp", "emit_lp"))
+            except DumpError as e:
+                if not skip_bad:
+                    raise
+                got.append({"utt_id": u, "_bad": str(e)})
+                continue
+        if lats and _lattice_batch_bytes([*lats, lat]) > budget_bytes:
+            carry.append(lat)
             break
+        got.append(lat)
+        lats.append(lat)
     return got
+
+
+def _lattice_batch_bytes(lats: Sequence) -> int:
+    """Bytes of the two padded ``(B, T, U+1)`` arrays ``_pad_lattices`` makes of ``lats``
+    (at most: a batch of mixed dtypes is padded per dtype)."""
+    T = max(lat.info.T for lat in lats)
+    U1 = max(lat.info.U for lat in lats) + 1
+    item = max(lat.info.dtype.itemsize for lat in lats)
+    return 2 * len(lats) * T * U1 * item
 
 
 def _pad_lattices(lats: Sequence, dtype):
@@ -95,15 +117,29 @@ def _score_lattices(reader, utt_ids, backend, budget_bytes, on_batch, skip_bad=F
     ids = iter(list(utt_ids))
     # Batches in input order are padded to their longest utterance: keep them small.
     budget_bytes = min(budget_bytes, LATTICE_BATCH_BYTES)
+    carry: list = []  # an utterance read that did not fit its batch: the next one's first
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_lattices, reader, ids, budget_bytes, skip_bad)
+        pending = pool.submit(_read_lattices, reader, ids, budget_bytes, skip_bad, carry)
         while True:
             got = pending.result()
             if not got:
                 return
-            pending = pool.submit(_read_lattices, reader, ids, budget_bytes, skip_bad)
+            pending = pool.submit(_read_lattices, reader, ids, budget_bytes, skip_bad, carry)
             lats = [g for g in got if not isinstance(g, dict)]
             rows = {}
+            if lats:  # one utterance larger than the budget goes alone: does its copy fit?
+                size = _lattice_batch_bytes(lats)
+                what = (f"{reader.name}: utterance {show(lats[0].info.utt_id)}: its padded "
+                        "lattice" if len(lats) == 1 else
+                        f"{reader.name}: a batch of {len(lats)} utterances' padded lattices")
+                try:
+                    check_memory(size, what + " would")
+                except DumpError as e:
+                    if not skip_bad:
+                        raise
+                    rows = {id(lat): {"utt_id": lat.info.utt_id, "_bad": str(e)}
+                            for lat in lats}
+                    lats = []
             # Groups of one dtype (a dump may mix float32 and float64 utterances).
             for dtype in dict.fromkeys(lat.info.dtype for lat in lats):
                 group = [lat for lat in lats if lat.info.dtype == dtype]

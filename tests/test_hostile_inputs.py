@@ -697,3 +697,35 @@ def test_raw_reads_go_on_after_a_short_read_that_is_not_the_end(tmp_path, monkey
             ShortRead(220, 400, size - 220)
     finally:
         os.close(fd)
+
+
+def test_lattice_batches_pad_to_what_fits_not_to_the_longest_t_times_longest_u(
+        tmp_path, monkeypatch):
+    # Read in input order, a batch was padded to its longest T and its longest U: T =
+    # 200000, U = 0 beside T = 1, U = 200000 (2.4 MB each) asked for 298 GiB (a
+    # MemoryError traceback, or with overcommit a 10^10-node allocation).
+    import rnntool.score as score
+    path = tmp_path / "lat.h5"
+    N = 20000
+    write_lattice_raw(path, {"a": lattice_utt(N, 0), "b": lattice_utt(1, N, 1),
+                             "c": lattice_utt(3, 2, 2), "d": lattice_utt(N, 0, 3)})
+    padded = []
+    real = score._pad_lattices
+
+    def spy(lats, dtype):
+        out = real(lats, dtype)
+        padded.append(out[0].nbytes + out[1].nbytes)
+        return out
+
+    monkeypatch.setattr(score, "_pad_lattices", spy)
+    result = invoke("score", path, "-q", "-f", "tsv")
+    assert result.exit_code == 0, result.stderr
+    rows = {r["utt_id"]: float(r["loss"]) for r in rows_of(result.stdout)}
+    assert rows["a"] == pytest.approx(N * 0.5) and rows["b"] == pytest.approx(N * 1.0 + 0.5)
+    assert rows["d"] == rows["a"] and len(rows) == 4
+    assert max(padded) <= score.LATTICE_BATCH_BYTES  # each batch within the budget
+    # The same numbers when every utterance is alone (the carried one is not lost).
+    with DumpReader(path) as r:
+        alone = {row["utt_id"]: row["loss"] for row in score_reader(r, r.utt_ids,
+                                                                     budget_bytes=1)}
+    assert alone == pytest.approx(rows)
