@@ -262,7 +262,7 @@ def _cpu_losses(reader, logits, targets, logit_lengths, target_lengths) -> np.nd
     state = load_engine("cpu").forward(logits, targets, logit_lengths, target_lengths, opts,
                                        False)
     losses = -state.log_like
-    return losses if logits.dtype == np.float64 else losses.astype(np.float32)
+    return losses if logits.dtype == np.float64 else _to_float32(losses)
 
 
 def _lattice_losses(blank_lp, emit_lp, targets, logit_lengths, target_lengths,
@@ -284,7 +284,14 @@ def _lattice_losses(blank_lp, emit_lp, targets, logit_lengths, target_lengths,
     if not isinstance(log_like, np.ndarray):
         log_like = log_like.cpu().numpy()
     losses = -log_like
-    return losses if blank_lp.dtype == np.float64 else losses.astype(np.float32)
+    return losses if blank_lp.dtype == np.float64 else _to_float32(losses)
+
+
+def _to_float32(losses: np.ndarray) -> np.ndarray:
+    """float64 losses rounded to float32 as the engine rounds them: one beyond float32's
+    range is inf (its row reports it), without numpy's overflow warning."""
+    with np.errstate(over="ignore"):
+        return losses.astype(np.float32)
 
 
 def _torch_losses(reader, logits, targets, logit_lengths, target_lengths,

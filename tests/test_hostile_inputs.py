@@ -729,3 +729,19 @@ def test_lattice_batches_pad_to_what_fits_not_to_the_longest_t_times_longest_u(
         alone = {row["utt_id"]: row["loss"] for row in score_reader(r, r.utt_ids,
                                                                      budget_bytes=1)}
     assert alone == pytest.approx(rows)
+
+
+def test_lattice_losses_beyond_float32_are_inf_without_a_raw_warning(tmp_path):
+    # log-probs of -1e38: the float64 loss (6e38) rounds to inf in float32. The row's
+    # own line says so; numpy's "overflow encountered in cast" was a second line.
+    path = tmp_path / "lat.h5"
+    write_lattice_raw(path, {"a": lattice_utt(4, 2, level=-1e38), "b": lattice_utt(3, 1)})
+    full = tmp_path / "full.h5"
+    with DumpWriter(full, blank=0, input_kind="log_probs") as w:
+        w.add("a", np.full((4, 3, 5), -1e38, np.float32), [1, 2])
+    for p in (path, full):
+        result = invoke("score", p, "-q", "-f", "tsv")
+        assert result.exit_code == 1
+        assert result.stderr.strip().splitlines() == [
+            f"rnntool: {p}: utterance a: loss is inf (no alignment has non-zero probability)"]
+        assert rows_of(result.stdout)[0]["loss"] == "inf"
