@@ -568,7 +568,7 @@ class DumpReader:
             raise self._err(utt_id, "a full dump holds logits, not a lattice (read it with "
                             "read())")
         y = self.labels(utt_id, info)
-        check_memory(info.nbytes, f"{self.name}: utterance {show(utt_id)}: its lattice")
+        check_memory(info.nbytes, f"{self.name}: utterance {show(utt_id)}: its lattice would")
         arrays = {}
         try:
             for name, (ds, run) in self._layout.lattice(utt_id).items():

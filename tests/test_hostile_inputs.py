@@ -745,3 +745,11 @@ def test_lattice_losses_beyond_float32_are_inf_without_a_raw_warning(tmp_path):
         assert result.stderr.strip().splitlines() == [
             f"rnntool: {p}: utterance a: loss is inf (no alignment has non-zero probability)"]
         assert rows_of(result.stdout)[0]["loss"] == "inf"
+
+
+def test_lattice_memory_message_reads_as_a_sentence(tmp_path, monkeypatch):
+    import rnntool.reader as reader
+    path = tmp_path / "lat.h5"
+    write_lattice_raw(path, {"a": lattice_utt(4, 2)})
+    monkeypatch.setattr(reader, "available_memory", lambda: 100)
+    one_line_error(invoke("score", path), path, "utterance a: its lattice would need")
