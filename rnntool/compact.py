@@ -102,8 +102,9 @@ def compact_dump(
     ``backend``: ``"cpu"``, or ``"cuda"`` (each batch moved to the GPU; under
     Numba's simulator the batch stays on the CPU and the writer needs
     ``backend="cuda"``). Every selected utterance is validated before any is
-    read (``DumpReader.checked``); then padded batches of ``group_by_budget``
-    (``budget_bytes`` of logits, a larger utterance alone) are read into one
+    read (``DumpReader.checked``; an id given twice is written once); then padded
+    batches of ``group_by_budget`` (``budget_bytes`` of logits, a larger
+    utterance alone) are read into one
     reused buffer and written with ``writer.add_batch``, in the reader's batch
     order (by size; a dump lists its utterances by name whatever the order
     they were written in), with each utterance's stored ``loss`` and ``text``.
@@ -119,6 +120,8 @@ def compact_dump(
     ``DumpWriteError`` when the output cannot be written.
     """
     _check_pair(reader, writer, backend)
+    # An id selected twice is written once (a dump holds each utterance once).
+    utt_ids = list(dict.fromkeys(utt_ids))
     items = reader.checked(utt_ids)  # validates every utterance before reading any
     sizes = sorted({info.V for info, _ in items})
     if len(sizes) > 1:

@@ -753,3 +753,17 @@ def test_lattice_memory_message_reads_as_a_sentence(tmp_path, monkeypatch):
     write_lattice_raw(path, {"a": lattice_utt(4, 2)})
     monkeypatch.setattr(reader, "available_memory", lambda: 100)
     one_line_error(invoke("score", path), path, "utterance a: its lattice would need")
+
+
+def test_compact_writes_an_id_selected_twice_once(tmp_path):
+    # The writer refused the second copy ("utterance 'u1' was already added") after
+    # the first batches were written; the CLI dedupes --utt, the library did not.
+    from rnntool.compact import compact_dump, lattice_writer_for
+
+    path, _ = plain(tmp_path, n=3)
+    out = tmp_path / "lat.h5"
+    with DumpReader(path) as r, lattice_writer_for(r, out) as w:
+        assert compact_dump(r, ["u1", "u0", "u1"], w, budget_bytes=1) == 2
+    with DumpReader(out) as r:
+        assert sorted(r.utt_ids) == ["u0", "u1"]
+    assert losses(out) == {k: v for k, v in losses(path).items() if k in ("u0", "u1")}
