@@ -621,12 +621,16 @@ class DumpReader:
 
     def has_stored_loss(self, utt_id: str) -> bool:
         """Whether the utterance carries a trainer's loss (attribute ``loss``), without
-        reading or checking anything else (a table's columns are chosen with it)."""
-        utts = self._f.get("utts") if self.layout == "keyed" else None
-        try:
-            return utts is not None and "loss" in utts[utt_id].attrs
-        except (KeyError, OSError, ValueError, TypeError, RuntimeError):
+        reading or checking anything else (a table's columns are chosen with it). Its
+        group is looked up as every access does (``_child``: an external link only to a
+        regular file; HDF5 would open a FIFO and wait for a writer forever)."""
+        if self.layout != "keyed" or not self._layout.contains(utt_id):
             return False
+        try:
+            g = self._child(self._layout._utts, utt_id)
+            return isinstance(g, h5py.Group) and "loss" in g.attrs
+        except (DumpError, KeyError, OSError, ValueError, TypeError, RuntimeError):
+            return False  # reported when the utterance is read
 
     def checked(self, utt_ids: Sequence[str]) -> list[tuple[UttInfo, np.ndarray]]:
         """``(info, labels)`` of every utterance, all validated, in the order given."""

@@ -767,3 +767,22 @@ def test_compact_writes_an_id_selected_twice_once(tmp_path):
     with DumpReader(out) as r:
         assert sorted(r.utt_ids) == ["u0", "u1"]
     assert losses(out) == {k: v for k, v in losses(path).items() if k in ("u0", "u1")}
+
+
+def test_every_lookup_of_an_utterance_checks_its_external_link(tmp_path):
+    # has_stored_loss (which picks score's columns before anything is read) looked the
+    # group up with h5py directly: an external link to a FIFO hung score for ever
+    # (SIGTERM too: HDF5 sits in open()). In a child process, so a hang is a failure.
+    path, _ = plain(tmp_path, n=1)
+    os.mkfifo(tmp_path / "fifo.h5")
+    with h5py.File(path, "a") as f:
+        f["utts"]["f"] = h5py.ExternalLink(str(tmp_path / "fifo.h5"), "/x")
+        f["utts"]["z"] = h5py.ExternalLink("/dev/zero", "/x")
+        f["utts"]["u0"].attrs["loss"] = 1.5
+    code = ("import sys; from rnntool.reader import DumpReader\n"
+            "with DumpReader(sys.argv[1]) as r:\n"
+            "    print([r.has_stored_loss(u) for u in ('u0', 'f', 'z', 'nope')])")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[True, False, False, False]", \
+        out.stderr
