@@ -689,22 +689,31 @@ def grad_check(
         "--samples", metavar="N", help="Finite-difference probes per utterance.")] = 20,
     rtol: Annotated[float, typer.Option("--rtol", metavar="X", help="Relative tolerance.")] = 1e-3,
     atol: Annotated[float, typer.Option("--atol", metavar="X", help="Absolute tolerance.")] = 1e-5,
+    reference: Annotated[bool | None, typer.Option(
+        "--reference/--no-reference",
+        help="Also check against the slow, independent float64 reference (default: only "
+        "when (T*(U+1))^2*V <= 2.5e8, a few seconds).")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Check gradients w.r.t. the logits against a float64 reference.
+    """Check gradients w.r.t. the logits: the engine against itself in float64, that
+    against finite differences, and against the float64 reference when small.
 
-    Per utterance: the engine against the float64 reference (every entry); the
-    reference against central finite differences (--samples entries); the dump's
-    stored `grads` (a trainer's gradient of that utterance's loss) against the
-    reference; and CPU against CUDA when both run here. A check passes when
-    |a - b| <= atol + rtol * |b| everywhere. Exit 1 if any fails. An utterance
-    whose loss is not finite is not checked (no rows): one line on stderr names
-    it, the others are still checked, and the exit code is 1 (also for a loss
-    below 0 beyond rounding, whose checks are written).
+    Per utterance, one row per check: the engine in the dump's dtype against the
+    engine in float64 on the same values (every entry); the float64 gradient against
+    central finite differences of the float64 loss (--samples entries, step 1e-4;
+    the row's atol includes the differences' own error bound); against the slow,
+    independent float64 reference when (T*(U+1))^2*V <= 2.5e8 or --reference; the
+    dump's stored `grads` (a trainer's gradient of that utterance's loss) against
+    the reference (or the float64 engine); CPU against CUDA when both run here. A
+    row passes when worst_ratio = max |a - b| / (atol + rtol * |b|) <= 1. Exit 1
+    if any fails; a failure within float32 rounding of a long lattice gets a note
+    on stderr. With several inputs a file column first. An utterance whose loss is
+    not finite is not checked (no rows): one line on stderr names it, the others
+    are still checked, and the exit code is 1 (also for a loss below 0 beyond
+    rounding, whose checks are written). Lattice dumps hold no logits: exit 2.
     """
     from .devices import cuda_usable
     from .gradcheck import GRADCHECK_FIELDS, check_utterance
-    from .output import open_output, render
     from .reader import show
 
     reads = _inputs_of(inputs, utt_list)
@@ -713,7 +722,10 @@ def grad_check(
             math.isfinite(atol) and atol >= 0):
         raise fail("--samples, --rtol and --atol must be finite and not negative")
     backend = _backend(device)
-    rows, problems = [], 0
+    total = failed = problems = 0
+    utterances = set()
+    specs = dict.fromkeys(("max_abs_err", "max_rel_err", "atol", "rtol"), ".3e")
+    specs["worst_ratio"] = ".3g"
     with _selection(inputs, blank, utts, utt_list, output=output) as selected:
         for reader, _ in selected:
             if reader.kind == "lattice":
@@ -721,26 +733,38 @@ def grad_check(
                            "grad-check needs the full logits (a dump written with "
                            "DumpWriter's default kind=\"full\")")
         compare_cuda = backend == "cpu" and cuda_usable()
-        for reader, utt in _utterances(selected, with_grads=True):
-            with _Utterance(reader.path, utt.info.utt_id) as one:
-                checked = check_utterance(reader, utt, backend=backend, samples=samples,
-                                          rtol=rtol, atol=atol, compare_cuda=compare_cuda)
-                one.report(checked.problem)
-            problems += checked.problem is not None
-            rows += checked.rows
-    with open_output(output, reads) as out:
-        render(rows, GRADCHECK_FIELDS, fmt, out,
-               title=f"Gradient checks (atol {atol:g}, rtol {rtol:g})",
-               specs=dict.fromkeys(("max_abs_err", "max_rel_err", "atol", "rtol"), ".3e"))
-    failed = [r for r in rows if r["result"] == "FAIL"]
+        with (_progress(quiet) as bar,
+              _rows_out(output, reads, _with_file(GRADCHECK_FIELDS, selected), fmt,
+                        f"Gradient checks (atol {atol:g}, rtol {rtol:g})", specs) as out):
+            task = bar.add_task("checking", total=sum(len(ids) for _, ids in selected))
+            for reader, utt in _utterances(selected, with_grads=True):
+                name = show(utt.info.utt_id)
+                with _Utterance(reader.path, utt.info.utt_id) as one:
+                    checked = check_utterance(
+                        reader, utt, backend=backend, samples=samples, rtol=rtol, atol=atol,
+                        compare_cuda=compare_cuda, reference=reference,
+                        on_step=lambda step, n=name: bar.update(task,
+                                                                description=f"{n}: {step}"))
+                    one.report(checked.problem)
+                problems += checked.problem is not None
+                out.write(_tagged(checked.rows, reader))
+                bar.advance(task)
+                for r in checked.rows:
+                    total += 1
+                    utterances.add((r["_file"], r["utt_id"]))
+                    if r["result"] != "FAIL":
+                        continue
+                    failed += 1
+                    where = f"rnntool: {_line(r['_file'])}: utterance {name}"
+                    print(f"{where}: FAIL {r['check']}: worst ratio {r['worst_ratio']:.3g} "
+                          f"(max abs err {r['max_abs_err']:.3g}, max rel err "
+                          f"{r['max_rel_err']:.3g})", file=sys.stderr)
+                    if r.get("_precision_limited"):
+                        print(f"{where}: note: {_line(r['_note'])}", file=sys.stderr)
     if not quiet:
-        utts = len({r["utt_id"] for r in rows})
-        _stderr().print(f"{len(rows) - len(failed)}/{len(rows)} checks passed on {utts} "
+        _stderr().print(f"{total - failed}/{total} checks passed on {len(utterances)} "
                         f"utterances (atol {atol:g}, rtol {rtol:g})", markup=False)
-    for r in failed:
-        print(f"rnntool: {r['_file']}: utterance {show(r['utt_id'])}: FAIL {r['check']}: max abs "
-              f"err {r['max_abs_err']:.3g}, max rel err {r['max_rel_err']:.3g}", file=sys.stderr)
-    if failed or problems:
+    if selected.report_empty() or failed or problems:
         raise typer.Exit(1)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import SAMPLE, invoke, one_line_error, random_batch, rows_of
 
-from rnntool import align
+from rnntool import align, rnnt_loss
 from rnntool.dump import DumpWriter
 
 needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason="sample data not built")
@@ -74,7 +74,7 @@ def test_plot_and_grad_check_on_sample_data(tmp_path):
     checks = {(r["utt_id"], r["check"]) for r in rows}
     # utt000 and utt001 carry a trainer's gradient.
     assert ("utt000", "stored-vs-reference") in checks
-    assert ("utt001", "reference-vs-finite-diff") in checks
+    assert ("utt001", "float64-vs-finite-diff") in checks
     assert all(r["result"] == "PASS" for r in rows)
 
 
@@ -96,7 +96,7 @@ def test_grad_check_fails_on_wrong_stored_grads(tmp_path):
     result = invoke("grad-check", bad, "-f", "tsv")
     assert result.exit_code == 1
     rows = {r["check"]: r["result"] for r in rows_of(result.stdout)}
-    assert rows["stored-vs-reference"] == "FAIL" and rows["cpu-vs-reference"] == "PASS"
+    assert rows["stored-vs-reference"] == "FAIL" and rows["cpu-vs-float64"] == "PASS"
     assert f"{bad}: utterance u: FAIL stored-vs-reference" in result.stderr
 
 
@@ -126,6 +126,37 @@ def test_finite_differences_catch_a_wrong_reference(monkeypatch):
 
     monkeypatch.setattr(gc, "reference_gradients", skewed)
     checks = {c.check: c.passed for c in gc.grad_check_utterance(x, labels, blank=0)}
-    assert checks["reference-vs-finite-diff"] is False
+    assert checks["float64-vs-reference"] is False
 
 
+
+
+def test_grad_check_at_real_size_catches_a_planted_error(tmp_path, monkeypatch):
+    """T = 200, U = 40, V = 512: the float64 engine and finite differences, not the slow
+    reference (which would take minutes), and one wrong entry of a stored gradient is
+    still caught; worst_ratio > 1 is what fails the row."""
+    import rnntool.gradcheck as gc
+
+    def no_reference(*a, **k):
+        raise AssertionError("the slow reference ran at T=200, U=40, V=512")
+
+    monkeypatch.setattr(gc, "reference_gradients", no_reference)
+    # (CPU against the CUDA kernels in Numba's simulator would take minutes here.)
+    monkeypatch.setattr("rnntool.devices.cuda_usable", lambda: False)
+    x, y, T, U = random_batch(1, 200, 40, 512, seed=61, mixed=False)
+    xx = x.clone().requires_grad_(True)
+    rnnt_loss(xx, y, T, U, blank=0, reduction="sum").backward()
+    grads = xx.grad[0].clone()
+    grads[100, 20, 7] += 1e-3
+    path = tmp_path / "big.h5"
+    with DumpWriter(path, blank=0) as w:
+        w.add("u", x[0], y[0], grads=grads)
+    result = invoke("grad-check", path, "-f", "tsv", "--samples", "6")
+    assert result.exit_code == 1, result.output
+    rows = {r["check"]: r for r in rows_of(result.stdout)}
+    assert rows["cpu-vs-float64"]["result"] == "PASS"
+    assert rows["float64-vs-finite-diff"]["result"] == "PASS"
+    bad = rows["stored-vs-float64"]
+    assert bad["result"] == "FAIL" and float(bad["worst_ratio"]) > 1
+    assert "FAIL stored-vs-float64: worst ratio" in result.stderr
+    assert "float64-vs-reference" not in rows
