@@ -107,9 +107,14 @@ def inspect_dump(reader: DumpReader, on_utterance=None) -> DumpReport:
             on_utterance()
         if reader.kind == "lattice":  # shapes, dtypes, labels, NaN or +inf: DumpError
             try:
-                infos.append(reader.read_lattice(u).info)
+                lat = reader.read_lattice(u)
             except DumpError as e:
                 found[u].append(str(e))
+                continue
+            infos.append(lat.info)
+            why = lattice_prob_problem(lat, reader.input_kind)
+            if why is not None:
+                found[u].append(f"{reader.name}: utterance {show(u)}: {why}")
             continue
         try:
             one = reader.read(u)
@@ -150,6 +155,30 @@ def inspect_dump(reader: DumpReader, on_utterance=None) -> DumpReport:
         size_bytes=reader.file_size(),
         problems=[p for ps in found.values() for p in ps],
     )
+
+
+def lattice_prob_problem(lat: LatticeUtterance, input_kind: str = "logits") -> str | None:
+    """Whether a lattice dump's log-probs can be those of a distribution over the tokens:
+    none above 0, and P(blank) + P(next label) at most 1, within rounding; a sentence
+    saying how not, or None. (A loss can stay positive with such values, so score
+    cannot see it.) Rounding: ``log_prob_tolerance`` of the stored dtype's epsilon,
+    or float16's for a dump made from log-probs (their own precision is unknown)."""
+    from .dump import log_prob_tolerance
+
+    eps = np.finfo(np.float16 if input_kind == "log_probs" else lat.blank_lp.dtype).eps
+    tol = log_prob_tolerance(float(eps), lat.info.V)
+    b = lat.blank_lp.astype(np.float64)
+    e = lat.emit_lp.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        both = np.logaddexp(b[:, : e.shape[1]], e)
+    # A log-prob above 0 first (the plainer fault), then the two probabilities' sum.
+    for name, value in (("blank_lp", float(b.max(initial=-np.inf))),
+                        ("emit_lp", float(e.max(initial=-np.inf))),
+                        ("log(P(blank) + P(next label))", float(both.max(initial=-np.inf)))):
+        if value > tol:
+            return (f"{name} reaches {value:.3g} > 0 (tolerance {tol:.2g}): not the log-probs "
+                    "of a distribution over the tokens")
+    return None
 
 
 # --------------------------------------------------------------------------- align / plot

@@ -370,6 +370,8 @@ def score(
     reads = _inputs_of(inputs, utt_list)
     fmt = _output_format(fmt, output, reads)
     backend = _backend(device)
+    if batch_mb < 0:
+        raise fail(f"--batch-mb {batch_mb} must be 0 or more (MiB; 0: one utterance a batch)")
     scored, problems, bad = [], 0, 0
     with (_selection(inputs, blank, utts, utt_list, direct=not via_hdf5, output=output)
           as selected, _progress(quiet) as bar,
@@ -631,6 +633,8 @@ def compact(
 
     if output == "-":
         raise fail("-o -: a lattice dump is an HDF5 file; give a file name")
+    if batch_mb < 0:
+        raise fail(f"--batch-mb {batch_mb} must be 0 or more (MiB; 0: one utterance a batch)")
     if dtype not in (None, "float32", "float64"):
         raise fail(f"--dtype {dtype!r} is not one of float32, float64")
     if compression not in ("none", "lzf", "gzip"):

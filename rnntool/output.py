@@ -117,8 +117,9 @@ def render(rows: Sequence[dict], fields: Sequence[str], fmt: str, out: io.TextIO
 
 class RowWriter:
     """Rows written as they come: ``tsv``, ``csv`` and ``jsonl`` line by line (the header
-    first), flushed after each ``write``, so that a pipeline sees the first rows while
-    the run goes on; ``json`` and ``table`` are rendered whole by ``close``.
+    with the first rows, or at ``close``), flushed after each ``write``, so that a
+    pipeline sees the first rows while the run goes on; ``json`` and ``table`` are
+    rendered whole by ``close``.
 
     ``RowWriter(out, fields, fmt, title=None, specs=None)``; ``write(rows)`` takes an
     iterable of dicts (any number, e.g. one utterance's); ``close()`` finishes (the
@@ -137,8 +138,13 @@ class RowWriter:
         if fmt in ("tsv", "csv"):
             self._csv = csv.writer(out, delimiter="\t" if fmt == "tsv" else ",",
                                    lineterminator="\n")
+        self._header = self._csv is not None  # written with the first rows (or at close):
+        # a run that stops on bad input before any row leaves stdout empty
+
+    def _write_header(self) -> None:
+        if self._header:
             self._csv.writerow(self.fields)
-            out.flush()
+            self._header = False
 
     def write(self, rows) -> None:
         rows = list(rows)
@@ -146,6 +152,8 @@ class RowWriter:
         if self.fmt in ("json", "table"):
             self._held += rows
             return
+        if rows:
+            self._write_header()
         for r in rows:
             if self._csv is not None:
                 self._csv.writerow([_cell(r.get(f), self.specs.get(f, ".6f"))
@@ -157,6 +165,7 @@ class RowWriter:
             self.out.flush()
 
     def close(self) -> None:
+        self._write_header()
         if self.fmt in ("json", "table"):
             render(self._held, self.fields, self.fmt, self.out, self.title, self.specs)
 

@@ -255,9 +255,9 @@ def test_an_interrupted_compact_leaves_no_file(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- bad lattice dumps
 def good_lattice_utt(T=4, U=2):
-    rng = np.random.default_rng(0)
-    return {"blank_lp": -rng.random((T, U + 1), np.float32),
-            "emit_lp": -rng.random((T, U), np.float32),
+    rng = np.random.default_rng(0)  # P(blank) + P(next label) <= 0.95: a distribution
+    return {"blank_lp": np.log(rng.uniform(0.05, 0.5, (T, U + 1))).astype(np.float32),
+            "emit_lp": np.log(rng.uniform(0.05, 0.45, (T, U))).astype(np.float32),
             "log_p2_others": -rng.random((T, U + 1), np.float32) - 1,
             "labels": np.array([1, 2][:U])}
 
@@ -296,3 +296,31 @@ def test_the_bundled_lattice_sample_scores_as_the_full_sample():
         assert got.stdout == want.stdout and len(rows_of(got.stdout)) >= 24
     with DumpReader(lattice) as r:
         assert r.kind == "lattice" and len(r) == 24 and r.vocab is not None
+
+
+def test_inspect_flags_lattice_log_probs_no_distribution_has(tmp_path):
+    """A lattice whose log-probs exceed 0, or whose blank and next-label probabilities sum
+    above 1, can still give a positive loss (score cannot see it): inspect names it."""
+    over = good_lattice_utt()
+    over["blank_lp"][2, 1] = 0.5
+    mass = good_lattice_utt()
+    mass["blank_lp"][1, 0], mass["emit_lp"][1, 0] = np.log(0.7), np.log(0.6)
+    path = tmp_path / "odd.h5"
+    write_lattice_raw(path, {"good": good_lattice_utt(), "over": over, "mass": mass})
+    result = invoke("inspect", path, "-f", "tsv")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert any("utterance over: blank_lp reaches 0.5" in ln for ln in lines)
+    assert any("utterance mass: log(P(blank) + P(next label)) reaches" in ln for ln in lines)
+    assert not any("utterance good" in ln for ln in lines)
+
+
+def test_score_stops_on_bad_input_before_writing_anything(tmp_path):
+    """Bad input in the first window: exit 2 and stdout empty (the header waits for rows)."""
+    bad = good_lattice_utt()
+    bad["labels"] = np.array([1, 9])
+    path = tmp_path / "bad.h5"
+    write_lattice_raw(path, {"u1": bad})
+    result = invoke("score", path, "-f", "tsv")
+    one_line_error(result, "labels[1] = 9")
+    assert result.stdout == ""
