@@ -323,9 +323,12 @@ def _progress(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     disable = quiet or not sys.stderr.isatty()
+    # redirect_stdout=False: rows stream to stdout while the bar is live, and must stay
+    # there (rich would otherwise print them on the bar's console, stderr).
     return Progress(
         "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
         TimeRemainingColumn(), console=_stderr(), transient=True, disable=disable,
+        redirect_stdout=False,
     )
 
 
@@ -451,13 +454,14 @@ def inspect(
 
 
 # --------------------------------------------------------------------------- align / plot
-def _utterances(selected, with_grads: bool = False):
+def _utterances(selected, with_grads: bool = False, norms: bool = False):
     """Yield ``(reader, Utterance)`` one at a time, validated, in input order (a
-    ``LatticeUtterance`` from a lattice dump)."""
+    ``LatticeUtterance`` from a lattice dump, its third array only for ``norms``)."""
     for reader, ids in selected:
         for utt_id in ids:
             if reader.kind == "lattice":
-                yield reader, reader.read_lattice(utt_id)
+                names = ("blank_lp", "emit_lp") + (("log_p2_others",) if norms else ())
+                yield reader, reader.read_lattice(utt_id, names=names)
             else:
                 yield reader, reader.read(utt_id, with_grads=with_grads)
 
@@ -582,7 +586,7 @@ def plot(
         n = problems = 0
         with _progress(quiet) as bar:
             task = bar.add_task("plotting", total=sum(len(ids) for _, ids in selected))
-            for reader, utt in _utterances(selected):
+            for reader, utt in _utterances(selected, norms=True):
                 with _Utterance(reader.path, utt.info.utt_id) as one:
                     aligned = align_utterance(reader, utt, backend=backend, grad_norms=True)
                     one.report(aligned.problem)
@@ -614,8 +618,9 @@ def compact(
         "--batch-mb", metavar="MIB", help="Memory budget of one padded batch of logits, "
         "MiB.")] = 64,
     dtype: Annotated[str | None, typer.Option(
-        "--dtype", metavar="DTYPE", help="float32|float64 (default: float32, float64 for "
-        "float64 logits: then scores are the same bits as the full dump's).")] = None,
+        "--dtype", metavar="DTYPE", help="float32|float64: the lattice arrays' type at most "
+        "(default float64: float64 for float64 logits, float32 otherwise, so scores are "
+        "the same bits as the full dump's; float32 rounds float64 logits' arrays).")] = None,
     compression: Annotated[str, typer.Option("--compression", metavar="FILTER",
                                              help="none|lzf|gzip.")] = "none",
     quiet: Quiet = False,
@@ -810,7 +815,15 @@ def _plain_argument_types() -> None:
     def display_type_rich(self, ctx):
         return None if self.metavar is not None else shown(self, ctx)
 
+    usage = TyperArgument._usage_display_name
+
+    def usage_display_name(self):  # FILE..., not Typer's {FILE}...
+        if self.metavar is None:
+            return usage(self)
+        return self.metavar + ("..." if self.nargs != 1 else "")
+
     TyperArgument.display_type_rich = display_type_rich
+    TyperArgument._usage_display_name = usage_display_name
 
 
 _plain_argument_types()

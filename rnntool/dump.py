@@ -278,10 +278,10 @@ class DumpWriter:
       Numba's simulator ``"cuda"`` runs on CPU tensors and numpy arrays).
     - ``lattice_dtype`` (lattice only): None stores the engine's lattice type,
       float64 for float64 logits and float32 otherwise, the bits a full dump of
-      the same logits scores with; ``"float32"`` or ``"float64"`` (or the numpy
-      dtypes) force one. float32 from float64 logits rounds the values: its
-      losses are then no longer bit-identical to the full dump's; float64 from
-      float32 logits only widens them.
+      the same logits scores with; ``"float32"`` (or ``np.float32``) rounds
+      float64 logits' arrays to float32 (their losses are then no longer
+      bit-identical to the full dump's); ``"float64"`` is the same as None (an
+      upper bound: float32 logits' arrays stay float32, widening adds nothing).
 
     The dump is written to a temporary file beside ``path`` and renamed into
     place on ``close()``, so an interrupted run leaves no half file. Raises
@@ -589,7 +589,12 @@ class DumpWriter:
             if hasattr(x, "detach"):
                 engine.check_device(x)
             terms = engine.lattice_terms(x, targets, t_len, u_len, opts)
-        dtype = self.lattice_dtype or np.dtype(terms.blank_lp.dtype)
+        # An upper bound: float64 keeps what the engine computed (float32 for all but
+        # float64 logits: widening adds no information and the loss would lose the
+        # float32 rounding that scoring the logits applies).
+        dtype = np.dtype(terms.blank_lp.dtype)
+        if self.lattice_dtype is not None and self.lattice_dtype.itemsize < dtype.itemsize:
+            dtype = self.lattice_dtype
         padded = {name: getattr(terms, name) for name in LATTICE_DATASETS}
         pending = []
         for b, (utt_id, y, T, U, attrs) in enumerate(rows):

@@ -432,3 +432,33 @@ def test_an_empty_dump_is_one_line_and_exit_1(tmp_path):
         result = invoke(cmd, path, "-f", "tsv")
         assert result.exit_code == 1, (cmd, result.output)
         assert f"{path}: the dump holds no utterances" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["score", "align", "grad-check"])
+def test_rows_stay_on_stdout_while_a_progress_bar_is_live(command):
+    """stderr a terminal (the bar is drawn), stdout a pipe: every row still goes to stdout
+    (rich's live display would otherwise capture stdout onto the bar's console)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "rnntool", command, str(SAMPLE), "--utt",
+                             "utt001", "-f", "tsv"], stdout=subprocess.PIPE, stderr=slave,
+                            stdin=subprocess.DEVNULL, cwd=ROOT)
+    os.close(slave)
+    seen = b""
+    while proc.poll() is None or select.select([master], [], [], 0)[0]:
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    out = proc.stdout.read().decode()
+    os.close(master)
+    assert proc.wait() == 0, seen.decode(errors="replace")
+    rows = rows_of(out)
+    assert rows and all(r["utt_id"] == "utt001" for r in rows)
+    assert "utt001\t" not in seen.decode(errors="replace")
