@@ -704,8 +704,8 @@ def grad_check(
         "when (T*(U+1))^2*V <= 2.5e8, a few seconds).")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Check gradients w.r.t. the logits: the engine against itself in float64, that
-    against finite differences, and against the float64 reference when small.
+    """Check each utterance's gradient: the engine against itself in float64, finite
+    differences, and the float64 reference when small.
 
     Per utterance, one row per check: the engine in the dump's dtype against the
     engine in float64 on the same values (every entry); the float64 gradient against
