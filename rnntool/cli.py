@@ -650,6 +650,8 @@ def compact(
         ((reader, ids),) = selected
         if reader.kind == "lattice":
             raise fail(f"{reader.name}: is already a lattice dump")
+        if selected.report_empty():  # nothing to convert: no empty lattice dump either
+            raise typer.Exit(1)
         task = bar.add_task("compacting", total=len(ids))
         with lattice_writer_for(reader, output, lattice_dtype=dtype, backend=backend,
                                 compression=None if compression == "none" else compression

@@ -428,6 +428,8 @@ def test_an_empty_dump_is_one_line_and_exit_1(tmp_path):
     path = tmp_path / "empty.h5"
     with h5py.File(path, "w") as f:
         f.create_group("utts")
+    result = invoke("compact", path, "-o", tmp_path / "lat.h5")
+    assert result.exit_code == 1 and not (tmp_path / "lat.h5").exists()
     for cmd in ("score", "align", "inspect"):
         result = invoke(cmd, path, "-f", "tsv")
         assert result.exit_code == 1, (cmd, result.output)
