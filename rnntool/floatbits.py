@@ -363,10 +363,22 @@ def sum_exp(row, m, scratch):
         for k in range(LANES):
             acc[k] += exp(load(row, v + k) - m)
     if full < V:
-        for k in range(LANES):
-            tail[k] = load(row, full + k) if full + k < V else -np.inf
+        _load_tail(row, full, tail)
         for k in range(LANES):
             acc[k] += exp(tail[k] - m)
+    return _lanes_total(acc)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _load_tail(row, full, tail):
+    """The last, partial block of ``row`` from ``full`` on into ``tail``, padded with -inf."""
+    for k in range(LANES):
+        tail[k] = load(row, full + k) if full + k < row.shape[0] else -np.inf
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _lanes_total(acc):
+    """The ``LANES`` partial sums combined pairwise, always in the same tree."""
     w = LANES // 2
     while w >= 1:
         for k in range(w):
@@ -407,16 +419,10 @@ def sum_sq_probs(row, hi, lo, skip1, skip2, scratch):
                 lp = (load(row, v0 + k) - hi) - lo
                 acc[k] += exp(lp + lp)
     if full < V:
-        for k in range(LANES):
-            tail[k] = load(row, full + k) if full + k < V else -np.inf
+        _load_tail(row, full, tail)
         for k in range(LANES):
             v = full + k
             lp = (tail[k] - hi) - lo
             e = exp(lp + lp)
             acc[k] += e if (v != skip1) & (v != skip2) else zero
-    w = LANES // 2
-    while w >= 1:
-        for k in range(w):
-            acc[k] = acc[k] + acc[k + w]
-        w //= 2
-    return acc[0]
+    return _lanes_total(acc)

@@ -297,22 +297,10 @@ def build_figure(
     return fig
 
 
-def plot_utterance(
-    path,
-    *,
-    utt_id: str,
-    loss: float,
-    best_log_prob: float,
-    occupancy: np.ndarray,
-    best_path: np.ndarray,
-    grad_norm: np.ndarray,
-    tokens: Sequence[str] | None = None,
-    labels: Sequence[int] | None = None,
-) -> None:
-    """Write ``build_figure(...)`` as one PNG to ``path`` (a file name or a binary file)."""
-    fig = build_figure(utt_id=utt_id, loss=loss, best_log_prob=best_log_prob,
-                       occupancy=occupancy, best_path=best_path, grad_norm=grad_norm,
-                       tokens=tokens, labels=labels)
+def plot_utterance(path, **figure) -> None:
+    """Write ``build_figure(**figure)`` as one PNG to ``path`` (a file name or a binary
+    file); the keyword arguments are ``build_figure``'s."""
+    fig = build_figure(**figure)
     fig.savefig(path, dpi=90, format="png")
 
 
