@@ -242,8 +242,7 @@ def test_more_bad_values_are_counted(tmp_path):
     u["log_p2_others"][1, 2] = np.inf
     u["log_p2_others"][3, 0] = np.nan
     u["log_p2_others"][3, 1:] = np.nan
-    u["emit_lp"][0, 0] = np.nan  # a later array: not reached
-    u["emit_lp"][:] = -np.inf
+    u["emit_lp"][:] = -np.inf  # legal: no mass on the next label, not a bad value
     path = tmp_path / "lat.h5"
     write_lattice_raw(path, {"u1": u})
     with pytest.raises(DumpError) as e:
