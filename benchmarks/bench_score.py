@@ -10,7 +10,7 @@ Makes (once, then reuses) two keyed float16 dumps:
 and prints for each, from one run (medians of ``--repeats`` interleaved passes):
 
 - h5py read: every utterance's logits and labels read whole (the I/O floor);
-- rnntool scoring through the library (``score_reader``), raw data read with
+- rnntool scoring through the library (``score_rows``, as the CLI), raw data read with
   ``preadv`` (the default) and everything through HDF5 (``--via-hdf5``), as a
   fraction of the h5py read's throughput;
 - peak resident memory of `rnntool score` in a subprocess, above the same

@@ -167,18 +167,13 @@ def score_rows(
     input order (file by file, each file's ids in the order given), each with
     ``_file``: the reader's name.
 
-    Full dumps go by windows of ``WINDOW`` utterances: a window is validated, sorted
-    by size into batches, scored, and its rows put back in input order, so the first
-    rows come after one window, not the whole run. A bad utterance raises
-    ``DumpError`` -- or, with ``skip_bad``, gives a row with ``_bad``: the one-line
-    message (no fields of its own), and the others are scored.
+    Per reader ``score_reader``: a full dump's windows are validated, sorted by size
+    into batches, scored, and their rows put back in input order, so the first rows
+    come after one window, not the whole run.
     """
     for reader, ids in selected:
-        if reader.kind == "lattice":
-            rows = _score_lattices(reader, ids, backend, budget_bytes, on_batch, skip_bad)
-        else:
-            rows = _score_windows(reader, ids, backend, budget_bytes, on_batch, skip_bad)
-        for r in rows:
+        for r in score_reader(reader, ids, backend=backend, budget_bytes=budget_bytes,
+                              on_batch=on_batch, skip_bad=skip_bad):
             r["_file"] = reader.name
             yield r
 
@@ -229,26 +224,27 @@ def score_reader(
     backend: str = "cpu",
     budget_bytes: int = DEFAULT_BATCH_BYTES,
     on_batch: Callable[[int], None] | None = None,
+    skip_bad: bool = False,
 ) -> Iterator[dict]:
-    """Yield one row per utterance (fields ``SCORE_FIELDS`` [+ ``STORED_FIELDS``]), and
-    ``_problem``: why its loss cannot be true (``utterance_problem``), else None.
+    """Yield one row per utterance, in input order, as they are scored (fields
+    ``SCORE_FIELDS`` [+ ``STORED_FIELDS``]), and ``_problem``: why its loss cannot be
+    true (``utterance_problem``), else None.
 
     ``backend`` is ``"cpu"`` or ``"cuda"``; ``on_batch(n)`` is called after each
-    batch of ``n`` utterances (progress). Rows come in processing order, not
-    input order. Raises ``DumpError`` for bad input before scoring anything, and
-    when the file changes while it is read.
+    batch of ``n`` utterances (progress). Raises ``DumpError`` for bad input (a
+    window is validated before any of it is scored), and when the file changes
+    while it is read; with ``skip_bad`` a bad utterance is instead a row holding
+    only ``utt_id`` and ``_bad``, the one-line message.
 
-    Utterances are read into padded batches within ``budget_bytes`` (a larger
-    one alone, if the memory available holds it), the next batch read while the
-    engine scores one; how each utterance is read is the reader's choice
-    (``DumpReader(direct=...)``).
+    A full dump goes by windows of ``WINDOW`` utterances, read into padded batches
+    within ``budget_bytes`` (a larger one alone, if the memory available holds
+    it), the next batch read while the engine scores one; how each utterance is
+    read is the reader's choice (``DumpReader(direct=...)``). A lattice dump is
+    read in one pass (``_score_lattices``).
     """
     if reader.kind == "lattice":
-        yield from _score_lattices(reader, utt_ids, backend, budget_bytes, on_batch)
-        return
-    items = reader.checked(utt_ids)  # validates every utterance before scoring any
-    groups = list(group_by_budget(items, budget_bytes))
-    yield from _score_batches(reader, groups, backend, on_batch)
+        return _score_lattices(reader, utt_ids, backend, budget_bytes, on_batch, skip_bad)
+    return _score_windows(reader, utt_ids, backend, budget_bytes, on_batch, skip_bad)
 
 
 def _cpu_losses(reader, logits, targets, logit_lengths, target_lengths) -> np.ndarray:
