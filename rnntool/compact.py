@@ -38,7 +38,8 @@ def _known_v(reader: DumpReader) -> int | None:
 
 def lattice_writer_for(reader: DumpReader, path: str | os.PathLike, **kw) -> DumpWriter:
     """A ``DumpWriter(path, kind="lattice")`` for ``compact_dump`` of ``reader``: the
-    reader's blank (as an index in ``[0, V)``), vocab, input_kind and V.
+    reader's blank (as an index in ``[0, V)``), vocab, input_kind, V and frame shift
+    (``DumpReader.frame_shift``; a bad stored one is the reader's ``DumpError``).
 
     ``kw`` go to ``DumpWriter`` (``compression``, ``lattice_dtype``, ``backend``:
     give the one ``compact_dump`` will run). Raises ``DumpError`` for a lattice
@@ -56,7 +57,7 @@ def lattice_writer_for(reader: DumpReader, path: str | os.PathLike, **kw) -> Dum
             raise DumpError(f"{reader.name}: blank = {reader.blank} is outside [-V, V) for "
                             f"V = {V}")
     return DumpWriter(path, blank=blank, vocab=reader.vocab, input_kind=reader.input_kind,
-                      kind="lattice", vocab_size=V, **kw)
+                      kind="lattice", vocab_size=V, frame_shift=reader.frame_shift, **kw)
 
 
 def _check_pair(reader: DumpReader, writer: DumpWriter, backend: str) -> None:

@@ -10,7 +10,8 @@ Full dump, keyed layout::
 
     /                        attrs: format="rnntool.dump", format_version=2,
                                     dump_kind="full", blank, vocab_size (-1: not
-                                    recorded), input_kind="logits"|"log_probs"
+                                    recorded), input_kind="logits"|"log_probs",
+                                    optional frame_shift (seconds per logit frame)
     /vocab                   optional (V,) UTF-8 token names
     /utts/<utt_id>/logits    (T, U+1, V) float16 | float32 | float64
     /utts/<utt_id>/labels    (U,) integers
@@ -83,6 +84,21 @@ _BACKENDS = ("auto", "cpu", "cuda")  # DumpWriter(kind="lattice", backend=...)
 
 class DumpError(Exception):
     """Bad input in a dump: the message is one line naming the file and utterance."""
+
+
+def check_frame_shift(value, what: str = "frame_shift") -> float:
+    """``value`` as a frame shift: seconds per logit frame, a finite real number > 0
+    (a Python, numpy or 0-d array/tensor scalar; ``bool`` is not a number here).
+
+    Raises TypeError for something that is not a real number, ValueError for one
+    that is not finite or not above 0 (the message names ``what``).
+    """
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    seconds = _number(what, value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {seconds!r}")
+    return seconds
 
 
 def _np(x) -> np.ndarray:
@@ -257,7 +273,8 @@ class DumpWriter:
     only on success.
 
     ``DumpWriter(path, blank=0, vocab=None, input_kind="logits", compression=None, *,
-    kind="full", lattice_dtype=None, backend="auto", vocab_size=None)``:
+    kind="full", lattice_dtype=None, backend="auto", vocab_size=None,
+    frame_shift=None)``:
 
     - ``blank``: the blank index, in ``[-V, V)`` (negative counts from the end);
       ``vocab``: a sequence of V token names; ``input_kind``: ``"logits"``
@@ -265,6 +282,10 @@ class DumpWriter:
       ``None``, ``"lzf"`` or ``"gzip"``; ``vocab_size``: V, when known before any
       utterance (so that an empty lattice dump can record it); it and ``vocab``
       fix V, else the first utterance written does.
+    - ``frame_shift``: seconds per logit frame (e.g. 0.04 for a 10 ms hop and 4x
+      subsampling), stored as the root attribute ``frame_shift`` (both kinds), so
+      that ``rnntool timestamps`` can give times in seconds; None stores none.
+      A finite number > 0: ValueError otherwise (TypeError for a non-number).
     - ``kind`` (one of ``DUMP_KINDS``): ``"full"`` stores the logits ``(T, U+1, V)``
       as given (and gradients, if given); ``"lattice"`` takes the same logits but
       stores only ``blank_lp (T, U+1)``, ``emit_lp (T, U)`` and ``log_p2_others
@@ -301,7 +322,10 @@ class DumpWriter:
         lattice_dtype=None,
         backend: str = "auto",
         vocab_size: int | None = None,
+        frame_shift: float | None = None,
     ) -> None:
+        if frame_shift is not None:
+            frame_shift = check_frame_shift(frame_shift)
         if input_kind not in INPUT_KINDS:
             raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {input_kind!r}")
         if compression not in (None, "lzf", "gzip"):
@@ -332,6 +356,7 @@ class DumpWriter:
         self.kind = kind
         self.lattice_dtype: np.dtype | None = lattice_dtype
         self.backend = backend
+        self.frame_shift: float | None = frame_shift
         self.vocab_size: int | None = None if self.vocab is None else len(self.vocab)
         if vocab_size is not None:
             if isinstance(vocab_size, bool):
@@ -809,6 +834,8 @@ class DumpWriter:
             f.attrs["blank"] = self.blank
             f.attrs["vocab_size"] = -1 if self.vocab_size is None else self.vocab_size
             f.attrs["input_kind"] = self.input_kind
+            if self.frame_shift is not None:
+                f.attrs["frame_shift"] = np.float64(self.frame_shift)
             if vocab is not None:
                 f.create_dataset("vocab", data=vocab)
             f.flush()

@@ -269,6 +269,33 @@ class DumpReader:
         if self.kind == "lattice" and blank is not None:
             self.blank = self._lattice_blank(int(blank))
 
+    @property
+    def frame_shift(self) -> float | None:
+        """Seconds per logit frame: the root attribute ``frame_shift`` (``DumpWriter(...,
+        frame_shift=)``), or None when the dump has none. Checked when first asked for
+        (commands that need no seconds never read it): anything but one finite real
+        number > 0 is a ``DumpError`` naming the file and the value."""
+        if not hasattr(self, "_frame_shift"):
+            self._frame_shift = self._read_frame_shift()
+        return self._frame_shift
+
+    def _read_frame_shift(self) -> float | None:
+        if "frame_shift" not in self._f.attrs:
+            return None
+        try:
+            v = np.asarray(self._f.attrs["frame_shift"])
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise DumpError(f"{self.name}: attribute frame_shift unreadable "
+                            f"({_first_line(e)})") from None
+        if v.size != 1 or v.dtype.kind not in "iuf":
+            raise DumpError(f"{self.name}: attribute frame_shift = {_shown(v)} is not a number "
+                            "(seconds per logit frame)")
+        seconds = float(v.reshape(()))
+        if not (np.isfinite(seconds) and seconds > 0):
+            raise DumpError(f"{self.name}: attribute frame_shift = {_shown(v)} is not a finite "
+                            "number of seconds > 0")
+        return seconds
+
     def _dump_kind(self, version: int) -> str:
         if "dump_kind" not in self._f.attrs:
             return "full"
