@@ -421,12 +421,14 @@ def inspect(
     """What each dump holds, and every problem in it: one row per file.
 
     Fields: file, kind (full or lattice), layout, blank, vocab_size, vocab (true
-    if token names are stored), input_kind, utterances, T_min/T_max, U_min/U_max,
+    if token names are stored), input_kind, frame_shift (seconds per logit frame,
+    empty when the dump records none), utterances, T_min/T_max, U_min/U_max,
     V_min/V_max, dtypes, with_stored_loss, with_grads, size_bytes, problems (a
     count). Every problem found goes to stderr, one line each naming the file and
     utterance, and makes the exit code 1: bad labels, lengths or shapes; NaN/+inf
     logits (in a lattice dump, NaN/+inf log-probs, or arrays that disagree in
-    shape); a loss that is +inf or below 0 beyond rounding (as score says); and
+    shape); a loss that is +inf or below 0 beyond rounding (as score says); a
+    stored frame_shift that is not a finite number of seconds > 0; and
     for input_kind=log_probs, rows that do not normalise: |logsumexp over V| above
     4 * eps * max(1, ln V), eps that of the precision the values carry (float16
     9.8e-4, bfloat16 7.8e-3, float32 1.2e-7, float64 2.2e-16), 8 times what
@@ -443,14 +445,32 @@ def inspect(
         task = bar.add_task("inspecting", total=sum(len(r) for r, _ in selected))
         for reader, _ in selected:
             report = inspect_dump(reader, on_utterance=lambda: bar.advance(task))
-            rows.append(report.facts())
+            rows.append(_with_frame_shift(report.facts(), reader, report.problems))
             problems += report.problems
     with open_output(output, reads) as out:
-        render(rows, INSPECT_FIELDS, fmt, out, title="Dumps")
+        render(rows, _inspect_fields(INSPECT_FIELDS), fmt, out, title="Dumps")
     for p in problems:
         print(f"rnntool: {_line(p)}", file=sys.stderr)
     if selected.report_empty() or problems:
         raise typer.Exit(1)
+
+
+def _inspect_fields(fields: list[str]) -> list[str]:
+    """``inspect``'s columns: the report's, with ``frame_shift`` after ``input_kind``."""
+    at = fields.index("input_kind") + 1
+    return [*fields[:at], "frame_shift", *fields[at:]]
+
+
+def _with_frame_shift(facts: dict, reader, problems: list[str]) -> dict:
+    """``facts`` with the dump's ``frame_shift`` (None when absent); a bad stored one is
+    a problem (appended to ``problems`` and counted), its column empty."""
+    from .dump import DumpError
+
+    try:
+        return {**facts, "frame_shift": reader.frame_shift}
+    except DumpError as e:
+        problems.append(str(e))
+        return {**facts, "frame_shift": None, "problems": facts["problems"] + 1}
 
 
 # --------------------------------------------------------------------------- align / plot
@@ -631,7 +651,7 @@ def compact(
     next-label log-probs and log of the sum of p_v^2 over the other tokens: what
     score, align, plot and inspect need (grad-check needs the logits). Stage 1 of
     the engine runs on --device, one batch at a time; stored losses, texts and
-    the vocab carry over. The output appears only when complete.
+    the vocab (and the frame shift) carry over. The output appears only when complete.
     """
     from .compact import compact_dump, lattice_writer_for
     from .reader import show
@@ -777,6 +797,304 @@ def grad_check(
                         f"utterances (atol {atol:g}, rtol {rtol:g})", markup=False)
     if selected.report_empty() or failed or problems:
         raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- timestamps
+TIMESTAMP_FORMATS = ("tsv", "csv", "jsonl", "json", "table", "ctm", "lhotse", "textgrid")
+
+
+@app.command("timestamps")
+@command
+def timestamps_cmd(
+    inputs: Inputs,
+    output: Output = None,
+    fmt: Annotated[str | None, typer.Option(
+        "--format", "-f", metavar="FORMAT",
+        help="tsv|csv|jsonl|json|table (every field), ctm (SCTK), lhotse (supervision "
+        "JSONL), textgrid (Praat, into --out-dir) (default: table on a terminal, tsv "
+        "otherwise).")] = None,
+    device: Device = "auto",
+    blank: Blank = None,
+    utts: Utts = None,
+    utt_list: UttList = None,
+    frame_shift: Annotated[float | None, typer.Option(
+        "--frame-shift", metavar="SECONDS",
+        help="Seconds per logit frame (overrides the dump's frame_shift).")] = None,
+    unit: Annotated[str, typer.Option(
+        "--unit", metavar="UNIT", help="word|token: what a row, CTM line or item "
+        "is.")] = "word",
+    word_sep: Annotated[str | None, typer.Option(
+        "--word-sep", metavar="TOKEN", help="Tokens group into words at this separator "
+        "token (default: at SentencePiece's \u2581 when the vocab has it).")] = None,
+    window: Annotated[int, typer.Option(
+        "--window", metavar="K", help="Frames each side of the Viterbi frame for the window "
+        "posterior (the confidence).")] = 2,
+    aggregate: Annotated[str, typer.Option(
+        "--aggregate", metavar="HOW", help="min|mean|prod|max: a word's confidence from its "
+        "tokens'.")] = "min",
+    channel: Annotated[str, typer.Option(
+        "--channel", metavar="CHAN", help="The CTM channel field.")] = "1",
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out-dir", "-d", metavar="DIR", help="Directory for the TextGrids (--format "
+        "textgrid).")] = None,
+    ref: Annotated[Path | None, typer.Option(
+        "--ref", metavar="REF.ctm", help="Reference word times (CTM): report each word's "
+        "start and end offsets (emission delay).")] = None,
+    summary: Annotated[str | None, typer.Option(
+        "--summary", metavar="FILE.json", help="With --ref: write the delay statistics "
+        "here as JSON.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Token and word times in seconds, confidences, and emission delay against a
+    reference CTM.
+
+    A token starts at the frame where the Viterbi path of the transcript emits it
+    and ends one frame later (start = frame x frame shift, end = (frame + 1) x frame
+    shift); expected_start is the posterior mean of its emission frame x frame
+    shift. frame_posterior: P(emitted at the Viterbi frame); window_posterior:
+    P(emitted within --window K frames of it), both from the lattice, in [0, 1]. A
+    word (tokens grouped at SentencePiece's \u2581, at --word-sep, or one per token
+    with --unit token) runs from its first token's start to its last token's end;
+    its confidence is the --aggregate (min by default) of its tokens' window
+    posteriors, frame_confidence of their frame posteriors. The frame shift is the
+    dump's (root attribute frame_shift) or --frame-shift; without either: exit 2.
+
+    Formats: tsv/csv/jsonl/json/table, one row per word (per token with --unit
+    token) with every field (and a file column first for several inputs); ctm:
+    `utt_id channel start duration word confidence`, sorted by utterance then
+    start; lhotse: one SupervisionSegment per line with an alignment of word and
+    token items [symbol, start, duration, score]; textgrid: OUT_DIR/<utt_id>.TextGrid
+    with tiers words and tokens.
+
+    --ref REF.ctm: each word is matched with the reference word of the same
+    utterance (the same words in order, ignoring case, or exit 2 naming the
+    utterance); rows gain ref_start, ref_end and the offsets hypothesis -
+    reference in ms of the start, end, expected start and expected end; count,
+    mean, median, p90, min and max of each go to stderr and to --summary. An
+    utterance whose loss is not finite gets no times: one line names it and the
+    exit code is 1.
+    """
+    from .dump import check_frame_shift
+    from .output import check_writable
+    from .reader import show
+    from .timestamps import AGGREGATES, UNITS, read_ctm
+
+    if fmt is None:
+        from .output import default_format
+
+        fmt = default_format(output)
+    if fmt not in TIMESTAMP_FORMATS:
+        raise fail(f"--format {fmt!r} is not one of {', '.join(TIMESTAMP_FORMATS)}")
+    if unit not in UNITS:
+        raise fail(f"--unit {unit!r} is not one of {', '.join(UNITS)}")
+    if aggregate not in AGGREGATES:
+        raise fail(f"--aggregate {aggregate!r} is not one of {', '.join(AGGREGATES)}")
+    if window < 0:
+        raise fail(f"--window {window} must be 0 or more (frames)")
+    if word_sep is not None and unit == "token":
+        raise fail("--word-sep groups tokens into words; it does not go with --unit token")
+    if frame_shift is not None:
+        try:
+            frame_shift = check_frame_shift(frame_shift, "--frame-shift")
+        except (TypeError, ValueError) as e:
+            raise fail(str(e)) from None
+    if not channel or len(channel.split()) != 1 or channel != channel.strip():
+        raise fail(f"--channel {channel!r} cannot be a CTM field (empty, or it holds "
+                   "whitespace)")
+    if fmt == "textgrid":
+        if out_dir is None:
+            raise fail("--format textgrid writes one file per utterance: give --out-dir DIR")
+        if output is not None:
+            raise fail("--format textgrid writes into --out-dir, not -o")
+    elif out_dir is not None:
+        raise fail("--out-dir goes with --format textgrid; use -o for the other formats")
+    if summary is not None:
+        if ref is None:
+            raise fail("--summary writes the delay statistics of --ref; give --ref REF.ctm")
+        if summary == "-":
+            raise fail("--summary needs a file name (stdout carries the times)")
+        if output not in (None, "-") and os.path.abspath(summary) == os.path.abspath(output):
+            raise fail(f"{_line(summary)}: given as both -o and --summary")
+    reads = _inputs_of(inputs, utt_list) + ([str(ref)] if ref is not None else [])
+    check_writable(output, reads)
+    check_writable(summary, reads)
+    backend = _backend(device)
+    refs = None
+    if ref is not None:
+        try:
+            refs = read_ctm(ref)
+        except ValueError as e:
+            raise fail(str(e)) from None
+    ref_name = None if ref is None else show(ref)
+    with _selection(inputs, blank, utts, utt_list, output=output) as selected:
+        plans = {id(reader): _times_plan(reader, ids, frame_shift, unit, word_sep, refs,
+                                         ref_name, quiet)
+                 for reader, ids in selected}
+        delays, problems = _write_times(
+            selected, plans, fmt=fmt, output=output, out_dir=out_dir, reads=reads,
+            backend=backend, unit=unit, window=window, aggregate=aggregate, channel=channel,
+            refs=refs, ref_name=ref_name, quiet=quiet)
+    if refs is not None:
+        _delay_report(delays, summary, reads, ref_name, unit, quiet)
+    if selected.report_empty() or problems:
+        raise typer.Exit(1)
+
+
+def _times_plan(reader, ids, frame_shift, unit, word_sep, refs, ref_name, quiet) -> dict:
+    """What ``timestamps`` needs of one input before any output: its frame shift
+    (--frame-shift, else the dump's: exit 2 without either), its word grouping, and
+    with --ref every selected utterance's words checked against the reference's
+    (from the labels alone: a mismatch is exit 2 before anything is written)."""
+    from .timestamps import check_words, grouping_for, word_groups
+
+    shift = frame_shift if frame_shift is not None else reader.frame_shift
+    if shift is None:
+        raise fail(f"{reader.name}: no frame shift: the dump has no root attribute "
+                   "frame_shift (DumpWriter(..., frame_shift=SECONDS)); give --frame-shift "
+                   "SECONDS")
+    try:
+        grouping = grouping_for(reader.vocab, unit, word_sep)
+    except ValueError as e:
+        raise fail(f"{reader.name}: --word-sep: {e}") from None
+    if unit == "word" and grouping == "token" and not quiet:
+        why = "has no vocab" if reader.vocab is None else "vocab has no \u2581 tokens"
+        print(f"rnntool: {_line(reader.name)}: the dump {why} and no --word-sep was given: "
+              "one word per token", file=sys.stderr)
+    if refs is not None:
+        for utt_id in ids:
+            labels = reader.labels(utt_id)
+            names = ([reader.vocab[int(t)] for t in labels] if reader.vocab
+                     else [str(int(t)) for t in labels])
+            words = [w for w, _ in word_groups(names, grouping, word_sep)]
+            if unit == "token":
+                words = names
+            try:
+                check_words(utt_id, words, refs.get(utt_id), ref_name)
+            except ValueError as e:
+                raise fail(str(e)) from None
+    return {"frame_shift": shift, "grouping": grouping, "word_sep": word_sep}
+
+
+def _write_times(selected, plans, *, fmt, output, out_dir, reads, backend, unit, window,
+                 aggregate, channel, refs, ref_name, quiet) -> tuple[list[dict], int]:
+    """Align each selected utterance and write its times in ``fmt``; returns the delay
+    rows (with --ref) and the number of utterances with a problem."""
+    from .analysis import align_utterance
+    from .timestamps import DELAY_FIELDS, TOKEN_FIELDS, WORD_FIELDS, delay_rows, times_of
+
+    fields = TOKEN_FIELDS if unit == "token" else WORD_FIELDS
+    fields = _with_file(fields + (DELAY_FIELDS if refs is not None else []), selected)
+    delays, problems = [], 0
+    with (_progress(quiet) as bar,
+          _times_sink(fmt, output, out_dir, reads, fields, selected, unit, channel) as write):
+        task = bar.add_task("timing", total=sum(len(ids) for _, ids in selected))
+        for reader, utt in _utterances(selected):
+            plan = plans[id(reader)]
+            with _Utterance(reader.path, utt.info.utt_id) as one:
+                aligned = align_utterance(reader, utt, backend=backend)
+                one.report(aligned.problem)
+            problems += aligned.problem is not None
+            times = times_of(aligned, frame_shift=plan["frame_shift"],
+                             text=utt.info.attrs.get("text"), grouping=plan["grouping"],
+                             word_sep=plan["word_sep"], window=window, aggregate=aggregate)
+            if times.finite:
+                extra = None
+                if refs is not None:
+                    extra = delay_rows(times, refs.get(times.utt_id), ref_name, unit)
+                    delays += extra
+                write(times, reader, extra)
+            bar.advance(task)
+    return delays, problems
+
+
+@contextlib.contextmanager
+def _times_sink(fmt, output, out_dir, reads, fields, selected, unit, channel):
+    """``write(times, reader, delay_rows)`` for ``timestamps``' format: rows streamed
+    (tsv, csv, jsonl; json and table at the end), lhotse lines streamed, CTM lines
+    sorted by utterance then start and written at the end, or one TextGrid file per
+    utterance (written as it comes, atomically, as plot's PNGs)."""
+    from .output import RowWriter, atomic_file, confined_name, open_output
+    from .timestamps import ctm_items, lhotse_supervision, textgrid, token_rows, word_rows
+
+    if fmt == "textgrid":
+        from .reader import show
+
+        if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
+            raise fail(f"{show(out_dir)}: exists and is not a directory"
+                       + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
+        inputs = reads + _linked(r for r, _ in selected)
+
+        def write_grid(times, reader, delays):
+            dest = _png_dir(out_dir, reader, selected) / confined_name(times.utt_id,
+                                                                       ".TextGrid")
+            with atomic_file(dest, "wb", inputs=inputs) as f:
+                f.write(textgrid(times).encode("utf-8"))
+
+        yield write_grid
+        return
+    with open_output(output, reads) as out:
+        if fmt == "ctm":
+            held: list[tuple] = []
+
+            def write_ctm(times, reader, delays):
+                held.extend((times.utt_id, start, len(held), line)
+                            for start, line in ctm_items(times, unit, channel))
+
+            yield write_ctm
+            held.sort(key=lambda h: h[:3])
+            out.writelines(h[3] + "\n" for h in held)
+        elif fmt == "lhotse":
+            import json
+
+            def write_lhotse(times, reader, delays):
+                custom = {"file": reader.name} if selected.several else None
+                out.write(json.dumps(lhotse_supervision(times, unit, custom),
+                                     ensure_ascii=False) + "\n")
+                out.flush()
+
+            yield write_lhotse
+        else:
+            rows = RowWriter(out, fields, fmt, title="Token times" if unit == "token"
+                             else "Word times")
+
+            def write_rows(times, reader, delays):
+                got = token_rows(times) if unit == "token" else word_rows(times)
+                for r, d in zip(got, delays or [{}] * len(got), strict=True):
+                    r.update(d, file=reader.name)
+                rows.write(got)
+
+            yield write_rows
+            rows.close()
+
+
+def _delay_report(delays, summary, reads, ref_name, unit, quiet) -> None:
+    """The --ref statistics: on stderr (unless -q) and, with --summary, as JSON."""
+    from .timestamps import SUMMARY_KEYS, delay_summary
+
+    stats = delay_summary(delays)
+    if not quiet:
+        err = _stderr()
+        err.print(f"emission delay against {ref_name}: {stats['count']} {unit}s "
+                  "(hypothesis - reference, ms)", markup=False)
+        for key in SUMMARY_KEYS:
+            s = stats[key]
+            if s is not None:
+                err.print(f"  {key.removesuffix('_offset_ms').replace('_', ' ')} offset: "
+                          f"mean {s['mean']:.1f}, median {s['median']:.1f}, p90 "
+                          f"{s['p90']:.1f}, min {s['min']:.1f}, max {s['max']:.1f}",
+                          markup=False)
+    if summary is not None:
+        import json
+
+        from .output import open_output
+
+        with open_output(summary, reads) as f:
+            json.dump({"ref": ref_name, "unit": unit, **stats}, f, indent=1)
+            f.write("\n")
 
 
 def main() -> None:

@@ -1,0 +1,627 @@
+"""Token and word times, confidences and emission delay: what ``rnntool timestamps`` computes.
+
+Everything here reads an utterance's ``Alignment`` (``align.py``: the Viterbi
+path of the reference transcript and the exact lattice posteriors, on the CPU
+or CUDA engine, from a full or a lattice dump); nothing runs a second
+forward-backward. Frames become seconds with the dump's frame shift (root
+attribute ``frame_shift``, ``DumpReader.frame_shift``) or one given.
+
+Definitions (``f_u`` is the frame at which the Viterbi path emits token ``u``,
+``s`` the frame shift in seconds; frame ``t`` covers ``[t*s, (t+1)*s)``):
+
+- a token's **start** is ``f_u * s`` and its **end** ``(f_u + 1) * s``: a token is
+  emitted at one frame, and it occupies that frame. The end is the moment the
+  model has committed to the token (the latency a streaming model is tuned
+  against: icefall's delay-penalty measure takes the emission frames too), never
+  stretched over the blank frames that follow (which would hand a pause to the
+  word before it). Several tokens emitted at one frame share its start and end.
+  Integer frames: ``start_frame = f_u``, ``end_frame = f_u + 1`` (exclusive).
+- its **expected start** ``E[f_u] * s``: the posterior mean of its emission frame
+  over all alignments (``Alignment.expected_frames``); expected end ``(E[f_u] + 1) * s``.
+- its **frame posterior**: P(token u emitted at frame f_u | x, y), and its **window
+  posterior**: P(emitted at a frame within ``f_u - k .. f_u + k``), both from the
+  lattice (not a greedy path), probabilities in [0, 1].
+- a **word** is a run of tokens (``word_groups``); its start is its first token's
+  start, its end its last token's end (likewise the expected ones); its
+  ``confidence`` the aggregate (``min`` by default, NeMo's default; ``mean``,
+  ``prod``, ``max``) of its tokens' window posteriors, ``frame_confidence`` the
+  same of their frame posteriors.
+
+The same Viterbi frames come from every backend (ties break the same way), so
+the times are identical on the CPU and CUDA engines and on a full dump and the
+lattice dump made from it; the posteriors agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .align import Alignment
+    from .analysis import AlignedUtterance
+    from .reader import DumpReader, LatticeUtterance, Utterance
+
+WORD_MARKER = "\u2581"  # SentencePiece's word-start marker, "▁"
+UNITS = ("word", "token")
+AGGREGATES = ("min", "mean", "prod", "max")
+DEFAULT_WINDOW = 2  # frames each side of the Viterbi frame for the window posterior
+GROUPINGS = ("marker", "separator", "token")
+
+WORD_FIELDS = ["utt_id", "word_index", "word", "start", "end", "duration", "start_frame",
+               "end_frame", "expected_start", "expected_end", "confidence", "frame_confidence",
+               "first_token", "n_tokens", "tokens"]
+TOKEN_FIELDS = ["utt_id", "position", "token_id", "token", "word_index", "start", "end",
+                "duration", "start_frame", "end_frame", "expected_frame", "expected_start",
+                "expected_end", "frame_posterior", "window_posterior"]
+DELAY_FIELDS = ["ref_word", "ref_start", "ref_end", "start_offset_ms", "end_offset_ms",
+                "expected_start_offset_ms", "expected_end_offset_ms"]
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class TokenTime:
+    """One token of an utterance: where the Viterbi path emits it, in frames and seconds,
+    its expected emission time and its posteriors (see the module docstring).
+
+    ``position``: 0-based index in the labels; ``word_index``: the word it belongs
+    to (None for a word separator, or a marker token in no word); frames are
+    integers (``end_frame`` exclusive), times seconds from the utterance's start,
+    ``expected_frame`` a real frame index in ``[0, T-1]``, posteriors in [0, 1].
+    """
+
+    position: int
+    token_id: int
+    token: str
+    word_index: int | None
+    start_frame: int
+    end_frame: int
+    start: float
+    end: float
+    expected_frame: float
+    expected_start: float
+    expected_end: float
+    frame_posterior: float
+    window_posterior: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class WordTime:
+    """One word: ``positions`` are its tokens' positions (in order); frames, times and
+    expected times as its first token's start and its last token's end; ``confidence``
+    and ``frame_confidence`` the aggregate of its tokens' window and frame posteriors."""
+
+    index: int
+    word: str
+    positions: tuple[int, ...]
+    start_frame: int
+    end_frame: int
+    start: float
+    end: float
+    expected_start: float
+    expected_end: float
+    confidence: float
+    frame_confidence: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class UtteranceTimes:
+    """The times of one utterance: ``T`` frames of ``frame_shift`` seconds (``duration``
+    = T * frame_shift), ``U`` tokens, ``loss`` (-log P(y|x), nats), the dump's ``text``
+    if any; ``tokens`` and ``words`` (empty when the loss is not finite: there is no
+    alignment); ``problem``: why the loss cannot be true (``score.loss_problem``)."""
+
+    utt_id: str
+    T: int
+    U: int
+    frame_shift: float
+    loss: float
+    text: str | None
+    tokens: list[TokenTime] = field(default_factory=list)
+    words: list[WordTime] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def duration(self) -> float:
+        return self.T * self.frame_shift
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss)
+
+
+# --------------------------------------------------------------------------- words
+def grouping_for(vocab: Sequence[str] | None, unit: str = "word",
+                 word_sep: str | None = None) -> str:
+    """How tokens group into words: ``"token"`` (one word per token) for
+    ``unit="token"``; ``"separator"`` when ``word_sep`` is given; else ``"marker"``
+    (SentencePiece's ``▁``) when some vocab entry starts with it, and ``"token"``
+    when none does or there is no vocab (the caller may say so).
+
+    Raises ValueError for an unknown ``unit``, ``word_sep`` with ``unit="token"``,
+    or a ``word_sep`` that is no token of ``vocab`` (without a vocab tokens are
+    named by their ids, so ``word_sep`` is an id written in digits).
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    if unit == "token":
+        if word_sep is not None:
+            raise ValueError("a word separator groups tokens into words; it does not go with "
+                             "unit 'token'")
+        return "token"
+    if word_sep is not None:
+        names = vocab if vocab is not None else None
+        if names is not None and word_sep not in names:
+            raise ValueError(f"word separator {word_sep!r} is not a token of the vocab")
+        if names is None and not word_sep.isdigit():
+            raise ValueError(f"word separator {word_sep!r}: the dump has no vocab, so tokens "
+                             "are named by their ids; give the separator's id")
+        return "separator"
+    if vocab is not None and any(t.startswith(WORD_MARKER) for t in vocab):
+        return "marker"
+    return "token"
+
+
+def word_groups(tokens: Sequence[str], grouping: str = "marker",
+                word_sep: str | None = None) -> list[tuple[str, list[int]]]:
+    """``(word, token positions)`` of each word of the token sequence ``tokens`` (names).
+
+    ``grouping`` (``GROUPINGS``): ``"marker"``: a token that starts with ``▁`` begins
+    a word (tokens before the first such token form a word of their own); the word
+    is its tokens joined with the markers removed, and a word left empty (a lone
+    ``▁`` at the end) is dropped. ``"separator"``: the token ``word_sep`` ends a word
+    and belongs to none; a word is its tokens joined as they are. ``"token"``: one
+    word per token, the token's name as it is.
+    """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
+    if grouping == "token":
+        return [(t, [p]) for p, t in enumerate(tokens)]
+    groups: list[tuple[str, list[int]]] = []
+    current: list[int] = []
+
+    def close():
+        if current:
+            text = "".join(tokens[p] for p in current)
+            if grouping == "marker":
+                text = text.replace(WORD_MARKER, "")
+            if text:
+                groups.append((text, list(current)))
+        current.clear()
+
+    for p, t in enumerate(tokens):
+        if grouping == "separator":
+            if t == word_sep:
+                close()
+                continue
+        elif t.startswith(WORD_MARKER):
+            close()
+        current.append(p)
+    close()
+    return groups
+
+
+def _aggregate(values: list[float], how: str) -> float:
+    if how == "min":
+        return min(values)
+    if how == "max":
+        return max(values)
+    if how == "mean":
+        return math.fsum(values) / len(values)
+    return math.prod(values)
+
+
+# --------------------------------------------------------------------------- times
+def utterance_times(alignment: Alignment, labels: np.ndarray, tokens: Sequence[str] | None, *,
+                    frame_shift: float, utt_id: str = "", grouping: str = "marker",
+                    word_sep: str | None = None, window: int = DEFAULT_WINDOW,
+                    aggregate: str = "min", text: str | None = None,
+                    problem: str | None = None) -> UtteranceTimes:
+    """The times of one aligned utterance.
+
+    ``alignment``: its ``Alignment`` (``align``/``align_compact``/``align_utterance``);
+    ``labels`` ``(U,)``; ``tokens``: their names (None: the ids, as text);
+    ``frame_shift``: seconds per frame (> 0); ``grouping``/``word_sep``: as
+    ``word_groups`` (``grouping_for`` picks them); ``window``: k >= 0 frames each
+    side for the window posterior; ``aggregate``: one of ``AGGREGATES``. An
+    alignment whose loss is not finite gives no tokens or words.
+
+    Raises ValueError for a bad ``frame_shift``, ``window`` or ``aggregate``.
+    """
+    from .dump import check_frame_shift
+
+    frame_shift = check_frame_shift(frame_shift)
+    if isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 0:
+        raise ValueError(f"window must be an integer >= 0 (frames), got {window!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    al = alignment
+    out = UtteranceTimes(utt_id=utt_id, T=al.T, U=al.U, frame_shift=frame_shift,
+                         loss=al.loss, text=text, problem=problem)
+    if not out.finite:
+        return out
+    names = list(tokens) if tokens is not None else [str(int(t)) for t in labels]
+    groups = word_groups(names, grouping, word_sep)
+    word_of: dict[int, int] = {p: w for w, (_, ps) in enumerate(groups) for p in ps}
+    s = frame_shift
+    k = int(window)
+    for u in range(al.U):
+        f = int(al.frames[u])
+        lo, hi = max(0, f - k), min(al.T, f + k + 1)
+        win = float(min(1.0, max(0.0, math.fsum(al.emit_posteriors[lo:hi, u].tolist()))))
+        e = float(al.expected_frames[u])
+        out.tokens.append(TokenTime(
+            position=u, token_id=int(labels[u]), token=names[u], word_index=word_of.get(u),
+            start_frame=f, end_frame=f + 1, start=f * s, end=(f + 1) * s,
+            expected_frame=e, expected_start=e * s, expected_end=(e + 1) * s,
+            frame_posterior=float(al.frame_posteriors[u]), window_posterior=win,
+        ))
+    for w, (word, ps) in enumerate(groups):
+        first, last = out.tokens[ps[0]], out.tokens[ps[-1]]
+        out.words.append(WordTime(
+            index=w, word=word, positions=tuple(ps), start_frame=first.start_frame,
+            end_frame=last.end_frame, start=first.start, end=last.end,
+            expected_start=first.expected_start, expected_end=last.expected_end,
+            confidence=_aggregate([out.tokens[p].window_posterior for p in ps], aggregate),
+            frame_confidence=_aggregate([out.tokens[p].frame_posterior for p in ps], aggregate),
+        ))
+    return out
+
+
+def times_of(aligned: AlignedUtterance, *, frame_shift: float, text: str | None = None,
+             **kw) -> UtteranceTimes:
+    """``utterance_times`` of an ``AlignedUtterance`` (``analysis.align_utterance``):
+    its alignment, labels, token names and problem; ``kw`` as there."""
+    return utterance_times(aligned.alignment, aligned.labels, aligned.tokens,
+                           frame_shift=frame_shift, utt_id=aligned.utt_id, text=text,
+                           problem=aligned.problem, **kw)
+
+
+def timestamps(reader: DumpReader, utt: Utterance | LatticeUtterance, *,
+               frame_shift: float | None = None, backend: str = "cpu", unit: str = "word",
+               word_sep: str | None = None, window: int = DEFAULT_WINDOW,
+               aggregate: str = "min") -> UtteranceTimes:
+    """The times of one utterance of ``reader`` (``reader.read`` of a full dump, or
+    ``reader.read_lattice`` of a lattice dump), aligned on ``backend``.
+
+    ``frame_shift``: seconds per frame, default the dump's (``reader.frame_shift``);
+    ``unit``, ``word_sep``: how tokens group into words (``grouping_for``);
+    ``window``, ``aggregate``: as ``utterance_times``.
+
+    Raises ValueError when neither gives a frame shift, for bad options, and
+    ``DumpError`` for a dump's bad stored frame shift.
+    """
+    from .analysis import align_utterance
+
+    if frame_shift is None:
+        frame_shift = reader.frame_shift
+        if frame_shift is None:
+            raise ValueError(f"{reader.name}: no frame shift: the dump has no root attribute "
+                             "frame_shift; give one (seconds per logit frame)")
+    grouping = grouping_for(reader.vocab, unit, word_sep)
+    aligned = align_utterance(reader, utt, backend=backend)
+    return times_of(aligned, frame_shift=frame_shift, text=utt.info.attrs.get("text"),
+                    grouping=grouping, word_sep=word_sep, window=window, aggregate=aggregate)
+
+
+def units_of(times: UtteranceTimes, unit: str) -> list[TokenTime] | list[WordTime]:
+    """The utterance's words, or its tokens for ``unit="token"``."""
+    return times.tokens if unit == "token" else times.words
+
+
+def unit_text(item: TokenTime | WordTime) -> str:
+    return item.token if isinstance(item, TokenTime) else item.word
+
+
+def unit_confidence(item: TokenTime | WordTime) -> float:
+    """The confidence formats carry: a word's ``confidence``, a token's window posterior."""
+    return item.window_posterior if isinstance(item, TokenTime) else item.confidence
+
+
+# --------------------------------------------------------------------------- rows
+def word_rows(times: UtteranceTimes) -> list[dict]:
+    """One row per word (``WORD_FIELDS``)."""
+    rows = []
+    for w in times.words:
+        names = [times.tokens[p].token for p in w.positions]
+        rows.append({
+            "utt_id": times.utt_id, "word_index": w.index, "word": w.word, "start": w.start,
+            "end": w.end, "duration": w.duration, "start_frame": w.start_frame,
+            "end_frame": w.end_frame, "expected_start": w.expected_start,
+            "expected_end": w.expected_end, "confidence": w.confidence,
+            "frame_confidence": w.frame_confidence, "first_token": w.positions[0],
+            "n_tokens": len(w.positions), "tokens": " ".join(names),
+        })
+    return rows
+
+
+def token_rows(times: UtteranceTimes) -> list[dict]:
+    """One row per token (``TOKEN_FIELDS``)."""
+    return [{
+        "utt_id": times.utt_id, "position": t.position, "token_id": t.token_id,
+        "token": t.token, "word_index": t.word_index, "start": t.start, "end": t.end,
+        "duration": t.duration, "start_frame": t.start_frame, "end_frame": t.end_frame,
+        "expected_frame": t.expected_frame, "expected_start": t.expected_start,
+        "expected_end": t.expected_end, "frame_posterior": t.frame_posterior,
+        "window_posterior": t.window_posterior,
+    } for t in times.tokens]
+
+
+# --------------------------------------------------------------------------- CTM
+class CtmError(ValueError):
+    """A bad CTM file: one line naming the file and the line number."""
+
+
+@dataclass
+class CtmWord:
+    """One line of a CTM file: ``word`` from ``start`` for ``duration`` seconds."""
+
+    word: str
+    start: float
+    duration: float
+    line: int
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+
+_MAX_CTM_LINE = 1 << 16
+
+
+def read_ctm(path: str | os.PathLike, name: str | None = None) -> dict[str, list[CtmWord]]:
+    """The words of a CTM file (SCTK: ``<utt_id> <channel> <start> <duration> <word>
+    [<confidence>]``, seconds), per utterance id, sorted by start (in file order
+    for equal starts). Blank lines and ``;;`` comments are skipped; the channel
+    and confidence are not used. A file from elsewhere: a line that is not UTF-8,
+    longer than 64 KiB, without five or six fields, or with a start, duration or
+    confidence that is not a finite number (start and duration >= 0) is a
+    ``CtmError`` naming ``name`` (default the path) and the line number;
+    an unreadable file too (``CtmError``: "cannot read").
+    """
+    from .checks import show
+
+    name = show(os.fspath(path) if name is None else name)
+    words: dict[str, list[CtmWord]] = {}
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise CtmError(f"{name}: cannot read the reference CTM ({e.strerror})") from None
+    try:
+        for n, raw in enumerate(iter(lambda: f.readline(_MAX_CTM_LINE + 1), b""), 1):
+            if len(raw) > _MAX_CTM_LINE:
+                raise CtmError(f"{name}: line {n} is longer than 64 KiB: not a CTM line")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CtmError(f"{name}: line {n} is not UTF-8 text") from None
+            fields = line.split()
+            if not fields or fields[0].startswith(";;"):
+                continue
+            if len(fields) not in (5, 6):
+                raise CtmError(f"{name}: line {n} has {len(fields)} fields; a CTM line has 5 or "
+                               "6: utt_id channel start duration word [confidence]")
+            values = []
+            for what, text in zip(("start", "duration", "confidence"), fields[2:4] + fields[5:],
+                                  strict=False):
+                try:
+                    v = float(text)
+                except ValueError:
+                    v = math.nan
+                if not math.isfinite(v) or (what != "confidence" and v < 0):
+                    raise CtmError(f"{name}: line {n}: {what} {show(text)!r} is not a finite "
+                                   "number" + ("" if what == "confidence" else " >= 0"))
+                values.append(v)
+            words.setdefault(fields[0], []).append(CtmWord(fields[4], values[0], values[1], n))
+    except OSError as e:
+        raise CtmError(f"{name}: cannot read the reference CTM ({e.strerror})") from None
+    finally:
+        f.close()
+    for ws in words.values():
+        ws.sort(key=lambda w: w.start)
+    return words
+
+
+def check_ctm_field(value: str, what: str) -> None:
+    """A CTM field must be one non-empty run of non-space characters: ValueError else."""
+    if not value or len(value.split()) != 1 or value != value.strip():
+        raise ValueError(f"{what} {value!r} cannot be a CTM field (empty, or it holds "
+                         "whitespace)")
+
+
+def ctm_items(times: UtteranceTimes, unit: str = "word", channel: str = "1"
+              ) -> list[tuple[float, str]]:
+    """``(start, line)`` of each of the utterance's CTM lines (``<utt_id> <channel>
+    <start> <duration> <word> <confidence>``, seconds to the millisecond, confidence
+    to 4 decimals), sorted by start (position order for equal starts). Raises
+    ValueError for an id, channel or word that cannot be a CTM field (empty, or
+    holding whitespace)."""
+    from .checks import show
+
+    check_ctm_field(times.utt_id, f"utterance {show(times.utt_id)}: the id")
+    check_ctm_field(channel, "channel")
+    out = []
+    for it in sorted(units_of(times, unit), key=lambda it: it.start):
+        check_ctm_field(unit_text(it), f"utterance {show(times.utt_id)}: {unit}")
+        out.append((it.start, f"{times.utt_id} {channel} {it.start:.3f} {it.duration:.3f} "
+                              f"{unit_text(it)} {unit_confidence(it):.4f}"))
+    return out
+
+
+def ctm_lines(times: UtteranceTimes, unit: str = "word", channel: str = "1") -> list[str]:
+    """The utterance's CTM lines (``ctm_items`` without the starts)."""
+    return [line for _, line in ctm_items(times, unit, channel)]
+
+
+# --------------------------------------------------------------------------- delay
+class WordMismatch(ValueError):
+    """An utterance's words are not the reference's: one line naming both."""
+
+
+def _same(a: str, b: str) -> bool:
+    return a.casefold() == b.casefold()
+
+
+def check_words(utt_id: str, words: Sequence[str], ref: Sequence[CtmWord] | None,
+                ref_name: str) -> None:
+    """Raise ``WordMismatch`` (one line naming the reference, the utterance and the first
+    difference) unless ``words`` are the reference's words in order (compared ignoring
+    case: tokenizers often lower-case)."""
+    from .checks import show
+
+    theirs = [w.word for w in ref or []]
+    where = f"{show(ref_name)}: utterance {show(utt_id)}"
+    if not theirs and words:
+        raise WordMismatch(f"{where}: no reference words, {len(words)} aligned")
+    for i, (a, b) in enumerate(zip(words, theirs, strict=False)):
+        if not _same(a, b):
+            raise WordMismatch(f"{where}: word {i + 1} is {show(a)!r} but the reference has "
+                               f"{show(b)!r} ({len(words)} words aligned, {len(theirs)} in the "
+                               "reference)")
+    if len(words) != len(theirs):
+        raise WordMismatch(f"{where}: {len(words)} words aligned but {len(theirs)} in the "
+                           "reference (the first "
+                           f"{min(len(words), len(theirs))} agree)")
+
+
+def delay_rows(times: UtteranceTimes, ref: Sequence[CtmWord] | None, ref_name: str,
+               unit: str = "word") -> list[dict]:
+    """Per word (per token for ``unit="token"``) the reference word's times and the
+    offsets hypothesis - reference in milliseconds (``DELAY_FIELDS``): of the start, the
+    end, and of the expected start and end. Raises ``WordMismatch`` when the words are
+    not the reference's (``check_words``)."""
+    items = units_of(times, unit)
+    check_words(times.utt_id, [unit_text(it) for it in items], ref, ref_name)
+    rows = []
+    for it, r in zip(items, ref or [], strict=False):
+        rows.append({
+            "ref_word": r.word, "ref_start": r.start, "ref_end": r.end,
+            "start_offset_ms": 1000.0 * (it.start - r.start),
+            "end_offset_ms": 1000.0 * (it.end - r.end),
+            "expected_start_offset_ms": 1000.0 * (it.expected_start - r.start),
+            "expected_end_offset_ms": 1000.0 * (it.expected_end - r.end),
+        })
+    return rows
+
+
+SUMMARY_KEYS = ("start_offset_ms", "end_offset_ms", "expected_start_offset_ms",
+                "expected_end_offset_ms")
+
+
+def delay_summary(rows: Sequence[dict]) -> dict:
+    """``{"count": n, key: stats}`` for each of ``SUMMARY_KEYS`` over ``rows``
+    (``delay_rows``), stats ``{"mean", "median", "p90", "min", "max"}`` of the signed
+    offsets in ms (hypothesis - reference: positive = emitted late; ``p90`` numpy's
+    linear-interpolation 90th percentile), None when there are no rows."""
+    out: dict = {"count": len(rows)}
+    for key in SUMMARY_KEYS:
+        v = np.array([r[key] for r in rows], np.float64)
+        out[key] = None if not v.size else {
+            "mean": float(v.mean()), "median": float(np.median(v)),
+            "p90": float(np.percentile(v, 90)), "min": float(v.min()), "max": float(v.max()),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- lhotse
+def lhotse_supervision(times: UtteranceTimes, unit: str = "word",
+                       custom: dict | None = None) -> dict:
+    """The utterance as a lhotse ``SupervisionSegment`` dict (``to_dict``'s layout):
+    ``id`` and ``recording_id`` the utterance id, ``start`` 0, ``duration`` T * frame
+    shift, ``channel`` 0, ``text`` (the dump's, else the words joined by spaces), and
+    ``alignment`` ``{"word": [[symbol, start, duration, score], ...], "token": [...]}``
+    (lhotse's ``AlignmentItem`` as a list; score the confidence: a word's
+    ``confidence``, a token's window posterior). With ``unit="token"`` the "word"
+    items are the tokens."""
+    def items(seq):
+        return [[unit_text(it), it.start, it.duration, unit_confidence(it)] for it in seq]
+
+    units = units_of(times, unit)
+    text = times.text if times.text is not None else " ".join(unit_text(it) for it in units)
+    out = {"id": times.utt_id, "recording_id": times.utt_id, "start": 0.0,
+           "duration": times.duration, "channel": 0, "text": text,
+           "alignment": {"word": items(units), "token": items(times.tokens)}}
+    if custom:
+        out["custom"] = dict(custom)
+    return out
+
+
+# --------------------------------------------------------------------------- TextGrid
+def _tier_intervals(spans: list[tuple[float, float, str]], xmax: float
+                    ) -> list[tuple[float, float, str]]:
+    """Intervals covering ``[0, xmax]`` without overlap: the spans (in order), empty
+    intervals in the gaps. Spans that overlap (several emitted in one frame) are
+    run together into one stretch, shared evenly among them in order: a TextGrid
+    tier cannot hold overlapping intervals."""
+    clusters: list[list[tuple[float, float, str]]] = []
+    end = -math.inf
+    for sp in spans:
+        if clusters and sp[0] < end:
+            clusters[-1].append(sp)
+            end = max(end, sp[1])
+        else:
+            clusters.append([sp])
+            end = sp[1]
+    out = []
+    at = 0.0
+    for c in clusters:
+        c0, c1 = c[0][0], max(sp[1] for sp in c)
+        if c0 > at:
+            out.append((at, c0, ""))
+        n = len(c)
+        bounds = [c0] + [c0 + (c1 - c0) * i / n for i in range(1, n)] + [c1]
+        out += [(bounds[i], bounds[i + 1], sp[2]) for i, sp in enumerate(c)]
+        at = c1
+    if at < xmax:
+        out.append((at, xmax, ""))
+    return out
+
+
+def _praat_string(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+def textgrid(times: UtteranceTimes) -> str:
+    """The utterance as a Praat TextGrid (long text format): interval tiers ``words``
+    and ``tokens`` over ``[0, T * frame shift]``, the gaps between items as empty
+    intervals. Items that overlap (emitted in one frame) share their stretch
+    evenly, in order (``_tier_intervals``); the exact times are in the other
+    formats."""
+    xmax = times.duration
+    tiers = [("words", [(w.start, w.end, w.word) for w in times.words]),
+             ("tokens", [(t.start, t.end, t.token) for t in times.tokens])]
+    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "",
+             "xmin = 0", f"xmax = {xmax!r}", "tiers? <exists>", f"size = {len(tiers)}",
+             "item []:"]
+    for i, (name, spans) in enumerate(tiers, 1):
+        intervals = _tier_intervals(spans, xmax)
+        lines += [f"    item [{i}]:", '        class = "IntervalTier"',
+                  f"        name = {_praat_string(name)}", "        xmin = 0",
+                  f"        xmax = {xmax!r}", f"        intervals: size = {len(intervals)}"]
+        for j, (a, b, text) in enumerate(intervals, 1):
+            lines += [f"        intervals [{j}]:", f"            xmin = {a!r}",
+                      f"            xmax = {b!r}", f"            text = {_praat_string(text)}"]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "AGGREGATES", "DEFAULT_WINDOW", "DELAY_FIELDS", "GROUPINGS", "TOKEN_FIELDS", "UNITS",
+    "WORD_FIELDS", "WORD_MARKER", "CtmError", "CtmWord", "TokenTime", "UtteranceTimes",
+    "WordMismatch", "WordTime", "check_words", "ctm_items", "ctm_lines", "delay_rows",
+    "delay_summary", "grouping_for", "lhotse_supervision", "read_ctm", "textgrid",
+    "timestamps", "times_of", "token_rows", "units_of", "utterance_times", "word_groups",
+    "word_rows",
+]
