@@ -12,7 +12,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import examples, invoke, one_line_error, random_batch, rows_of, write_lattice_raw
+from helpers import (
+    examples,
+    invoke,
+    one_line_error,
+    random_batch,
+    rows_of,
+    write_lattice_raw,
+    write_padded_raw,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -532,3 +540,27 @@ def test_unknown_format_and_options(tmp_path):
     one_line_error(invoke("timestamps", full, "--unit", "phone"), "--unit 'phone'")
     one_line_error(invoke("timestamps", full, "--aggregate", "median"), "--aggregate")
     one_line_error(invoke("timestamps", full, "--window", "-1"), "--window -1")
+
+
+def test_selection_and_output_file(tmp_path):
+    full, _ = sentence_dump(tmp_path)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("u2\n")
+    out = tmp_path / "t.ctm"
+    got = invoke("timestamps", full, "--utt-list", ids, "-f", "ctm", "-o", out, "-q")
+    assert got.exit_code == 0 and got.stdout == "" and got.stderr == ""
+    assert out.read_text() == "u2 1 0.120 0.040 the 1.0000\n"
+    one_line_error(invoke("timestamps", full, "--utt", "nope"), "no utterance 'nope'")
+
+
+def test_padded_dump_without_vocab_groups_at_a_separator_id(tmp_path):
+    labels = [2, 3, 1, 4]  # token 1 separates words: "2 3" and "4"
+    x = placed_logits(9, labels, [1, 2, 4, 7], 5)[None]
+    path = tmp_path / "padded.h5"
+    write_padded_raw(path, x, np.array([labels]), np.array([9]), np.array([4]))
+    rows = rows_of(invoke("timestamps", path, "--frame-shift", "0.05", "--word-sep", "1",
+                          "-f", "tsv").stdout)
+    assert [(r["word"], r["start"], r["end"]) for r in rows] == [
+        ("23", "0.050000", "0.150000"), ("4", "0.350000", "0.400000")]
+    one_line_error(invoke("timestamps", path, "--frame-shift", "0.05", "--word-sep", "x"),
+                   "give the separator's id")
