@@ -37,6 +37,16 @@ left out here. NeMo accepts duration sets without 0 (its tests use
 ``[1, 2, 3, 4, 5]``); so does this reference (it only asks for distinct,
 ascending, non-negative integers), while ``rnntool.tdt_loss`` asks for 0 and 1.
 
+The gradient (what the kernels must reproduce, and what the tests check
+autograd against): with ``occ(t, u)`` the posterior probability that the path
+visits ``(t, u)``, ``P_blank(t, u)`` / ``P_label(t, u)`` the summed posteriors of
+the blank / label arcs leaving it and ``P_d(t, u)`` that of its arcs with
+duration ``d`` (so ``occ = P_blank + P_label = sum_d P_d``), the gradient of the
+loss w.r.t. token logit ``k`` is ``P(k) occ - [k = blank] P_blank - [k = y_{u+1}]
+P_label`` and w.r.t. duration logit ``d`` it is ``Q(d) occ - P_d``; without the
+fused log-softmax the ``P(k) occ`` and ``Q(d) occ`` terms go. ``sigma`` enters
+only through the posteriors.
+
 Like ``rnntool.reference`` (the RNN-T oracle), everything is plain Python loops
 over float64 torch scalars, and gradients come from torch autograd; nothing
 here shares code with the kernels. ``tdt_brute_force_loss`` enumerates every

@@ -84,6 +84,17 @@ def test_brute_force_counts_paths():
     assert abs(got - want) < 1e-14
 
 
+def test_final_blank_lands_exactly_on_T():
+    # T=2, U=0, durations [0, 1, 2, 3], all weights 0: blank 1+1 and blank 2 end
+    # the path; a blank of 3 (or 1 then 2) would overshoot T and is no path.
+    x = torch.zeros(2, 1, 2 + 4, dtype=torch.float64)
+    kw = dict(durations=[0, 1, 2, 3], blank=1, fused_log_softmax=False)
+    paths = sorted(a for _, a in tdt_enumerate_paths(x, torch.tensor([], dtype=torch.long), **kw))
+    assert paths == [[(0, 0, 1, 1), (1, 0, 1, 1)], [(0, 0, 1, 2)]]
+    loss = tdt_reference_utterance_loss(x, torch.tensor([], dtype=torch.long), **kw)
+    assert abs(float(loss) + math.log(2)) < 1e-15
+
+
 def test_no_path_is_infinite_with_zero_gradient():
     # One frame, one label, no duration 0: the label can only land beyond T.
     x = _case(1, 1, 1, 3, 2).unsqueeze(0)
@@ -190,11 +201,10 @@ def test_rnnt_is_a_limit_of_tdt(T, U, V, blank):
 
 
 # --------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("ds,blank,sigma", [([0, 1], 0, 0.0), ([0, 1, 2], -1, 0.05),
-                                            ([0, 1, 3], 1, 0.3), ([1, 2], 0, 0.0)])
-def test_gradient_against_finite_differences(fused, ds, blank, sigma):
-    x = _case(len(ds) * 7 + blank, 4, 2, 3, len(ds), fused=fused).requires_grad_(True)
+@pytest.mark.parametrize("ds,blank,sigma,fused", [([0, 1], 0, 0.0, True), ([0, 1, 2], -1, 0.05, False),
+                                                  ([0, 1, 3], 1, 0.3, True), ([1, 2], 0, 0.0, False)])
+def test_gradient_against_finite_differences(ds, blank, sigma, fused):
+    x = _case(len(ds) * 7 + blank, 3, 2, 3, len(ds), fused=fused).requires_grad_(True)
     y = torch.tensor([2, 2]) if blank % 3 != 2 else torch.tensor([0, 1])
 
     def f(z):
@@ -361,6 +371,19 @@ def test_viterbi_ties_prefer_blank_then_shorter_duration():
     # again the final blank's shorter duration decides.
     best, arcs = tdt_reference_viterbi(x[:2], torch.tensor([0]), durations=[0, 1, 2], blank=-1)
     assert arcs == [(0, 0, 0, 1), (1, 1, 3, 1)]
+
+
+def test_viterbi_exact_ties_follow_the_order_blanks_then_labels_shorter_first():
+    # fused=False with every log-prob 0: all paths weigh 0 and every choice is a
+    # tie. Node by node from the end: the final blank takes d=1 from (2, 1);
+    # into (2, 1) the blank d=1 from (1, 1) comes first (before the blank d=2
+    # from (0, 1) and the labels from (2, 0), (1, 0), (0, 0)); into (1, 1) the
+    # blank from (0, 1); into (0, 1) only the label d=0 from (0, 0).
+    x = torch.zeros(3, 2, 3 + 3, dtype=torch.float64)
+    best, arcs = tdt_reference_viterbi(x, torch.tensor([2]), durations=[0, 1, 2], blank=0,
+                                       fused_log_softmax=False)
+    assert best == 0.0
+    assert arcs == [(0, 0, 2, 0), (0, 1, 0, 1), (1, 1, 0, 1), (2, 1, 0, 1)]
 
 
 # --------------------------------------------------------------------------- bad input
