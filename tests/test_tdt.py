@@ -119,6 +119,32 @@ def test_matches_reference(backend):
     check()
 
 
+# NeMo's published TDT case (NeMo, Apache-2.0: tests/collections/asr/numba/rnnt_loss/
+# test_rnnt_pytorch.py, TestTDTLoss.test_case_fixed_case_act_label, the values
+# test_tdt_reference.py reproduces with the oracle): acts all zeros (1, 3, 2, 4 + 3),
+# labels [[0]], TDTLossNumba(blank=3, durations=[0, 1, 2], sigma=0.05, reduction="sum").
+# Mapping: NeMo's acts are our logits as they are (4 tokens, blank last, then 3
+# durations), blank=3, durations and sigma as they are, one utterance: reduction "sum".
+NEMO_COST = 4.155739
+NEMO_GRADS = [
+    [[-0.64962804, 0.25, 0.25, 0.14962798, 0.2672583, -0.16792619, -0.09933221],
+     [0.01651875, 0.01651875, 0.01651875, -0.04955626, 0.022025, -0.01227201, -0.009753]],
+    [[-0.04892651, 0.01714851, 0.01714851, 0.01462949, -0.01143234, -0.01143234, 0.02286467],
+     [0.12531489, 0.12531489, 0.12531489, -0.37594467, 0.16708651, 0.13027048, -0.29735702]],
+    [[-0.02572276, 0.00857425, 0.00857425, 0.00857425, -0.02286468, 0.01143234, 0.01143234],
+     [0.13388914, 0.13388914, 0.13388914, -0.40166742, 0.17851885, -0.35703772, 0.17851885]],
+]
+
+
+def test_nemo_published_case(backend):
+    # NeMo checks its float32 CUDA kernel against these with rtol 1e-6 (cost), 1e-2 (grad).
+    loss, grad = run_tdt(torch.zeros(1, 3, 2, 7), torch.tensor([[0]]), torch.tensor([3]),
+                         torch.tensor([1]), durations=[0, 1, 2], blank=3, sigma=0.05,
+                         reduction="sum", backend=backend)
+    assert abs(float(loss) - NEMO_COST) < 2e-6
+    torch.testing.assert_close(grad[0], torch.tensor(NEMO_GRADS), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_dtypes(dtype, backend):
     # The reference sees the same rounded logits; the gradient comes back in the dtype.
