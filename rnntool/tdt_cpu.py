@@ -13,7 +13,8 @@ storage types are ``cpu.py``'s (``floatbits.py``): the same bits rules hold.
                       order within a frame (the ``d = 0`` label arc stays in its frame).
 3. ``cpu_gradient``   one fused pass over ``V + D`` per node, in ``backward()``.
 
-``cpu_forward`` (stages 1-2) and ``cpu_backward`` (3) make ``TDT_ENGINE``.
+``cpu_viterbi`` is stage 2's max-product twin, for alignments. ``cpu_forward``
+(stages 1-2), ``cpu_backward`` (3) and ``cpu_best_path`` (Viterbi) make ``TDT_ENGINE``.
 
 Shapes: ``B`` utterances padded to ``T`` frames and ``U1 = U+1`` label positions,
 ``V`` tokens then ``D`` durations along the last dim. Every sum runs in an order
@@ -48,6 +49,9 @@ _same_frame_arc = rules.compiled(rules.same_frame_arc, _inline)
 _out_to_later = rules.compiled(rules.out_to_later, _inline, _lae=_lae)
 _final_blanks = rules.compiled(rules.final_blanks, _inline, _lae=_lae)
 _arc_posteriors = rules.compiled(rules.arc_posteriors, _inline)
+_best_blank_into = rules.compiled(rules.best_blank_into, _inline)
+_best_label_into = rules.compiled(rules.best_label_into, _inline)
+_best_final_blank = rules.compiled(rules.best_final_blank, _inline)
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -146,6 +150,44 @@ def cpu_alpha_beta(blank_lp, emit_lp, dur_lp, durations, logit_lengths, target_l
                     acc = _lae(acc, _same_frame_arc(emit_lp, dur_lp, b, t, u)
                                + beta[b, t, u + 1])
                 beta[b, t, u] = acc
+
+
+@njit(**_PAR)
+def cpu_viterbi(blank_lp, emit_lp, dur_lp, durations, logit_lengths, target_lengths, delta,
+                from_arc, best, last):
+    """The max-product twin of stage 2: ``delta`` ``(B, T, U1)`` float64, the best path's
+    log-prob into each node, and ``from_arc`` ``(B, T, U1)`` int8, the code of the arc it
+    came by (``tdt_lattice``: ``i + 1`` blank, ``-(i + 1)`` label of duration index i,
+    0 none); ``best[b]`` the best complete path's log-prob, ``last[b]`` the duration
+    index of its final blank.
+
+    Ties: blanks by ascending duration, then labels by ascending duration (``d = 0``
+    first), a later arc only if strictly better: a blank beats a label, a shorter jump
+    a longer one (``tdt_reference.tdt_reference_viterbi``'s order).
+    """
+    B = blank_lp.shape[0]
+    for b in prange(B):
+        Tb = logit_lengths[b]
+        Ub = target_lengths[b]
+        for t in range(Tb):
+            for u in range(Ub + 1):
+                if t == 0 and u == 0:
+                    delta[b, 0, 0] = 0.0
+                    from_arc[b, 0, 0] = 0
+                    continue
+                score, code = _best_blank_into(delta, blank_lp, dur_lp, durations, b, t, u)
+                if u > 0:
+                    c = delta[b, t, u - 1] + _same_frame_arc(emit_lp, dur_lp, b, t, u - 1)
+                    if c > score:
+                        score = c
+                        code = -1
+                    c, k = _best_label_into(delta, emit_lp, dur_lp, durations, b, t, u, 1)
+                    if c > score:
+                        score = c
+                        code = k
+                delta[b, t, u] = score
+                from_arc[b, t, u] = code
+        best[b], last[b] = _best_final_blank(delta, blank_lp, dur_lp, durations, b, Tb, Ub)
 
 
 # --------------------------------------------------------------------------- stage 3
@@ -307,5 +349,20 @@ def cpu_backward(logits, state: TDTState, opts: TDTOptions, scale):
     return grad
 
 
+def cpu_best_path(state: TDTState):
+    """``cpu_viterbi`` on a forward state (kept or not): ``(best (B,), last (B,),
+    from_arc (B, T, U1))`` numpy; ``tdt_lattice.backtrack`` turns one utterance's into
+    its arcs."""
+    B, T, U1 = state.blank_lp.shape
+    delta = np.empty((B, T, U1), np.float64)
+    from_arc = np.zeros((B, T, U1), np.int8)
+    best = np.empty(B, np.float64)
+    last = np.zeros(B, np.int64)
+    with kernel_lock():
+        cpu_viterbi(state.blank_lp, state.emit_lp, state.dur_lp, state.durations,
+                    state.logit_lengths, state.target_lengths, delta, from_arc, best, last)
+    return best, last, from_arc
+
+
 TDT_ENGINE = TDTEngine(name="cpu", check_device=cpu_check_device, forward=cpu_forward,
-                       backward=cpu_backward, guards_indices=False)
+                       backward=cpu_backward, best_path=cpu_best_path, guards_indices=False)

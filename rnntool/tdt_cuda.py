@@ -8,7 +8,8 @@ shapes (``cuda.CONFIG``), streams and the simulator are ``cuda.py``'s.
                        ``threads_v`` threads striding the ``V`` token logits with
                        coalesced reads (``cuda._block_max``/``_block_sum``); one
                        thread per node then normalises its ``D`` duration logits.
-2. ``cuda_alpha_beta`` one block per utterance, frame by frame (schedule below).
+2. ``cuda_alpha_beta`` one block per utterance, frame by frame (schedule below);
+                       ``cuda_viterbi`` its max-product twin, for alignments.
 3. ``cuda_gradient``   one fused pass over ``V + D`` per node.
 
 The stage-2 schedule. RNN-T's anti-diagonals do not work here: a blank or label
@@ -62,6 +63,9 @@ _same_frame_arc = rules.compiled(rules.same_frame_arc, _device)
 _out_to_later = rules.compiled(rules.out_to_later, _device, _lae=_lae)
 _final_blanks = rules.compiled(rules.final_blanks, _device, _lae=_lae)
 _arc_posteriors = rules.compiled(rules.arc_posteriors, _device)
+_best_blank_into = rules.compiled(rules.best_blank_into, _device)
+_best_label_into = rules.compiled(rules.best_label_into, _device)
+_best_final_blank = rules.compiled(rules.best_final_blank, _device)
 _block_max = _rc._block_max
 _block_sum = _rc._block_sum
 _node = _rc._node
@@ -260,6 +264,52 @@ def cuda_alpha_beta(blank_lp, emit_lp, dur_lp, durations, logit_lengths, target_
         cuda.syncthreads()
 
 
+@cuda.jit
+def cuda_viterbi(blank_lp, emit_lp, dur_lp, durations, logit_lengths, target_lengths, delta,
+                 from_arc, best, last):
+    """The max-product twin of stage 2; same arrays, codes and tie order as
+    ``tdt_cpu.cpu_viterbi``, and the same arithmetic, so the same paths.
+
+    One block per utterance, frame by frame: the block's threads take the best blank
+    from earlier frames for all u at once; then one thread walks u upwards, weighing
+    the ``d = 0`` label arc (from the node just finished) and the label jumps. That
+    walk is serial in U per frame (a max-scan would reorder the tie rule's
+    comparisons); it is for alignments, not training.
+    """
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    for b in range(cuda.blockIdx.x, blank_lp.shape[0], cuda.gridDim.x):
+        Tb = logit_lengths[b]
+        Ub = target_lengths[b]
+        for t in range(Tb):
+            for u in range(tid, Ub + 1, nt):
+                score = 0.0
+                code = 0
+                if t > 0 or u > 0:
+                    score, code = _best_blank_into(delta, blank_lp, dur_lp, durations, b, t, u)
+                delta[b, t, u] = score
+                from_arc[b, t, u] = code
+            cuda.syncthreads()
+            if tid == 0:
+                for u in range(1, Ub + 1):
+                    score = delta[b, t, u]
+                    code = from_arc[b, t, u]
+                    c = delta[b, t, u - 1] + _same_frame_arc(emit_lp, dur_lp, b, t, u - 1)
+                    if c > score:
+                        score = c
+                        code = -1
+                    c, k = _best_label_into(delta, emit_lp, dur_lp, durations, b, t, u, 1)
+                    if c > score:
+                        score = c
+                        code = k
+                    delta[b, t, u] = score
+                    from_arc[b, t, u] = code
+            cuda.syncthreads()
+        if tid == 0:
+            best[b], last[b] = _best_final_blank(delta, blank_lp, dur_lp, durations, b, Tb, Ub)
+        cuda.syncthreads()
+
+
 # --------------------------------------------------------------------------- stage 3
 def cuda_gradient(logits, targets, logit_lengths, target_lengths, blank, V, fused, lse,
                   blank_lp, emit_lp, dur_lp, durations, alpha, beta, log_like, scale,
@@ -399,8 +449,27 @@ def cuda_backward(logits, state: TDTState, opts: TDTOptions, scale):
     return grad
 
 
+def cuda_best_path(state: TDTState):
+    """``cuda_viterbi`` on a forward state: ``(best (B,), last (B,), from_arc (B, T, U1))``
+    as torch tensors on the logits' device; same contract as ``tdt_cpu.cpu_best_path``."""
+    blank_lp = state.blank_lp
+    B, T, U1 = blank_lp.shape
+    device = blank_lp.device
+    delta = torch.empty(B, T, U1, dtype=torch.float64, device=device)
+    from_arc = torch.zeros(B, T, U1, dtype=torch.int8, device=device)
+    best = torch.empty(B, dtype=torch.float64, device=device)
+    last = torch.zeros(B, dtype=torch.int64, device=device)
+    a = _rc.storage_view
+    if B > 0:
+        cuda_viterbi[B, _rc.CONFIG["threads_diag"], _rc._stream()](
+            a(blank_lp), a(state.emit_lp), a(state.dur_lp), a(state.durations),
+            a(state.logit_lengths), a(state.target_lengths), a(delta), a(from_arc), a(best),
+            a(last))
+    return best, last, from_arc
+
+
 TDT_ENGINE = TDTEngine(name="cuda", check_device=cuda_check_device, forward=cuda_forward,
-                       backward=cuda_backward, guards_indices=True)
+                       backward=cuda_backward, best_path=cuda_best_path, guards_indices=True)
 
 
 # --------------------------------------------------------------------------- PTX signatures
@@ -423,6 +492,9 @@ def _ptx_signatures() -> dict:
                 (x4, idx2, idx1, idx1, i64, i64, f64, flag, flag, l4, l3, l3, l4, u8)),
             ("cuda_alpha_beta", kind): (
                 cuda_alpha_beta, (l3, l3, l4, idx1, idx1, idx1, flag, d3, d3, d1)),
+            ("cuda_viterbi", kind): (
+                cuda_viterbi, (l3, l3, l4, idx1, idx1, idx1, d3, nt.Array(nt.int8, 3, "C"), d1,
+                               idx1)),
             ("cuda_gradient", kind): (
                 _rc.storage_kernel(cuda_gradient, kind),
                 (x4, idx2, idx1, idx1, i64, i64, flag, l4, l3, l3, l4, idx1, d3, d3, d1, d1,

@@ -105,6 +105,8 @@ class TDTEngine(NamedTuple):
       -> TDTState``: stages 1 and 2 on validated inputs; ``logits`` ``(B, T, U1, V + D)``.
     - ``backward(logits, state, opts, scale) -> grad``: stage 3, the gradient
       ``(B, T, U1, V + D)`` in the logits' dtype, utterance b's scaled by ``scale[b]``.
+    - ``best_path(state) -> (best (B,), last (B,), from_arc (B, T, U1))``: the Viterbi
+      twin of stage 2 on a forward state (``backtrack`` reads one utterance's path).
     - ``guards_indices``: whether the kernels survive unchecked label values and lengths.
     """
 
@@ -112,6 +114,7 @@ class TDTEngine(NamedTuple):
     check_device: Callable[[Any], None]
     forward: Callable[[Any, Any, Any, Any, TDTOptions, bool], TDTState]
     backward: Callable[[Any, TDTState, TDTOptions, Any], Any]
+    best_path: Callable[[TDTState], tuple[Any, Any, Any]]
     guards_indices: bool
 
 
@@ -212,6 +215,85 @@ def arc_posteriors(alpha, beta, blank_lp, emit_lp, dur_lp, durations, b, t, u, i
         p_label = math.exp(
             a + emit_lp[b, t, u] + dur_lp[b, t, u, i] + beta[b, s, u + 1] - log_like)
     return p_blank, p_label
+
+
+# Viterbi: ``from_arc`` codes, per node, of the best arc into it (int8): 0 none (the
+# origin, or no arc of non-zero probability); ``i + 1`` the blank of duration index
+# i (i >= 1); ``-(i + 1)`` the label of duration index i (i >= 0).
+def best_blank_into(delta, blank_lp, dur_lp, durations, b, t, u):
+    """Viterbi: ``(score, code)`` of the best blank into ``(t, u)``, from ``(t - d, u)``
+    for ``d >= 1``; durations in ascending order, a later one only if strictly better
+    (ties go to the shorter jump). ``(-inf, 0)`` when there is none."""
+    best = -math.inf
+    code = 0
+    for i in range(1, durations.shape[0]):
+        s = t - durations[i]
+        if s < 0:
+            break
+        c = delta[b, s, u] + blank_lp[b, s, u] + dur_lp[b, s, u, i]
+        if c > best:
+            best = c
+            code = i + 1
+    return best, code
+
+
+def best_label_into(delta, emit_lp, dur_lp, durations, b, t, u, first):
+    """Viterbi: ``(score, code)`` of the best label into ``(t, u)`` (``u >= 1``), from
+    ``(t - d, u - 1)``, over duration indices ``i >= first`` (1: the jumps only; the
+    caller weighs the ``d = 0`` arc, whose origin is in the same frame); ascending,
+    a later one only if strictly better. ``(-inf, 0)`` when there is none."""
+    best = -math.inf
+    code = 0
+    for i in range(first, durations.shape[0]):
+        s = t - durations[i]
+        if s < 0:
+            break
+        c = delta[b, s, u - 1] + emit_lp[b, s, u - 1] + dur_lp[b, s, u - 1, i]
+        if c > best:
+            best = c
+            code = -(i + 1)
+    return best, code
+
+
+def best_final_blank(delta, blank_lp, dur_lp, durations, b, Tb, Ub):
+    """Viterbi: ``(score, duration index)`` of the best blank that ends the path, from
+    ``(T_b - d, U_b)``; ascending durations, strictly better only. ``(-inf, 0)``: none."""
+    best = -math.inf
+    last = 0
+    for i in range(1, durations.shape[0]):
+        s = Tb - durations[i]
+        if s < 0:
+            break
+        c = delta[b, s, Ub] + blank_lp[b, s, Ub] + dur_lp[b, s, Ub, i]
+        if c > best:
+            best = c
+            last = i
+    return best, last
+
+
+def backtrack(from_arc, last, durations, blank, labels, Tb, Ub):
+    """The best path of one utterance from a Viterbi's ``from_arc`` ``(T, U+1)`` codes and
+    ``last`` (the final blank's duration index): a list of arcs ``(t, u, token,
+    duration)`` in order, the last one the blank that ends the path; ``labels`` the
+    utterance's ``(U,)`` labels. Plain Python (host side): ``[]`` when the best
+    score is ``-inf`` (the caller knows)."""
+    arcs = [(Tb - int(durations[last]), Ub, blank, int(durations[last]))]
+    t, u = arcs[0][0], Ub
+    while t > 0 or u > 0:
+        code = int(from_arc[t, u])
+        if code == 0:
+            return []
+        if code > 0:
+            d = int(durations[code - 1])
+            t -= d
+            arcs.append((t, u, blank, d))
+        else:
+            d = int(durations[-code - 1])
+            t -= d
+            u -= 1
+            arcs.append((t, u, int(labels[u]), d))
+    arcs.reverse()
+    return arcs
 
 
 def negative_loss_tolerance(T, U, float64=False, input_eps=0.0):

@@ -21,7 +21,8 @@ import rnntool
 from rnntool import TDTLoss, tdt_loss
 from rnntool.engine import ImpossibleLossWarning
 from rnntool.loss import REDUCTIONS, reduction_weights
-from rnntool.tdt_reference import tdt_reference_gradients
+from rnntool.tdt_lattice import TDTOptions, backtrack, load_tdt_engine
+from rnntool.tdt_reference import tdt_reference_gradients, tdt_reference_viterbi
 
 DURATION_SETS = ([0, 1], [0, 1, 2], [0, 1, 2, 3, 4])
 
@@ -253,6 +254,62 @@ def test_cuda_scan_block_sizes(threads):
                                  durations=durations, blank=0, sigma=0.05)
 
 
+# --------------------------------------------------------------------------- Viterbi
+def viterbi_paths(backend, logits, labels, t_len, u_len, **opts):
+    """``[(best log-prob, arcs)]`` per utterance from the backend's Viterbi kernels."""
+    engine = load_tdt_engine(backend)
+    opts = TDTOptions(**opts)
+    state = engine.forward(logits, labels, t_len, u_len, opts, False)
+    best, last, from_arc = (torch.as_tensor(a) for a in engine.best_path(state))
+    out = []
+    for b in range(logits.shape[0]):
+        T, U = int(t_len[b]), int(u_len[b])
+        arcs = backtrack(from_arc[b].numpy(), int(last[b]), opts.durations, opts.blank,
+                         labels[b].tolist(), T, U)
+        out.append((float(best[b]), arcs))
+    return out
+
+
+def test_viterbi_matches_reference(backend):
+    @settings(max_examples=examples(backend, cuda=6))
+    @given(durations=st.sampled_from(DURATION_SETS), B=st.integers(1, 2), T=st.integers(1, 6),
+           U=st.integers(0, 3), V=st.integers(2, 4), blank_last=st.booleans(),
+           sigma=st.sampled_from([0.0, 0.05]), seed=st.integers(0, 2**16))
+    def check(durations, B, T, U, V, blank_last, sigma, seed):
+        blank = V - 1 if blank_last else 0
+        logits, labels, t_len, u_len = tdt_batch(B, T, U, V, durations, blank=blank, seed=seed,
+                                                 dtype=torch.float64, scale=2.0)
+        got = viterbi_paths(backend, logits, labels, t_len, u_len, blank=blank,
+                            durations=tuple(durations), sigma=sigma)
+        for b, (best, arcs) in enumerate(got):
+            T_b, U_b = int(t_len[b]), int(u_len[b])
+            ref_best, ref_arcs = tdt_reference_viterbi(
+                logits[b, :T_b, :U_b + 1], labels[b, :U_b], durations=durations, blank=blank,
+                sigma=sigma)
+            assert arcs == ref_arcs
+            assert abs(best - ref_best) < 1e-9
+            # The path's own score is its log-prob: arcs as the lattice defines them.
+            assert arcs[-1][0] + arcs[-1][3] == T_b and arcs[-1][1] == U_b
+
+    check()
+
+
+def test_viterbi_tie_order(backend):
+    # Small integer log-probs: every sum is exact, ties everywhere. Blanks beat labels,
+    # shorter jumps beat longer ones, on both backends as in the reference.
+    g = torch.Generator().manual_seed(0)
+    durations = (0, 1, 2)
+    for _ in range(4 if backend == "cuda" else 20):
+        x = -torch.randint(0, 3, (1, 5, 3, 3 + 3), generator=g).double()
+        y = torch.randint(1, 3, (1, 2), generator=g)
+        T, U = torch.tensor([5]), torch.tensor([2])
+        (best, arcs), = viterbi_paths(backend, x, y, T, U, blank=0, durations=durations,
+                                      fused=False)
+        ref_best, ref_arcs = tdt_reference_viterbi(x[0], y[0], durations=durations, blank=0,
+                                                   fused_log_softmax=False)
+        assert arcs == ref_arcs and best == ref_best
+
+
 # --------------------------------------------------------------------------- non-finite rules
 def test_nan_in_a_duration_logit_gives_nan_loss_zero_gradient_and_a_warning(backend):
     durations = [0, 1, 2]
@@ -322,10 +379,10 @@ def test_cpu_and_cuda_tdt_modules_are_twins():
         return {n.removeprefix(prefix) for n in vars(module) if n.startswith(prefix)}
 
     assert stages(tdt_cpu, "cpu_") == stages(tdt_cuda, "cuda_")
-    assert {"normalise", "alpha_beta", "gradient", "forward", "backward"} <= stages(tdt_cpu,
-                                                                                     "cpu_")
+    assert {"normalise", "alpha_beta", "viterbi", "gradient", "forward", "backward",
+            "best_path"} <= stages(tdt_cpu, "cpu_")
     assert set(tdt_cuda.PTX_SIGNATURES) == {
-        (k, kind) for k in ("cuda_normalise", "cuda_alpha_beta", "cuda_gradient")
+        (k, kind) for k in ("cuda_normalise", "cuda_alpha_beta", "cuda_viterbi", "cuda_gradient")
         for kind in ("float32", "float64", "float16", "bfloat16")}
 
 
