@@ -35,13 +35,15 @@ __all__ = ["tdt_loss", "TDTLoss", "check_durations"]
 
 
 # --------------------------------------------------------------------------- validation
+_MAX_DURATION = 2**31 - 1  # frames; t + d stays far inside int64 in the kernels
+
 def check_durations(durations) -> tuple[int, ...]:
     """``durations`` as a tuple of ints: strictly ascending, ``>= 0``, with 0 and 1.
 
     Takes a list or tuple of integers, a 1-D integer numpy array or tensor.
     ``TypeError`` for anything else (a str, floats, bools); ``ValueError`` in one
-    line naming the value for an empty set, a negative entry, an entry not above
-    the one before it, or a set without 0 or 1 (e.g. ``[0, 2, 4]``).
+    line naming the value for an empty set, a negative entry, one above 2**31 - 1,
+    an entry not above the one before it, or a set without 0 or 1 (e.g. ``[0, 2, 4]``).
     """
     if isinstance(durations, torch.Tensor | np.ndarray):
         if durations.ndim != 1:
@@ -60,6 +62,8 @@ def check_durations(durations) -> tuple[int, ...]:
         if d < 0:
             raise ValueError(f"durations[{i}] = {d} is negative in {list(values)}; "
                              "durations are frame counts >= 0")
+        if d > _MAX_DURATION:
+            raise ValueError(f"durations[{i}] = {d} is larger than {_MAX_DURATION} frames")
         if i and d <= values[i - 1]:
             raise ValueError(f"durations must be strictly ascending, got {list(values)} "
                              f"(durations[{i}] = {d} after {values[i - 1]})")

@@ -404,6 +404,7 @@ def _call(**over):
     ([-1, 0, 1], r"durations\[0\] = -1 is negative"),
     ([], r"durations is empty"),
     ([0], r"must contain 0 and 1, got \[0\] \(no 1\)"),
+    ([0, 1, 2**63], r"durations\[2\] = 9223372036854775808 is larger than 2147483647 frames"),
 ])
 def test_bad_durations_one_clear_line(durations, message):
     logits = torch.zeros(2, 3, 3, 4 + max(len(durations), 1))
