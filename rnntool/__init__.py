@@ -4,8 +4,9 @@ Public API: ``rnnt_loss`` and ``RNNTLoss`` (torchaudio's function and module, it
 signature and defaults) and ``TransducerLoss`` (SpeechBrain's module, its values):
 the loss engine on Numba CPU and CUDA kernels; ``reference_rnnt_loss`` (the
 float64 oracle), the HDF5 dump format's ``DumpWriter``/``DumpReader``, and
-``align`` (Viterbi paths, emission posteriors, occupancy). They are imported on
-first use, so that ``rnntool --help`` does not pay for torch.
+``align`` (Viterbi paths, emission posteriors, occupancy); ``tdt_loss`` and
+``TDTLoss``, the Token-and-Duration Transducer loss on the same kind of kernels.
+They are imported on first use, so that ``rnntool --help`` does not pay for torch.
 """
 
 __version__ = "0.1.0"
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TransducerLoss", "RNNTLoss", "rnnt_loss", "reference_rnnt_loss", "align", "Alignment",
     "DumpWriter", "DumpReader", "DumpError", "DumpWriteError", "ImpossibleLossWarning",
-    "__version__",
+    "tdt_loss", "TDTLoss", "__version__",
 ]
 
 _LAZY = {
@@ -28,6 +29,8 @@ _LAZY = {
     "DumpError": "dump",
     "DumpWriteError": "dump",
     "ImpossibleLossWarning": "engine",
+    "tdt_loss": "tdt",
+    "TDTLoss": "tdt",
 }
 
 

@@ -9,9 +9,13 @@
 # and benchmarks rnntool against torchaudio's CUDA rnnt_loss and warprnnt_numba
 # at B32 T400 U100 V1024 and B16 T1000 U300 V128 in float32 and float16.
 # Everything it prints is also written to $OUT/gpu_check.log when OUT is set.
-# Worst case about 540 s (every step at its timeout); run it with timeout_s=580.
+# The `tdt` step compares the TDT loss's CUDA kernels with the CPU's (all dtypes),
+# times it against rnnt_loss (benchmarks/bench_tdt.py), and compares it with NeMo's
+# TDT loss where NeMo imports (it is not installed on the GPU machine: skipped).
+# Worst case about 630 s (every step at its timeout); run it with timeout_s=600 and
+# STEPS="tests compare bench" or STEPS=tdt when time is short.
 # QUICK=1 (little device time left): shorter timeouts, float32 and one shape only,
-# worst case about 220 s.
+# worst case about 270 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${OUT:-/tmp}/gpu_check.log
@@ -30,14 +34,14 @@ if not hasattr(np, "row_stack"):
 SITE
 export PYTHONPATH=$PYTHONPATH:/tmp/site
 QUICK=${QUICK:-0}
-t_tests=120; t_cmp=120; t_bench=150; dtypes="float32 float16"; shapes="32,400,100,1024 16,1000,300,128"
+t_tests=120; t_cmp=120; t_bench=150; t_tdt=90; dtypes="float32 float16"; shapes="32,400,100,1024 16,1000,300,128"
 if [ "$QUICK" = 1 ]; then
-  t_tests=80; t_cmp=70; t_bench=60; dtypes=float32; shapes=32,400,100,1024
+  t_tests=80; t_cmp=70; t_bench=60; t_tdt=50; dtypes=float32; shapes=32,400,100,1024
 fi
 date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, numba; print('torch', torch.__version__, 'numba', numba.__version__)"
 
-STEPS=${STEPS:-tests compare bench}  # a subset reruns what failed
+STEPS=${STEPS:-tests compare bench tdt}  # a subset reruns what failed
 case " $STEPS " in *" tests "*)
 echo "== cuda-marked tests"
 timeout $t_tests python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider || echo "TESTS FAILED"
@@ -104,6 +108,49 @@ with tempfile.TemporaryDirectory() as d:
     print(f"lattice writer on CUDA, B16 T200 U60 V1024 float16: {dt * 1e3:.0f} ms; scores equal "
           f"the CUDA loss bit for bit: {bool((got == want.float()).all())}")
 PY
+;; esac
+
+case " $STEPS " in *" tdt "*)
+echo "== TDT: CUDA vs CPU, timing, NeMo"
+timeout $t_tdt python3 - <<'PY' || echo "TDT COMPARE FAILED"
+import torch, rnntool
+torch.manual_seed(0)
+durs = [0, 1, 2, 3, 4]
+for B, T, U, V, dt in [(4, 50, 20, 40, torch.float32), (3, 33, 300, 129, torch.float16),
+                       (2, 20, 9, 64, torch.bfloat16), (5, 16, 7, 30, torch.float64)]:
+    x = torch.randn(B, T, U + 1, V + len(durs)).to(dt)
+    y = torch.randint(1, V, (B, U))
+    Tl = torch.randint(1, T + 1, (B,)); Ul = torch.randint(0, U + 1, (B,)); Tl[0], Ul[0] = T, U
+    res = {}
+    for dev in ("cpu", "cuda"):
+        xx = x.detach().to(dev).requires_grad_()
+        l = rnntool.tdt_loss(xx, y.to(dev), Tl.to(dev), Ul.to(dev), durations=durs, blank=0,
+                             sigma=0.05, reduction="none", clamp=0.5, fastemit_lambda=0.01)
+        l.sum().backward()
+        res[dev] = (l.detach().cpu().double(), xx.grad.cpu().double())
+    dl = (res["cpu"][0] - res["cuda"][0]).abs().max().item()
+    dg = (res["cpu"][1] - res["cuda"][1]).abs().max().item()
+    print(f"TDT B{B} T{T} U{U} V{V} D5 {dt}: max |loss diff| {dl:.3g}  max |grad diff| {dg:.3g}")
+try:  # NeMo's numba TDT loss, where NeMo imports (not on the GPU machine so far)
+    from nemo.collections.asr.parts.numba.rnnt_loss.rnnt_pytorch import TDTLossNumba
+except Exception as e:  # noqa: BLE001
+    print(f"NeMo not importable ({type(e).__name__}): NeMo TDT comparison skipped")
+else:
+    try:
+        V = 129
+        x = torch.randn(4, 60, 21, V + len(durs), device="cuda")
+        y = torch.randint(0, V - 1, (4, 20), device="cuda")
+        Tl = torch.full((4,), 60, device="cuda"); Ul = torch.full((4,), 20, device="cuda")
+        ours = rnntool.tdt_loss(x, y, Tl, Ul, durations=durs, blank=V - 1, sigma=0.05,
+                                reduction="sum")
+        nemo = TDTLossNumba(blank=V - 1, durations=durs, reduction="sum", sigma=0.05)
+        theirs = nemo(x, y, Tl, Ul)  # NeMo's layout too: V tokens (blank last), then D
+        print(f"NeMo TDT (sum, sigma 0.05): rnntool {float(ours):.6f}  NeMo {float(theirs):.6f}")
+    except Exception as e:  # noqa: BLE001
+        print(f"NeMo TDT comparison failed to run: {type(e).__name__}: {e}")
+PY
+timeout $t_tdt python3 benchmarks/bench_tdt.py --device cuda --repeats 10 \
+  --shapes 8,150,40,512 32,400,100,1024 || echo "TDT BENCH FAILED"
 ;; esac
 
 case " $STEPS " in *" bench "*) ;; *) dtypes="" ;; esac
