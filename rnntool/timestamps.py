@@ -675,9 +675,9 @@ def lhotse_supervision(times: UtteranceTimes, unit: str = "word",
 def _tier_intervals(spans: list[tuple[float, float, str]], xmax: float
                     ) -> list[tuple[float, float, str]]:
     """Intervals covering ``[0, xmax]`` without overlap: the spans (in order), empty
-    intervals in the gaps. Spans that overlap (several emitted in one frame) are
-    run together into one stretch, shared evenly among them in order: a TextGrid
-    tier cannot hold overlapping intervals."""
+    intervals in the gaps. Spans that overlap (a safeguard: ``frame_shares`` gives
+    none) are run together into one stretch, shared evenly among them in order: a
+    TextGrid tier cannot hold overlapping intervals."""
     clusters: list[list[tuple[float, float, str]]] = []
     end = -math.inf
     for sp in spans:
@@ -706,15 +706,40 @@ def _praat_string(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
+def frame_shares(times: UtteranceTimes) -> list[tuple[float, float]]:
+    """``(start, end)`` in seconds of each token's share of its frame: the n tokens
+    emitted in one frame split it evenly, in order (a token alone keeps the whole
+    frame, ``[start, end)``). Shares never overlap, so they can be drawn as
+    intervals (``textgrid``)."""
+    s = times.frame_shift
+    count: dict[int, int] = {}
+    for t in times.tokens:
+        count[t.start_frame] = count.get(t.start_frame, 0) + 1
+    seen: dict[int, int] = {}
+    out = []
+    for t in times.tokens:
+        f, n = t.start_frame, count[t.start_frame]
+        j = seen.get(f, 0)
+        seen[f] = j + 1
+        out.append(((f + j / n) * s, (f + (j + 1) / n) * s))
+    return out
+
+
 def textgrid(times: UtteranceTimes) -> str:
     """The utterance as a Praat TextGrid (long text format): interval tiers ``words``
     and ``tokens`` over ``[0, T * frame shift]``, the gaps between items as empty
-    intervals. Items that overlap (emitted in one frame) share their stretch
-    evenly, in order (``_tier_intervals``); the exact times are in the other
-    formats."""
+    intervals. A tier cannot hold overlapping intervals, so each token is drawn
+    over its share of its frame (``frame_shares``: tokens emitted in one frame
+    split it evenly, in order) and each word from its first token's share to its
+    last one's: a word whose first token is emitted in the frame of the previous
+    word's last token starts in that frame, as its start says. The exact times
+    are in the other formats."""
     xmax = times.duration
-    tiers = [("words", [(w.start, w.end, w.word) for w in times.words]),
-             ("tokens", [(t.start, t.end, t.token) for t in times.tokens])]
+    shares = frame_shares(times)
+    tiers = [("words", [(shares[w.positions[0]][0], shares[w.positions[-1]][1], w.word)
+                        for w in times.words]),
+             ("tokens", [(a, b, t.token) for (a, b), t in zip(shares, times.tokens,
+                                                              strict=True)])]
     lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "",
              "xmin = 0", f"xmax = {xmax!r}", "tiers? <exists>", f"size = {len(tiers)}",
              "item []:"]
@@ -733,7 +758,9 @@ __all__ = [
     "AGGREGATES", "DEFAULT_WINDOW", "DELAY_FIELDS", "GROUPINGS", "TOKEN_FIELDS", "UNITS",
     "WORD_FIELDS", "WORD_MARKER", "CtmError", "CtmWord", "TokenTime", "UtteranceTimes",
     "WordMismatch", "WordTime", "check_words", "ctm_items", "ctm_lines", "delay_rows",
-    "delay_summary", "grouping_for", "lhotse_supervision", "read_ctm", "textgrid",
+    "delay_summary", "frame_shares", "grouping_for", "lhotse_supervision", "read_ctm",
+    "textgrid", "MAX_FRAME_SHIFT", "MIN_FRAME_SHIFT", "REF_SLACK", "check_times_frame_shift",
+    "ctm_decimals",
     "timestamps", "times_of", "token_rows", "units_of", "utterance_times", "word_groups",
     "word_rows",
 ]

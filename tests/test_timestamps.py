@@ -8,6 +8,7 @@ CPU and the CUDA kernels in Numba's simulator)."""
 import json
 import math
 import os
+import re
 
 import h5py
 import numpy as np
@@ -770,3 +771,49 @@ def test_api_refuses_mismatched_lengths_and_unknown_units(tmp_path):
                lambda: delay_rows(times, [], "r.ctm", "tokens")):
         with pytest.raises(ValueError, match="unit must be one of"):
             fn()
+
+
+def test_textgrid_words_stay_in_their_frames_when_they_share_one(tmp_path):
+    """A word whose first token is emitted in the frame of the previous word's last token
+    used to be drawn half-way across both words (here: "sat" from frame 4, 40 ms before
+    its emission at frame 5)."""
+    tg = pytest.importorskip("praatio.textgrid")
+    labels = [2, 3, 6, 3, 4]  # ▁c at s at | ▁sat: "catsat" at frames 2..5, "sat" at 5
+    full, _ = write_pair(tmp_path, {"w": (placed_logits(8, labels, [2, 3, 4, 5, 5], len(VOCAB)),
+                                          labels, None)})
+    out = tmp_path / "grids"
+    assert invoke("timestamps", full, "-f", "textgrid", "-d", out, "-q").exit_code == 0
+    grid = tg.openTextgrid(str(out / "w.TextGrid"), includeEmptyIntervals=False)
+    words = [(e.start / 0.04, e.end / 0.04, e.label) for e in grid.getTier("words").entries]
+    tokens = [(e.start / 0.04, e.end / 0.04, e.label) for e in grid.getTier("tokens").entries]
+    assert [w[2] for w in words] == ["catsat", "sat"]
+    assert [x for w in words for x in w[:2]] == pytest.approx([2.0, 5.5, 5.5, 6.0])
+    assert [t[2] for t in tokens[-2:]] == ["at", "\u2581sat"]
+    assert [x for t in tokens[-2:] for x in t[:2]] == pytest.approx([5.0, 5.5, 5.5, 6.0])
+
+
+@settings(deadline=None, max_examples=40)
+@given(data=st.data())
+def test_textgrid_intervals_are_frame_shares_of_the_true_times(data):
+    from rnntool.timestamps import frame_shares, textgrid
+
+    T = data.draw(st.integers(1, 10))
+    names = ["<b>", "\u2581a", "b"]
+    labels = data.draw(st.lists(st.integers(1, 2), min_size=1, max_size=7))
+    U = len(labels)
+    frames = sorted(data.draw(st.lists(st.integers(0, T - 1), min_size=U, max_size=U)))
+    x = torch.from_numpy(placed_logits(T, labels, frames, 3))[None]
+    (al,) = align(x, torch.tensor([labels]), torch.tensor([T]), torch.tensor([U]), blank=0)
+    times = utterance_times(al, np.array(labels), [names[y] for y in labels],
+                            frame_shift=0.04)
+    shares = frame_shares(times)
+    for (a, b), tok in zip(shares, times.tokens, strict=True):
+        assert tok.start <= a < b <= tok.end  # inside its own frame
+    assert all(shares[i][1] <= shares[i + 1][0] for i in range(U - 1))  # no overlap
+    for w in times.words:  # a word is drawn inside its true span, from its own frames
+        a, b = shares[w.positions[0]][0], shares[w.positions[-1]][1]
+        assert w.start <= a < w.start + 0.04 and w.end - 0.04 < b <= w.end
+    for tier in textgrid(times).split("    item [")[1:]:
+        xs = [float(v) for v in re.findall(r"^ {12}xm(?:in|ax) = (\S+)$", tier, re.M)]
+        assert xs == sorted(xs)  # the intervals in order, touching, never overlapping
+        assert xs[0] == 0.0 and xs[-1] == times.duration
