@@ -295,7 +295,8 @@ def utterance_times(alignment: Alignment, labels: np.ndarray, tokens: Sequence[s
     alignment whose loss is not finite gives no tokens or words.
 
     Raises ValueError for a ``frame_shift`` that is not a number of seconds in
-    [``MIN_FRAME_SHIFT``, ``MAX_FRAME_SHIFT``] (TypeError for one that is no number),
+    [``MIN_FRAME_SHIFT``, ``MAX_FRAME_SHIFT``] (TypeError for one that is no number,
+    or an ``alignment`` that is no ``Alignment``),
     a bad ``window``, ``aggregate`` or ``grouping``, or ``labels``/``tokens`` that
     are not the alignment's ``U``.
     """
@@ -304,6 +305,11 @@ def utterance_times(alignment: Alignment, labels: np.ndarray, tokens: Sequence[s
         raise ValueError(f"window must be an integer >= 0 (frames), got {window!r}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    from .align import Alignment
+
+    if not isinstance(alignment, Alignment):
+        raise TypeError(f"alignment must be an Alignment (align, align_compact), got "
+                        f"{type(alignment).__name__}")
     al = alignment
     labels = np.asarray(labels)
     if labels.shape != (al.U,):
@@ -354,22 +360,33 @@ def times_of(aligned: AlignedUtterance, *, frame_shift: float, text: str | None 
                            problem=aligned.problem, **kw)
 
 
-def timestamps(reader: DumpReader, utt: Utterance | LatticeUtterance, *,
+def timestamps(reader: DumpReader, utt: str | Utterance | LatticeUtterance, *,
                frame_shift: float | None = None, backend: str = "cpu", unit: str = "word",
                word_sep: str | None = None, window: int = DEFAULT_WINDOW,
                aggregate: str = "min") -> UtteranceTimes:
-    """The times of one utterance of ``reader`` (``reader.read`` of a full dump, or
-    ``reader.read_lattice`` of a lattice dump), aligned on ``backend``.
+    """The times of one utterance of ``reader``, aligned on ``backend``: ``utt`` is its
+    id, or what ``reader.read`` (a full dump) or ``reader.read_lattice`` (a lattice
+    dump) returned for it.
 
     ``frame_shift``: seconds per frame, default the dump's (``reader.frame_shift``);
     ``unit``, ``word_sep``: how tokens group into words (``grouping_for``);
     ``window``, ``aggregate``: as ``utterance_times``.
 
     Raises ValueError when neither gives a frame shift or it is out of range
-    (``check_times_frame_shift``), for bad options, and ``DumpError`` for a dump's
-    bad stored frame shift.
+    (``check_times_frame_shift``), for bad options, TypeError for a ``reader`` or
+    ``utt`` of another type, and ``DumpError`` for a dump's bad stored frame shift
+    or an id it does not hold.
     """
     from .analysis import align_utterance
+    from .reader import DumpReader, LatticeUtterance, Utterance
+
+    if not isinstance(reader, DumpReader):
+        raise TypeError(f"reader must be a DumpReader, got {type(reader).__name__}")
+    if isinstance(utt, str):
+        utt = reader.read_lattice(utt) if reader.kind == "lattice" else reader.read(utt)
+    if not isinstance(utt, Utterance | LatticeUtterance):
+        raise TypeError("utt must be an utterance id or what reader.read/read_lattice "
+                        f"returned, got {type(utt).__name__}")
 
     what = "frame_shift"
     if frame_shift is None:

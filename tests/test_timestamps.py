@@ -817,3 +817,22 @@ def test_textgrid_intervals_are_frame_shares_of_the_true_times(data):
         xs = [float(v) for v in re.findall(r"^ {12}xm(?:in|ax) = (\S+)$", tier, re.M)]
         assert xs == sorted(xs)  # the intervals in order, touching, never overlapping
         assert xs[0] == 0.0 and xs[-1] == times.duration
+
+
+def test_api_takes_an_utterance_id_and_refuses_other_types(tmp_path):
+    from rnntool.timestamps import timestamps
+
+    full, lattice = sentence_dump(tmp_path)
+    for path in (full, lattice):
+        with DumpReader(path) as r:
+            t = timestamps(r, "u1")
+            assert [(w.word, w.start_frame) for w in t.words] == [("the", 2), ("cats", 5),
+                                                                  ("sat", 11)]
+            with pytest.raises(TypeError, match="utt must be"):
+                timestamps(r, None)
+            with pytest.raises(DumpError, match="no utterance 'nope'"):
+                timestamps(r, "nope")
+            with pytest.raises(TypeError, match="reader must be a DumpReader"):
+                timestamps(str(path), "u1")
+    with pytest.raises(TypeError, match="alignment must be an Alignment"):
+        utterance_times(None, np.array([1]), None, frame_shift=0.04)
