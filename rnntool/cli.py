@@ -842,7 +842,7 @@ def timestamps_cmd(
         "start and end offsets (emission delay).")] = None,
     summary: Annotated[str | None, typer.Option(
         "--summary", metavar="FILE.json", help="With --ref: write the delay statistics "
-        "here as JSON.")] = None,
+        "here as JSON (with the times: neither is written if either cannot be).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Token and word times in seconds, confidences, and emission delay against a
@@ -857,18 +857,23 @@ def timestamps_cmd(
     with --unit token) runs from its first token's start to its last token's end;
     its confidence is the --aggregate (min by default) of its tokens' window
     posteriors, frame_confidence of their frame posteriors. The frame shift is the
-    dump's (root attribute frame_shift) or --frame-shift; without either: exit 2.
+    dump's (root attribute frame_shift) or --frame-shift; without either, or
+    outside 1e-6 to 60 seconds: exit 2.
 
     Formats: tsv/csv/jsonl/json/table, one row per word (per token with --unit
     token) with every field (and a file column first for several inputs); ctm:
     `utt_id channel start duration word confidence`, sorted by utterance then
-    start; lhotse: one SupervisionSegment per line with an alignment of word and
-    token items [symbol, start, duration, score]; textgrid: OUT_DIR/<utt_id>.TextGrid
-    with tiers words and tokens.
+    start (start and end rounded, duration their difference); lhotse: one
+    SupervisionSegment per line with an alignment of word and token items
+    [symbol, start, duration, score]; for both, an utterance id in two inputs is
+    exit 2. textgrid: OUT_DIR/<utt_id>.TextGrid (OUT_DIR/<file stem>/... with
+    several inputs) with tiers words and tokens.
 
     --ref REF.ctm: each word is matched with the reference word of the same
-    utterance (the same words in order, ignoring case, or exit 2 naming the
-    utterance); rows gain ref_start, ref_end and the offsets hypothesis -
+    utterance (the same words in order, ignoring case and Unicode normal forms,
+    with times relative to the utterance: a word ending over 1 s after its end is
+    refused; else exit 2 naming the utterance); rows gain ref_start, ref_end and
+    the offsets hypothesis -
     reference in ms of the start, end, expected start and expected end; count,
     mean, median, p90, min and max of each go to stderr and to --summary. An
     utterance whose loss is not finite gets no times: one line names it and the
