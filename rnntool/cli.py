@@ -1161,6 +1161,8 @@ def _delay_report(delays, summary_out, ref_name, unit, quiet) -> None:
         for key in SUMMARY_KEYS:
             s = stats[key]
             if s is not None:
+                # round(..) + 0.0: no "-0.0" for a float-noise offset of -1e-13 ms
+                s = {k: round(v, 1) + 0.0 for k, v in s.items()}
                 err.print(f"  {key.removesuffix('_offset_ms').replace('_', ' ')} offset: "
                           f"mean {s['mean']:.1f}, median {s['median']:.1f}, p90 "
                           f"{s['p90']:.1f}, min {s['min']:.1f}, max {s['max']:.1f}",

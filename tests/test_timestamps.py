@@ -836,3 +836,33 @@ def test_api_takes_an_utterance_id_and_refuses_other_types(tmp_path):
                 timestamps(str(path), "u1")
     with pytest.raises(TypeError, match="alignment must be an Alignment"):
         utterance_times(None, np.array([1]), None, frame_shift=0.04)
+
+
+@settings(deadline=None)
+@given(st.lists(st.floats(-5000, 5000, allow_nan=False), min_size=1, max_size=40))
+def test_delay_summary_against_the_statistics_module(values):
+    """median and p90 against Python's own statistics (p90: the inclusive method, which
+    is numpy's linear interpolation), not against numpy itself."""
+    import statistics
+
+    rows = [dict.fromkeys(("start_offset_ms", "end_offset_ms", "expected_start_offset_ms",
+                           "expected_end_offset_ms"), v) for v in values]
+    s = delay_summary(rows)
+    assert s["count"] == len(values)
+    got = s["start_offset_ms"]
+    assert got["median"] == pytest.approx(statistics.median(values), abs=1e-9)
+    p90 = statistics.quantiles(values, n=10, method="inclusive")[8] if len(values) > 1 \
+        else values[0]
+    assert got["p90"] == pytest.approx(p90, abs=1e-9)
+    assert got["mean"] == pytest.approx(statistics.fmean(values), abs=1e-9)
+    assert (got["min"], got["max"]) == (min(values), max(values))
+
+
+def test_summary_on_stderr_shows_no_negative_zero(tmp_path):
+    full, _ = sentence_dump(tmp_path)
+    ctm = invoke("timestamps", full, "-f", "ctm", "-q").stdout
+    ref = tmp_path / "self.ctm"
+    ref.write_text(ctm)  # its own times: every offset 0, up to float noise
+    got = invoke("timestamps", full, "--ref", ref, "-f", "tsv")
+    assert got.exit_code == 0 and "end offset: mean 0.0, median 0.0" in got.stderr
+    assert "-0.0" not in got.stderr
