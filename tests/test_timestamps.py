@@ -859,10 +859,14 @@ def test_delay_summary_against_the_statistics_module(values):
 
 
 def test_summary_on_stderr_shows_no_negative_zero(tmp_path):
-    full, _ = sentence_dump(tmp_path)
-    ctm = invoke("timestamps", full, "-f", "ctm", "-q").stdout
+    from helpers import ROOT
+
+    sample = ROOT / "sample_data" / "sample.h5"
+    ctm = invoke("timestamps", sample, "--frame-shift", "0.04", "-f", "ctm", "-q").stdout
     ref = tmp_path / "self.ctm"
-    ref.write_text(ctm)  # its own times: every offset 0, up to float noise
-    got = invoke("timestamps", full, "--ref", ref, "-f", "tsv")
-    assert got.exit_code == 0 and "end offset: mean 0.0, median 0.0" in got.stderr
-    assert "-0.0" not in got.stderr
+    ref.write_text(ctm)  # its own times: every offset 0, up to float noise (-2e-13 ms)
+    got = invoke("timestamps", sample, "--frame-shift", "0.04", "--ref", ref, "-f", "tsv",
+                 "--summary", tmp_path / "s.json")
+    assert got.exit_code == 0
+    assert json.loads((tmp_path / "s.json").read_text())["end_offset_ms"]["min"] < 0
+    assert "end offset: mean 0.0, median 0.0, p90 0.0, min 0.0, max 0.0" in got.stderr
