@@ -872,10 +872,10 @@ def timestamps_cmd(
     --ref REF.ctm: each word is matched with the reference word of the same
     utterance (the same words in order, ignoring case and Unicode normal forms,
     with times relative to the utterance: a word ending over 1 s after its end is
-    refused; else exit 2 naming the utterance); rows gain ref_start, ref_end and
-    the offsets hypothesis -
-    reference in ms of the start, end, expected start and expected end; count,
-    mean, median, p90, min and max of each go to stderr and to --summary. An
+    refused; else exit 2 naming the utterance); rows gain ref_word, ref_start,
+    ref_end and the offsets hypothesis - reference in ms of the start, end,
+    expected start and expected end; count, mean, median, p90, min and max of
+    each go to stderr (unless -q) and to --summary. An
     utterance whose loss is not finite gets no times: one line names it and the
     exit code is 1.
     """
