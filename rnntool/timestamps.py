@@ -670,16 +670,23 @@ def lhotse_supervision(times: UtteranceTimes, unit: str = "word",
                        custom: dict | None = None) -> dict:
     """The utterance as a lhotse ``SupervisionSegment`` dict (``to_dict``'s layout):
     ``id`` and ``recording_id`` the utterance id, ``start`` 0, ``duration`` T * frame
-    shift, ``channel`` 0, ``text`` (the dump's, else the words joined by spaces), and
-    ``alignment`` ``{"word": [[symbol, start, duration, score], ...], "token": [...]}``
-    (lhotse's ``AlignmentItem`` as a list; score the confidence: a word's
-    ``confidence``, a token's window posterior). With ``unit="token"`` the "word"
-    items are the tokens."""
+    shift, ``channel`` 0, ``text`` (the dump's, else the words joined by spaces; with
+    ``unit="token"`` the tokens spelled out at their ``▁`` markers when they have
+    them: a transcript, not a list of pieces), and ``alignment`` ``{"word":
+    [[symbol, start, duration, score], ...], "token": [...]}`` (lhotse's
+    ``AlignmentItem`` as a list; score the confidence: a word's ``confidence``, a
+    token's window posterior). With ``unit="token"`` the "word" items are the
+    tokens."""
     def items(seq):
         return [[unit_text(it), it.start, it.duration, unit_confidence(it)] for it in seq]
 
     units = units_of(times, unit)
-    text = times.text if times.text is not None else " ".join(unit_text(it) for it in units)
+    if times.text is not None:
+        text = times.text
+    elif unit == "token" and any(t.token.startswith(WORD_MARKER) for t in times.tokens):
+        text = " ".join("".join(t.token for t in times.tokens).replace(WORD_MARKER, " ").split())
+    else:
+        text = " ".join(unit_text(it) for it in units)
     out = {"id": times.utt_id, "recording_id": times.utt_id, "start": 0.0,
            "duration": times.duration, "channel": 0, "text": text,
            "alignment": {"word": items(units), "token": items(times.tokens)}}

@@ -870,3 +870,16 @@ def test_summary_on_stderr_shows_no_negative_zero(tmp_path):
     assert got.exit_code == 0
     assert json.loads((tmp_path / "s.json").read_text())["end_offset_ms"]["min"] < 0
     assert "end offset: mean 0.0, median 0.0, p90 0.0, min 0.0, max 0.0" in got.stderr
+
+
+def test_lhotse_text_is_a_transcript_with_unit_token(tmp_path):
+    full, _ = sentence_dump(tmp_path)
+    x = placed_logits(9, [2, 3, 6, 4], [1, 2, 4, 7], len(VOCAB))  # ▁c at s ▁sat, no text
+    plain, _ = write_pair(tmp_path, {"v": (x, [2, 3, 6, 4], None)}, name="p")
+    for unit in ("word", "token"):
+        got = invoke("timestamps", plain, "-f", "lhotse", "--unit", unit, "-q")
+        (sup,) = [json.loads(line) for line in got.stdout.splitlines()]
+        assert sup["text"] == "cats sat"
+    # The dump's own text wins.
+    got = invoke("timestamps", full, "-f", "lhotse", "--unit", "token", "-q", "--utt", "u1")
+    assert json.loads(got.stdout)["text"] == "the cats sat"
