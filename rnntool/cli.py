@@ -937,7 +937,7 @@ def timestamps_cmd(
           _summary_output(summary, reads) as summary_out):
         _one_file_per_id(selected, fmt)
         plans = {id(reader): _times_plan(reader, ids, frame_shift, unit, word_sep, refs,
-                                         ref_name, quiet, fmt, channel)
+                                         ref_name, quiet, fmt)
                  for reader, ids in selected}
         report = None
         if refs is not None:
@@ -951,8 +951,8 @@ def timestamps_cmd(
         raise typer.Exit(1)
 
 
-def _times_plan(reader, ids, frame_shift, unit, word_sep, refs, ref_name, quiet, fmt,
-                channel) -> dict:
+def _times_plan(reader, ids, frame_shift, unit, word_sep, refs, ref_name, quiet,
+                fmt) -> dict:
     """What ``timestamps`` needs of one input before any output: its frame shift
     (--frame-shift, else the dump's: exit 2 without either, or for one out of
     range), its word grouping, and from the labels alone, so that a problem is
