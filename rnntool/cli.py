@@ -842,7 +842,7 @@ def timestamps_cmd(
         "start and end offsets (emission delay).")] = None,
     summary: Annotated[str | None, typer.Option(
         "--summary", metavar="FILE.json", help="With --ref: write the delay statistics "
-        "here as JSON.")] = None,
+        "here as JSON (with the times: neither is written if either cannot be).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Token and word times in seconds, confidences, and emission delay against a
@@ -857,27 +857,31 @@ def timestamps_cmd(
     with --unit token) runs from its first token's start to its last token's end;
     its confidence is the --aggregate (min by default) of its tokens' window
     posteriors, frame_confidence of their frame posteriors. The frame shift is the
-    dump's (root attribute frame_shift) or --frame-shift; without either: exit 2.
+    dump's (root attribute frame_shift) or --frame-shift; without either, or
+    outside 1e-6 to 60 seconds: exit 2.
 
     Formats: tsv/csv/jsonl/json/table, one row per word (per token with --unit
     token) with every field (and a file column first for several inputs); ctm:
     `utt_id channel start duration word confidence`, sorted by utterance then
-    start; lhotse: one SupervisionSegment per line with an alignment of word and
-    token items [symbol, start, duration, score]; textgrid: OUT_DIR/<utt_id>.TextGrid
-    with tiers words and tokens.
+    start (start and end rounded, duration their difference); lhotse: one
+    SupervisionSegment per line with an alignment of word and token items
+    [symbol, start, duration, score]; for both, an utterance id in two inputs is
+    exit 2. textgrid: OUT_DIR/<utt_id>.TextGrid (OUT_DIR/<file stem>/... with
+    several inputs) with tiers words and tokens.
 
     --ref REF.ctm: each word is matched with the reference word of the same
-    utterance (the same words in order, ignoring case, or exit 2 naming the
-    utterance); rows gain ref_start, ref_end and the offsets hypothesis -
-    reference in ms of the start, end, expected start and expected end; count,
-    mean, median, p90, min and max of each go to stderr and to --summary. An
+    utterance (the same words in order, ignoring case and Unicode normal forms,
+    with times relative to the utterance: a word ending over 1 s after its end is
+    refused; else exit 2 naming the utterance); rows gain ref_word, ref_start,
+    ref_end and the offsets hypothesis - reference in ms of the start, end,
+    expected start and expected end; count, mean, median, p90, min and max of
+    each go to stderr (unless -q) and to --summary. An
     utterance whose loss is not finite gets no times: one line names it and the
     exit code is 1.
     """
-    from .dump import check_frame_shift
     from .output import check_writable
     from .reader import show
-    from .timestamps import AGGREGATES, UNITS, read_ctm
+    from .timestamps import AGGREGATES, UNITS, check_times_frame_shift, read_ctm
 
     if fmt is None:
         from .output import default_format
@@ -895,7 +899,7 @@ def timestamps_cmd(
         raise fail("--word-sep groups tokens into words; it does not go with --unit token")
     if frame_shift is not None:
         try:
-            frame_shift = check_frame_shift(frame_shift, "--frame-shift")
+            frame_shift = check_times_frame_shift(frame_shift, "--frame-shift")
         except (TypeError, ValueError) as e:
             raise fail(str(e)) from None
     if not channel or len(channel.split()) != 1 or channel != channel.strip():
@@ -913,7 +917,7 @@ def timestamps_cmd(
             raise fail("--summary writes the delay statistics of --ref; give --ref REF.ctm")
         if summary == "-":
             raise fail("--summary needs a file name (stdout carries the times)")
-        if output not in (None, "-") and os.path.abspath(summary) == os.path.abspath(output):
+        if output not in (None, "-") and _same_path(summary, output):
             raise fail(f"{_line(summary)}: given as both -o and --summary")
     reads = _inputs_of(inputs, utt_list) + ([str(ref)] if ref is not None else [])
     check_writable(output, reads)
@@ -926,59 +930,130 @@ def timestamps_cmd(
         except ValueError as e:
             raise fail(str(e)) from None
     ref_name = None if ref is None else show(ref)
-    with _selection(inputs, blank, utts, utt_list, output=output) as selected:
+    # The summary file is opened (its temporary file made) before any work, and
+    # written before the times are committed: one that cannot be written leaves no
+    # times behind.
+    with (_selection(inputs, blank, utts, utt_list, output=output) as selected,
+          _summary_output(summary, reads) as summary_out):
+        _one_file_per_id(selected, fmt)
         plans = {id(reader): _times_plan(reader, ids, frame_shift, unit, word_sep, refs,
-                                         ref_name, quiet)
+                                         ref_name, quiet, fmt)
                  for reader, ids in selected}
-        delays, problems = _write_times(
+        report = None
+        if refs is not None:
+            def report(delays):
+                _delay_report(delays, summary_out, ref_name, unit, quiet)
+        problems = _write_times(
             selected, plans, fmt=fmt, output=output, out_dir=out_dir, reads=reads,
             backend=backend, unit=unit, window=window, aggregate=aggregate, channel=channel,
-            refs=refs, ref_name=ref_name, quiet=quiet)
-    if refs is not None:
-        _delay_report(delays, summary, reads, ref_name, unit, quiet)
+            refs=refs, ref_name=ref_name, quiet=quiet, report=report)
     if selected.report_empty() or problems:
         raise typer.Exit(1)
 
 
-def _times_plan(reader, ids, frame_shift, unit, word_sep, refs, ref_name, quiet) -> dict:
+def _times_plan(reader, ids, frame_shift, unit, word_sep, refs, ref_name, quiet,
+                fmt) -> dict:
     """What ``timestamps`` needs of one input before any output: its frame shift
-    (--frame-shift, else the dump's: exit 2 without either), its word grouping, and
-    with --ref every selected utterance's words checked against the reference's
-    (from the labels alone: a mismatch is exit 2 before anything is written)."""
-    from .timestamps import check_words, grouping_for, word_groups
+    (--frame-shift, else the dump's: exit 2 without either, or for one out of
+    range), its word grouping, and from the labels alone, so that a problem is
+    exit 2 before anything is written: with --ref every selected utterance's words
+    checked against the reference's (and the reference's times against the
+    utterance's duration); for a CTM every id and word checked as a CTM field."""
+    from .reader import show
+    from .timestamps import check_ctm_field, check_times_frame_shift, check_words, grouping_for
 
     shift = frame_shift if frame_shift is not None else reader.frame_shift
     if shift is None:
         raise fail(f"{reader.name}: no frame shift: the dump has no root attribute "
                    "frame_shift (DumpWriter(..., frame_shift=SECONDS)); give --frame-shift "
                    "SECONDS")
+    if frame_shift is None:
+        try:
+            shift = check_times_frame_shift(shift, f"{reader.name}: attribute frame_shift")
+        except ValueError as e:
+            raise fail(f"{e}; give --frame-shift SECONDS") from None
     try:
-        grouping = grouping_for(reader.vocab, unit, word_sep)
+        grouping = grouping_for(reader.vocab, unit, word_sep, blank=reader.blank,
+                                vocab_size=reader.vocab_size)
     except ValueError as e:
         raise fail(f"{reader.name}: --word-sep: {e}") from None
     if unit == "word" and grouping == "token" and not quiet:
         why = "has no vocab" if reader.vocab is None else "vocab has no \u2581 tokens"
         print(f"rnntool: {_line(reader.name)}: the dump {why} and no --word-sep was given: "
               "one word per token", file=sys.stderr)
-    if refs is not None:
+    if refs is not None or fmt == "ctm":
         for utt_id in ids:
-            labels = reader.labels(utt_id)
-            names = ([reader.vocab[int(t)] for t in labels] if reader.vocab
-                     else [str(int(t)) for t in labels])
-            words = [w for w, _ in word_groups(names, grouping, word_sep)]
-            if unit == "token":
-                words = names
+            info = reader.info(utt_id)
+            words = _planned_words(reader, reader.labels(utt_id, info), unit, grouping,
+                                   word_sep)
             try:
-                check_words(utt_id, words, refs.get(utt_id), ref_name)
+                if fmt == "ctm":
+                    where = f"{reader.name}: utterance {show(utt_id)}:"
+                    check_ctm_field(utt_id, f"{where} the id")
+                    for w in words:
+                        check_ctm_field(w, f"{where} {unit}")
+                if refs is not None:
+                    check_words(utt_id, words, refs.get(utt_id), ref_name, info.T * shift)
             except ValueError as e:
                 raise fail(str(e)) from None
     return {"frame_shift": shift, "grouping": grouping, "word_sep": word_sep}
 
 
+def _planned_words(reader, labels, unit, grouping, word_sep) -> list[str]:
+    """The words (tokens for --unit token) ``timestamps`` will give an utterance with
+    these labels, as ``times_of`` groups them."""
+    from .timestamps import word_groups
+
+    names = ([reader.vocab[int(t)] for t in labels] if reader.vocab
+             else [str(int(t)) for t in labels])
+    return names if unit == "token" else [w for w, _ in word_groups(names, grouping, word_sep)]
+
+
+def _one_file_per_id(selected, fmt: str) -> None:
+    """A CTM line names no file and lhotse's supervision ids are unique: with several
+    inputs, an utterance id in two of them would merge two utterances into one (exit 2)."""
+    from .reader import show
+
+    if fmt not in ("ctm", "lhotse") or not selected.several:
+        return
+    seen: dict[str, str] = {}
+    for reader, ids in selected:
+        for utt_id in ids:
+            if utt_id in seen:
+                why = ("a CTM line names no file" if fmt == "ctm"
+                       else "lhotse supervision ids are unique")
+                raise fail(f"utterance {show(utt_id)!r} is in both {seen[utt_id]} and "
+                           f"{reader.name}: {why}; write one output per input")
+            seen[utt_id] = reader.name
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two output paths name one file (through symbolic or hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _summary_output(summary: str | None, reads: list[str]):
+    """The open --summary file (``open_output``: atomic), or None without one."""
+    from .output import open_output
+
+    if summary is None:
+        yield None
+        return
+    with open_output(summary, reads) as f:
+        yield f
+
+
 def _write_times(selected, plans, *, fmt, output, out_dir, reads, backend, unit, window,
-                 aggregate, channel, refs, ref_name, quiet) -> tuple[list[dict], int]:
-    """Align each selected utterance and write its times in ``fmt``; returns the delay
-    rows (with --ref) and the number of utterances with a problem."""
+                 aggregate, channel, refs, ref_name, quiet, report=None) -> int:
+    """Align each selected utterance and write its times in ``fmt``; with --ref, call
+    ``report(delay rows)`` once all are written, before the output is committed.
+    Returns the number of utterances with a problem."""
     from .analysis import align_utterance
     from .timestamps import DELAY_FIELDS, TOKEN_FIELDS, WORD_FIELDS, delay_rows, times_of
 
@@ -1004,7 +1079,9 @@ def _write_times(selected, plans, *, fmt, output, out_dir, reads, backend, unit,
                     delays += extra
                 write(times, reader, extra)
             bar.advance(task)
-    return delays, problems
+        if report is not None:
+            report(delays)
+    return problems
 
 
 @contextlib.contextmanager
@@ -1071,8 +1148,9 @@ def _times_sink(fmt, output, out_dir, reads, fields, selected, unit, channel):
             rows.close()
 
 
-def _delay_report(delays, summary, reads, ref_name, unit, quiet) -> None:
-    """The --ref statistics: on stderr (unless -q) and, with --summary, as JSON."""
+def _delay_report(delays, summary_out, ref_name, unit, quiet) -> None:
+    """The --ref statistics: on stderr (unless -q) and, into ``summary_out`` (the open
+    --summary file) if any, as JSON."""
     from .timestamps import SUMMARY_KEYS, delay_summary
 
     stats = delay_summary(delays)
@@ -1083,18 +1161,18 @@ def _delay_report(delays, summary, reads, ref_name, unit, quiet) -> None:
         for key in SUMMARY_KEYS:
             s = stats[key]
             if s is not None:
+                # round(..) + 0.0: no "-0.0" for a float-noise offset of -1e-13 ms
+                s = {k: round(v, 1) + 0.0 for k, v in s.items()}
                 err.print(f"  {key.removesuffix('_offset_ms').replace('_', ' ')} offset: "
                           f"mean {s['mean']:.1f}, median {s['median']:.1f}, p90 "
                           f"{s['p90']:.1f}, min {s['min']:.1f}, max {s['max']:.1f}",
                           markup=False)
-    if summary is not None:
+    if summary_out is not None:
         import json
 
-        from .output import open_output
-
-        with open_output(summary, reads) as f:
-            json.dump({"ref": ref_name, "unit": unit, **stats}, f, indent=1)
-            f.write("\n")
+        json.dump({"ref": ref_name, "unit": unit, **stats}, summary_out, indent=1,
+                  allow_nan=False)
+        summary_out.write("\n")
 
 
 def main() -> None:

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -52,6 +54,16 @@ UNITS = ("word", "token")
 AGGREGATES = ("min", "mean", "prod", "max")
 DEFAULT_WINDOW = 2  # frames each side of the Viterbi frame for the window posterior
 GROUPINGS = ("marker", "separator", "token")
+# The frame shifts times are made with: a logit frame between a microsecond and a minute.
+# Outside, the times are nonsense (1e300 s: 300-digit CTM fields; 1e-320 s: every time
+# 0.000), and their millisecond offsets can overflow.
+MIN_FRAME_SHIFT = 1e-6
+MAX_FRAME_SHIFT = 60.0
+# How far past an utterance's last frame (T x frame shift) a reference word may end:
+# an encoder's subsampling drops a frame or two of the audio, an aligner may pad.
+# A word ending later has times that are not relative to the utterance (a
+# recording's CTM) or were measured against a wrong frame shift.
+REF_SLACK = 1.0
 
 WORD_FIELDS = ["utt_id", "word_index", "word", "start", "end", "duration", "start_frame",
                "end_frame", "expected_start", "expected_end", "confidence", "frame_confidence",
@@ -143,32 +155,72 @@ class UtteranceTimes:
         return math.isfinite(self.loss)
 
 
+def check_times_frame_shift(value, what: str = "frame_shift") -> float:
+    """``value`` as the frame shift of times: ``dump.check_frame_shift`` (a finite real
+    number > 0: TypeError, ValueError) and within [``MIN_FRAME_SHIFT``,
+    ``MAX_FRAME_SHIFT``] seconds (ValueError naming ``what``)."""
+    from .dump import check_frame_shift
+
+    seconds = check_frame_shift(value, what)
+    if not MIN_FRAME_SHIFT <= seconds <= MAX_FRAME_SHIFT:
+        raise ValueError(f"{what} = {seconds!r} s is not a plausible frame shift: times need "
+                         f"{MIN_FRAME_SHIFT:g} to {MAX_FRAME_SHIFT:g} seconds per logit frame")
+    return seconds
+
+
+def _check_unit(unit: str) -> str:
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    return unit
+
+
 # --------------------------------------------------------------------------- words
 def grouping_for(vocab: Sequence[str] | None, unit: str = "word",
-                 word_sep: str | None = None) -> str:
+                 word_sep: str | None = None, *, blank: int | None = None,
+                 vocab_size: int | None = None) -> str:
     """How tokens group into words: ``"token"`` (one word per token) for
     ``unit="token"``; ``"separator"`` when ``word_sep`` is given; else ``"marker"``
     (SentencePiece's ``▁``) when some vocab entry starts with it, and ``"token"``
     when none does or there is no vocab (the caller may say so).
 
+    ``blank`` (an index, negative counting from the end) and ``vocab_size`` (V),
+    when given, check ``word_sep`` further: a separator that no label can hold
+    would silently make each utterance one word.
+
     Raises ValueError for an unknown ``unit``, ``word_sep`` with ``unit="token"``,
-    or a ``word_sep`` that is no token of ``vocab`` (without a vocab tokens are
-    named by their ids, so ``word_sep`` is an id written in digits).
+    a ``word_sep`` that is no token of ``vocab`` (without a vocab tokens are named
+    by their ids, so ``word_sep`` is an id, written as a plain decimal number
+    ``0 <= id < vocab_size``), or one that names the blank.
     """
-    if unit not in UNITS:
-        raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    _check_unit(unit)
     if unit == "token":
         if word_sep is not None:
             raise ValueError("a word separator groups tokens into words; it does not go with "
                              "unit 'token'")
         return "token"
     if word_sep is not None:
-        names = vocab if vocab is not None else None
-        if names is not None and word_sep not in names:
-            raise ValueError(f"word separator {word_sep!r} is not a token of the vocab")
-        if names is None and not word_sep.isdigit():
-            raise ValueError(f"word separator {word_sep!r}: the dump has no vocab, so tokens "
-                             "are named by their ids; give the separator's id")
+        if not isinstance(word_sep, str):
+            raise TypeError(f"word_sep must be a token name (str), got {word_sep!r}")
+        V = vocab_size if vocab_size is not None and vocab_size > 0 else None
+        if vocab is not None:
+            ids = [i for i, t in enumerate(vocab) if t == word_sep]
+            if not ids:
+                raise ValueError(f"word separator {word_sep!r} is not a token of the vocab")
+        else:
+            if not (word_sep.isascii() and word_sep.isdigit()) or str(int(word_sep)) != word_sep:
+                raise ValueError(f"word separator {word_sep!r}: the dump has no vocab, so "
+                                 "tokens are named by their ids; give the separator's id "
+                                 "(a plain decimal number)")
+            ids = [int(word_sep)]
+            if V is not None and ids[0] >= V:
+                raise ValueError(f"word separator {word_sep!r}: the dump has no vocab and no "
+                                 f"token id {word_sep} (ids are 0 to {V - 1})")
+        if blank is not None:
+            n = V if V is not None else (len(vocab) if vocab is not None else None)
+            b = blank % n if n and -n <= blank < n else blank
+            if all(i == b for i in ids):
+                raise ValueError(f"word separator {word_sep!r} is the blank (id {b}): labels "
+                                 "never hold it")
         return "separator"
     if vocab is not None and any(t.startswith(WORD_MARKER) for t in vocab):
         return "marker"
@@ -184,10 +236,13 @@ def word_groups(tokens: Sequence[str], grouping: str = "marker",
     is its tokens joined with the markers removed, and a word left empty (a lone
     ``▁`` at the end) is dropped. ``"separator"``: the token ``word_sep`` ends a word
     and belongs to none; a word is its tokens joined as they are. ``"token"``: one
-    word per token, the token's name as it is.
+    word per token, the token's name as it is. Raises ValueError for an unknown
+    ``grouping``, or ``"separator"`` without ``word_sep``.
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {grouping!r}")
+    if grouping == "separator" and word_sep is None:
+        raise ValueError("grouping 'separator' needs word_sep, the separator token's name")
     if grouping == "token":
         return [(t, [p]) for p, t in enumerate(tokens)]
     groups: list[tuple[str, list[int]]] = []
@@ -239,16 +294,31 @@ def utterance_times(alignment: Alignment, labels: np.ndarray, tokens: Sequence[s
     side for the window posterior; ``aggregate``: one of ``AGGREGATES``. An
     alignment whose loss is not finite gives no tokens or words.
 
-    Raises ValueError for a bad ``frame_shift``, ``window`` or ``aggregate``.
+    Raises ValueError for a ``frame_shift`` that is not a number of seconds in
+    [``MIN_FRAME_SHIFT``, ``MAX_FRAME_SHIFT``] (TypeError for one that is no number,
+    or an ``alignment`` that is no ``Alignment``),
+    a bad ``window``, ``aggregate`` or ``grouping``, or ``labels``/``tokens`` that
+    are not the alignment's ``U``.
     """
-    from .dump import check_frame_shift
-
-    frame_shift = check_frame_shift(frame_shift)
+    frame_shift = check_times_frame_shift(frame_shift)
     if isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 0:
         raise ValueError(f"window must be an integer >= 0 (frames), got {window!r}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    from .align import Alignment
+
+    if not isinstance(alignment, Alignment):
+        raise TypeError(f"alignment must be an Alignment (align, align_compact), got "
+                        f"{type(alignment).__name__}")
     al = alignment
+    labels = np.asarray(labels)
+    if labels.shape != (al.U,):
+        raise ValueError(f"utterance {utt_id!r}: labels of shape {labels.shape} for an "
+                         f"alignment of U = {al.U} tokens")
+    if tokens is not None and (isinstance(tokens, str) or len(tokens) != al.U):
+        raise ValueError(f"utterance {utt_id!r}: {len(tokens)} token names for an "
+                         f"alignment of U = {al.U} tokens")
+    word_groups([], grouping, word_sep)  # a bad grouping is an error, even with no tokens
     out = UtteranceTimes(utt_id=utt_id, T=al.T, U=al.U, frame_shift=frame_shift,
                          loss=al.loss, text=text, problem=problem)
     if not out.finite:
@@ -290,36 +360,53 @@ def times_of(aligned: AlignedUtterance, *, frame_shift: float, text: str | None 
                            problem=aligned.problem, **kw)
 
 
-def timestamps(reader: DumpReader, utt: Utterance | LatticeUtterance, *,
+def timestamps(reader: DumpReader, utt: str | Utterance | LatticeUtterance, *,
                frame_shift: float | None = None, backend: str = "cpu", unit: str = "word",
                word_sep: str | None = None, window: int = DEFAULT_WINDOW,
                aggregate: str = "min") -> UtteranceTimes:
-    """The times of one utterance of ``reader`` (``reader.read`` of a full dump, or
-    ``reader.read_lattice`` of a lattice dump), aligned on ``backend``.
+    """The times of one utterance of ``reader``, aligned on ``backend``: ``utt`` is its
+    id, or what ``reader.read`` (a full dump) or ``reader.read_lattice`` (a lattice
+    dump) returned for it.
 
     ``frame_shift``: seconds per frame, default the dump's (``reader.frame_shift``);
     ``unit``, ``word_sep``: how tokens group into words (``grouping_for``);
     ``window``, ``aggregate``: as ``utterance_times``.
 
-    Raises ValueError when neither gives a frame shift, for bad options, and
-    ``DumpError`` for a dump's bad stored frame shift.
+    Raises ValueError when neither gives a frame shift or it is out of range
+    (``check_times_frame_shift``), for bad options, TypeError for a ``reader`` or
+    ``utt`` of another type, and ``DumpError`` for a dump's bad stored frame shift
+    or an id it does not hold.
     """
     from .analysis import align_utterance
+    from .reader import DumpReader, LatticeUtterance, Utterance
 
+    if not isinstance(reader, DumpReader):
+        raise TypeError(f"reader must be a DumpReader, got {type(reader).__name__}")
+    if isinstance(utt, str):
+        utt = reader.read_lattice(utt) if reader.kind == "lattice" else reader.read(utt)
+    if not isinstance(utt, Utterance | LatticeUtterance):
+        raise TypeError("utt must be an utterance id or what reader.read/read_lattice "
+                        f"returned, got {type(utt).__name__}")
+
+    what = "frame_shift"
     if frame_shift is None:
         frame_shift = reader.frame_shift
         if frame_shift is None:
             raise ValueError(f"{reader.name}: no frame shift: the dump has no root attribute "
                              "frame_shift; give one (seconds per logit frame)")
-    grouping = grouping_for(reader.vocab, unit, word_sep)
+        what = f"{reader.name}: attribute frame_shift"
+    frame_shift = check_times_frame_shift(frame_shift, what)
+    grouping = grouping_for(reader.vocab, unit, word_sep, blank=reader.blank,
+                            vocab_size=reader.vocab_size)
     aligned = align_utterance(reader, utt, backend=backend)
     return times_of(aligned, frame_shift=frame_shift, text=utt.info.attrs.get("text"),
                     grouping=grouping, word_sep=word_sep, window=window, aggregate=aggregate)
 
 
 def units_of(times: UtteranceTimes, unit: str) -> list[TokenTime] | list[WordTime]:
-    """The utterance's words, or its tokens for ``unit="token"``."""
-    return times.tokens if unit == "token" else times.words
+    """The utterance's words (``unit="word"``), or its tokens (``unit="token"``);
+    ValueError for another ``unit``."""
+    return times.tokens if _check_unit(unit) == "token" else times.words
 
 
 def unit_text(item: TokenTime | WordTime) -> str:
@@ -380,17 +467,20 @@ class CtmWord:
 
 
 _MAX_CTM_LINE = 1 << 16
+_CTM_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def read_ctm(path: str | os.PathLike, name: str | None = None) -> dict[str, list[CtmWord]]:
     """The words of a CTM file (SCTK: ``<utt_id> <channel> <start> <duration> <word>
     [<confidence>]``, seconds), per utterance id, sorted by start (in file order
-    for equal starts). Blank lines and ``;;`` comments are skipped; the channel
-    and confidence are not used. A file from elsewhere: a line that is not UTF-8,
-    longer than 64 KiB, without five or six fields, or with a start, duration or
-    confidence that is not a finite number (start and duration >= 0) is a
-    ``CtmError`` naming ``name`` (default the path) and the line number;
-    an unreadable file too (``CtmError``: "cannot read").
+    for equal starts). Blank lines and ``;;`` comments are skipped, and so are a
+    UTF-8 byte-order mark and CR line ends (files from Windows tools); the
+    channel and confidence are not used. A file from elsewhere: a line that is not
+    UTF-8, longer than 64 KiB, without five or six fields, or with a start,
+    duration or confidence that is not a finite decimal number (``12``, ``0.5``,
+    ``1e-3``; start and duration >= 0, their sum finite) is a ``CtmError`` naming
+    ``name`` (default the path) and the line number; an unreadable file too
+    (``CtmError``: "cannot read").
     """
     from .checks import show
 
@@ -405,7 +495,7 @@ def read_ctm(path: str | os.PathLike, name: str | None = None) -> dict[str, list
             if len(raw) > _MAX_CTM_LINE:
                 raise CtmError(f"{name}: line {n} is longer than 64 KiB: not a CTM line")
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise CtmError(f"{name}: line {n} is not UTF-8 text") from None
             fields = line.split()
@@ -417,14 +507,15 @@ def read_ctm(path: str | os.PathLike, name: str | None = None) -> dict[str, list
             values = []
             for what, text in zip(("start", "duration", "confidence"), fields[2:4] + fields[5:],
                                   strict=False):
-                try:
-                    v = float(text)
-                except ValueError:
-                    v = math.nan
+                # Python's float() also takes "1_0", "٣" and " nan"; a CTM number is ASCII.
+                v = float(text) if _CTM_NUMBER.fullmatch(text) else math.nan
                 if not math.isfinite(v) or (what != "confidence" and v < 0):
                     raise CtmError(f"{name}: line {n}: {what} {show(text)!r} is not a finite "
                                    "number" + ("" if what == "confidence" else " >= 0"))
                 values.append(v)
+            if not math.isfinite(values[0] + values[1]):
+                raise CtmError(f"{name}: line {n}: start {show(fields[2])!r} + duration "
+                               f"{show(fields[3])!r} is not a finite number of seconds")
             words.setdefault(fields[0], []).append(CtmWord(fields[4], values[0], values[1], n))
     except OSError as e:
         raise CtmError(f"{name}: cannot read the reference CTM ({e.strerror})") from None
@@ -442,21 +533,39 @@ def check_ctm_field(value: str, what: str) -> None:
                          "whitespace)")
 
 
+def ctm_decimals(frame_shift: float) -> int:
+    """Decimals of the CTM's times: 3 (the millisecond), more for a frame shift under a
+    millisecond (so that no frame rounds to a duration of 0)."""
+    return max(3, math.ceil(-math.log10(frame_shift) - 1e-9))
+
+
+def _fixed(ticks: int, decimals: int) -> str:
+    """``ticks`` units of ``10**-decimals`` as a decimal number, exactly."""
+    whole, frac = divmod(ticks, 10**decimals)
+    return f"{whole}.{frac:0{decimals}d}"
+
+
 def ctm_items(times: UtteranceTimes, unit: str = "word", channel: str = "1"
               ) -> list[tuple[float, str]]:
     """``(start, line)`` of each of the utterance's CTM lines (``<utt_id> <channel>
-    <start> <duration> <word> <confidence>``, seconds to the millisecond, confidence
-    to 4 decimals), sorted by start (position order for equal starts). Raises
-    ValueError for an id, channel or word that cannot be a CTM field (empty, or
-    holding whitespace)."""
+    <start> <duration> <word> <confidence>``, seconds to the millisecond
+    (``ctm_decimals``), confidence to 4 decimals), sorted by start (position order
+    for equal starts). The start and the end are rounded, and the duration is their
+    difference, so that ``start + duration`` is the rounded end: a word that ends
+    where the next begins does not overlap it in the CTM. Raises ValueError for an
+    id, channel or word that cannot be a CTM field (empty, or holding whitespace),
+    or an unknown ``unit``."""
     from .checks import show
 
+    items = units_of(times, unit)
     check_ctm_field(times.utt_id, f"utterance {show(times.utt_id)}: the id")
     check_ctm_field(channel, "channel")
+    d = ctm_decimals(times.frame_shift)
     out = []
-    for it in sorted(units_of(times, unit), key=lambda it: it.start):
+    for it in sorted(items, key=lambda it: it.start):
         check_ctm_field(unit_text(it), f"utterance {show(times.utt_id)}: {unit}")
-        out.append((it.start, f"{times.utt_id} {channel} {it.start:.3f} {it.duration:.3f} "
+        a, b = round(it.start * 10**d), round(it.end * 10**d)
+        out.append((it.start, f"{times.utt_id} {channel} {_fixed(a, d)} {_fixed(b - a, d)} "
                               f"{unit_text(it)} {unit_confidence(it):.4f}"))
     return out
 
@@ -472,20 +581,31 @@ class WordMismatch(ValueError):
 
 
 def _same(a: str, b: str) -> bool:
-    return a.casefold() == b.casefold()
+    """Whether two words are the same ignoring case and Unicode's normal forms (a
+    reference from elsewhere may spell "é" as e + combining accent): Unicode's
+    NFKC_Casefold, as identifiers are compared caselessly."""
+    return _folded(a) == _folded(b)
+
+
+def _folded(word: str) -> str:
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", word).casefold())
 
 
 def check_words(utt_id: str, words: Sequence[str], ref: Sequence[CtmWord] | None,
-                ref_name: str) -> None:
+                ref_name: str, duration: float | None = None) -> None:
     """Raise ``WordMismatch`` (one line naming the reference, the utterance and the first
     difference) unless ``words`` are the reference's words in order (compared ignoring
-    case: tokenizers often lower-case)."""
+    case and Unicode normal forms: tokenizers often lower-case). With ``duration``
+    (the utterance's, T x frame shift, seconds), a reference word that ends more than
+    ``REF_SLACK`` seconds after it is a ``WordMismatch`` too: its times are not
+    relative to the utterance, or the frame shift is not the model's."""
     from .checks import show
 
     theirs = [w.word for w in ref or []]
     where = f"{show(ref_name)}: utterance {show(utt_id)}"
     if not theirs and words:
-        raise WordMismatch(f"{where}: no reference words, {len(words)} aligned")
+        raise WordMismatch(f"{where}: no reference words, {len(words)} aligned (select "
+                           "the utterances the reference covers with --utt or --utt-list)")
     for i, (a, b) in enumerate(zip(words, theirs, strict=False)):
         if not _same(a, b):
             raise WordMismatch(f"{where}: word {i + 1} is {show(a)!r} but the reference has "
@@ -495,6 +615,14 @@ def check_words(utt_id: str, words: Sequence[str], ref: Sequence[CtmWord] | None
         raise WordMismatch(f"{where}: {len(words)} words aligned but {len(theirs)} in the "
                            "reference (the first "
                            f"{min(len(words), len(theirs))} agree)")
+    if duration is not None:
+        for w in ref or []:
+            if not w.end <= duration + REF_SLACK:
+                raise WordMismatch(
+                    f"{where}: reference word {show(w.word)!r} (line {w.line}) ends at "
+                    f"{w.end:g} s, after the utterance's {duration:g} s (T x frame shift): "
+                    "the reference's times must be relative to the utterance, and the "
+                    "frame shift the model's")
 
 
 def delay_rows(times: UtteranceTimes, ref: Sequence[CtmWord] | None, ref_name: str,
@@ -502,9 +630,10 @@ def delay_rows(times: UtteranceTimes, ref: Sequence[CtmWord] | None, ref_name: s
     """Per word (per token for ``unit="token"``) the reference word's times and the
     offsets hypothesis - reference in milliseconds (``DELAY_FIELDS``): of the start, the
     end, and of the expected start and end. Raises ``WordMismatch`` when the words are
-    not the reference's (``check_words``)."""
+    not the reference's, or a reference word ends after the utterance
+    (``check_words``)."""
     items = units_of(times, unit)
-    check_words(times.utt_id, [unit_text(it) for it in items], ref, ref_name)
+    check_words(times.utt_id, [unit_text(it) for it in items], ref, ref_name, times.duration)
     rows = []
     for it, r in zip(items, ref or [], strict=False):
         rows.append({
@@ -541,16 +670,23 @@ def lhotse_supervision(times: UtteranceTimes, unit: str = "word",
                        custom: dict | None = None) -> dict:
     """The utterance as a lhotse ``SupervisionSegment`` dict (``to_dict``'s layout):
     ``id`` and ``recording_id`` the utterance id, ``start`` 0, ``duration`` T * frame
-    shift, ``channel`` 0, ``text`` (the dump's, else the words joined by spaces), and
-    ``alignment`` ``{"word": [[symbol, start, duration, score], ...], "token": [...]}``
-    (lhotse's ``AlignmentItem`` as a list; score the confidence: a word's
-    ``confidence``, a token's window posterior). With ``unit="token"`` the "word"
-    items are the tokens."""
+    shift, ``channel`` 0, ``text`` (the dump's, else the words joined by spaces; with
+    ``unit="token"`` the tokens spelled out at their ``▁`` markers when they have
+    them: a transcript, not a list of pieces), and ``alignment`` ``{"word":
+    [[symbol, start, duration, score], ...], "token": [...]}`` (lhotse's
+    ``AlignmentItem`` as a list; score the confidence: a word's ``confidence``, a
+    token's window posterior). With ``unit="token"`` the "word" items are the
+    tokens."""
     def items(seq):
         return [[unit_text(it), it.start, it.duration, unit_confidence(it)] for it in seq]
 
     units = units_of(times, unit)
-    text = times.text if times.text is not None else " ".join(unit_text(it) for it in units)
+    if times.text is not None:
+        text = times.text
+    elif unit == "token" and any(t.token.startswith(WORD_MARKER) for t in times.tokens):
+        text = " ".join("".join(t.token for t in times.tokens).replace(WORD_MARKER, " ").split())
+    else:
+        text = " ".join(unit_text(it) for it in units)
     out = {"id": times.utt_id, "recording_id": times.utt_id, "start": 0.0,
            "duration": times.duration, "channel": 0, "text": text,
            "alignment": {"word": items(units), "token": items(times.tokens)}}
@@ -563,9 +699,9 @@ def lhotse_supervision(times: UtteranceTimes, unit: str = "word",
 def _tier_intervals(spans: list[tuple[float, float, str]], xmax: float
                     ) -> list[tuple[float, float, str]]:
     """Intervals covering ``[0, xmax]`` without overlap: the spans (in order), empty
-    intervals in the gaps. Spans that overlap (several emitted in one frame) are
-    run together into one stretch, shared evenly among them in order: a TextGrid
-    tier cannot hold overlapping intervals."""
+    intervals in the gaps. Spans that overlap (a safeguard: ``frame_shares`` gives
+    none) are run together into one stretch, shared evenly among them in order: a
+    TextGrid tier cannot hold overlapping intervals."""
     clusters: list[list[tuple[float, float, str]]] = []
     end = -math.inf
     for sp in spans:
@@ -594,15 +730,40 @@ def _praat_string(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
+def frame_shares(times: UtteranceTimes) -> list[tuple[float, float]]:
+    """``(start, end)`` in seconds of each token's share of its frame: the n tokens
+    emitted in one frame split it evenly, in order (a token alone keeps the whole
+    frame, ``[start, end)``). Shares never overlap, so they can be drawn as
+    intervals (``textgrid``)."""
+    s = times.frame_shift
+    count: dict[int, int] = {}
+    for t in times.tokens:
+        count[t.start_frame] = count.get(t.start_frame, 0) + 1
+    seen: dict[int, int] = {}
+    out = []
+    for t in times.tokens:
+        f, n = t.start_frame, count[t.start_frame]
+        j = seen.get(f, 0)
+        seen[f] = j + 1
+        out.append(((f + j / n) * s, (f + (j + 1) / n) * s))
+    return out
+
+
 def textgrid(times: UtteranceTimes) -> str:
     """The utterance as a Praat TextGrid (long text format): interval tiers ``words``
     and ``tokens`` over ``[0, T * frame shift]``, the gaps between items as empty
-    intervals. Items that overlap (emitted in one frame) share their stretch
-    evenly, in order (``_tier_intervals``); the exact times are in the other
-    formats."""
+    intervals. A tier cannot hold overlapping intervals, so each token is drawn
+    over its share of its frame (``frame_shares``: tokens emitted in one frame
+    split it evenly, in order) and each word from its first token's share to its
+    last one's: a word whose first token is emitted in the frame of the previous
+    word's last token starts in that frame, as its start says. The exact times
+    are in the other formats."""
     xmax = times.duration
-    tiers = [("words", [(w.start, w.end, w.word) for w in times.words]),
-             ("tokens", [(t.start, t.end, t.token) for t in times.tokens])]
+    shares = frame_shares(times)
+    tiers = [("words", [(shares[w.positions[0]][0], shares[w.positions[-1]][1], w.word)
+                        for w in times.words]),
+             ("tokens", [(a, b, t.token) for (a, b), t in zip(shares, times.tokens,
+                                                              strict=True)])]
     lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "",
              "xmin = 0", f"xmax = {xmax!r}", "tiers? <exists>", f"size = {len(tiers)}",
              "item []:"]
@@ -621,7 +782,9 @@ __all__ = [
     "AGGREGATES", "DEFAULT_WINDOW", "DELAY_FIELDS", "GROUPINGS", "TOKEN_FIELDS", "UNITS",
     "WORD_FIELDS", "WORD_MARKER", "CtmError", "CtmWord", "TokenTime", "UtteranceTimes",
     "WordMismatch", "WordTime", "check_words", "ctm_items", "ctm_lines", "delay_rows",
-    "delay_summary", "grouping_for", "lhotse_supervision", "read_ctm", "textgrid",
+    "delay_summary", "frame_shares", "grouping_for", "lhotse_supervision", "read_ctm",
+    "textgrid", "MAX_FRAME_SHIFT", "MIN_FRAME_SHIFT", "REF_SLACK", "check_times_frame_shift",
+    "ctm_decimals",
     "timestamps", "times_of", "token_rows", "units_of", "utterance_times", "word_groups",
     "word_rows",
 ]

@@ -7,6 +7,8 @@ CPU and the CUDA kernels in Numba's simulator)."""
 
 import json
 import math
+import os
+import re
 
 import h5py
 import numpy as np
@@ -18,6 +20,7 @@ from helpers import (
     one_line_error,
     random_batch,
     rows_of,
+    write_keyed_raw,
     write_lattice_raw,
     write_padded_raw,
 )
@@ -30,11 +33,16 @@ from rnntool.reader import DumpReader
 from rnntool.reference import reference_rnnt_loss
 from rnntool.timestamps import (
     CtmError,
+    CtmWord,
     WordMismatch,
     check_words,
+    ctm_lines,
+    delay_rows,
     delay_summary,
     grouping_for,
+    lhotse_supervision,
     read_ctm,
+    units_of,
     utterance_times,
     word_groups,
 )
@@ -564,3 +572,314 @@ def test_padded_dump_without_vocab_groups_at_a_separator_id(tmp_path):
         ("23", "0.050000", "0.150000"), ("4", "0.350000", "0.400000")]
     one_line_error(invoke("timestamps", path, "--frame-shift", "0.05", "--word-sep", "x"),
                    "give the separator's id")
+
+
+# --------------------------------------------------------------------------- hostile inputs, found by attack
+def test_reference_times_outside_the_utterance_exit_2_before_anything_is_written(tmp_path):
+    full, _ = sentence_dump(tmp_path)  # u1: 14 frames of 40 ms = 0.56 s; u2: 0.24 s
+    out, summary = tmp_path / "out.tsv", tmp_path / "s.json"
+    words = [("u1", "the"), ("u1", "cats"), ("u1", "sat"), ("u2", "the")]
+    # Huge but finite times: the offsets would be -inf and the summary -Infinity (not JSON).
+    huge = write_ctm(tmp_path / "huge.ctm", [f"{u} 1 {1e306 * (i + 1)} 1 {w}"
+                                            for i, (u, w) in enumerate(words)])
+    # A recording's CTM: times relative to the recording, 100 s into it.
+    rec = write_ctm(tmp_path / "rec.ctm", [f"{u} 1 {100 + 0.1 * i} 0.08 {w}"
+                                           for i, (u, w) in enumerate(words)])
+    for ref in (huge, rec):
+        one_line_error(invoke("timestamps", full, "--ref", ref, "--summary", summary, "-o", out),
+                       str(ref), "utterance u1", "'the'", "after the utterance's 0.56 s")
+        assert not out.exists() and not summary.exists()
+    # A start and duration whose sum overflows: the reader refuses the line.
+    over = write_ctm(tmp_path / "over.ctm", ["u2 1 1e308 1e308 the"])
+    one_line_error(invoke("timestamps", full, "--ref", over), str(over), "line 1",
+                   "not a finite number")
+    # A word ending up to REF_SLACK after the last frame is fine (subsampling drops frames).
+    ok = write_ctm(tmp_path / "ok.ctm", ["u1 1 0.05 0.08 the", "u1 1 0.17 0.12 cats",
+                                         "u1 1 0.41 1.1 sat", "u2 1 0.09 0.08 the"])
+    got = invoke("timestamps", full, "--ref", ok, "--summary", summary, "-q")
+    assert got.exit_code == 0, got.output
+    s = json.loads(summary.read_text())  # strict JSON: no Infinity/NaN
+    assert s["end_offset_ms"]["min"] == pytest.approx(1000 * (0.48 - 1.51))
+
+
+@pytest.mark.parametrize("number", ["1_0", "\u0663", "0x10", "infinity", "1e", "."])
+def test_ctm_numbers_are_ascii_decimals(tmp_path, number):
+    ref = write_ctm(tmp_path / "r.ctm", [f"u2 1 {number} 0.04 the"])
+    with pytest.raises(CtmError, match="line 1: start"):
+        read_ctm(ref)
+
+
+def test_ctm_from_windows_tools_bom_and_crlf(tmp_path):
+    full, _ = sentence_dump(tmp_path)
+    lines = ["u1 1 0.05 0.08 the", "u1 1 0.17 0.12 cats", "u1 1 0.41 0.08 sat",
+             "u2 1 0.09 0.08 the"]
+    plain = write_ctm(tmp_path / "plain.ctm", lines)
+    win = tmp_path / "win.ctm"
+    win.write_bytes(b"\xef\xbb\xbf" + "".join(line + "\r\n" for line in lines).encode())
+    assert read_ctm(win) == read_ctm(plain)
+    a = invoke("timestamps", full, "--ref", plain, "-f", "tsv", "-q")
+    b = invoke("timestamps", full, "--ref", win, "-f", "tsv", "-q")
+    assert a.exit_code == b.exit_code == 0 and a.stdout == b.stdout
+
+
+def test_reference_words_compare_under_unicode_normal_forms_and_case():
+    ref = [CtmWord("CAFE\u0301", 0.0, 0.1, 1), CtmWord("\ufb01ne", 0.1, 0.1, 2)]
+    check_words("u", ["caf\u00e9", "FINE"], ref, "r.ctm")  # NFD vs NFC, a ligature, case
+    with pytest.raises(WordMismatch, match="word 1"):
+        check_words("u", ["cafe", "fine"], ref, "r.ctm")
+
+
+@pytest.mark.parametrize("bad", ["1e300", "1e-320", "61", "1e-7"])
+def test_frame_shift_outside_a_microsecond_to_a_minute_is_refused(tmp_path, bad):
+    full, _ = sentence_dump(tmp_path)
+    one_line_error(invoke("timestamps", full, "--frame-shift", bad, "-f", "ctm"),
+                   "--frame-shift", "plausible frame shift")
+    # The dump's own: named with the file; --frame-shift overrides it.
+    path = tmp_path / "big.h5"
+    x = placed_logits(6, [1], [3], len(VOCAB))
+    write_keyed_raw(path, {"u": (x, np.array([1]))}, frame_shift=float(bad),
+                    vocab=np.array(VOCAB, dtype=h5py.string_dtype()))
+    one_line_error(invoke("timestamps", path, "-f", "ctm"), str(path), "attribute frame_shift",
+                   "--frame-shift")
+    assert invoke("timestamps", path, "--frame-shift", "0.04", "-f", "ctm").exit_code == 0
+    (al,) = align(torch.from_numpy(x)[None], torch.tensor([[1]]), torch.tensor([6]),
+                  torch.tensor([1]), blank=0)
+    with pytest.raises(ValueError, match="plausible"):
+        utterance_times(al, np.array([1]), None, frame_shift=float(bad))
+    assert utterance_times(al, np.array([1]), None, frame_shift=1e-6).tokens[0].end == 4e-6
+
+
+@settings(deadline=None, max_examples=60)
+@given(data=st.data())
+def test_ctm_start_plus_duration_is_the_rounded_end_and_never_overlaps(data):
+    """Start and duration rounded each on its own make start + duration overshoot the
+    next word's start (frame shift 12.5 ms: 0.013 + 0.013 > 0.025)."""
+    from decimal import Decimal
+
+    T = data.draw(st.integers(1, 40))
+    U = data.draw(st.integers(1, 8))
+    frames = sorted(data.draw(st.lists(st.integers(0, T - 1), min_size=U, max_size=U)))
+    shift = data.draw(st.sampled_from([0.0125, 1 / 75, 0.0333, 0.0005, 0.00025, 0.04]))
+    x = torch.from_numpy(placed_logits(T, [1] * U, frames, 3))[None]
+    (al,) = align(x, torch.tensor([[1] * U]), torch.tensor([T]), torch.tensor([U]), blank=0)
+    times = utterance_times(al, np.ones(U, np.int64), None, frame_shift=shift,
+                            grouping="token", utt_id="u")
+    lines = [line.split() for line in ctm_lines(times, "token")]
+    d = max(3, math.ceil(-math.log10(shift) - 1e-9))
+    q = Decimal(1).scaleb(-d)
+    for tok, f in zip(times.tokens, lines, strict=True):
+        start, dur = Decimal(f[2]), Decimal(f[3])
+        assert start == Decimal(round(tok.start * 10**d)) * q
+        assert start + dur == Decimal(round(tok.end * 10**d)) * q
+        assert dur > 0
+    for i in range(len(lines) - 1):
+        if times.tokens[i].end <= times.tokens[i + 1].start:
+            assert Decimal(lines[i][2]) + Decimal(lines[i][3]) <= Decimal(lines[i + 1][2])
+
+
+def test_ctm_and_lhotse_refuse_an_id_in_two_inputs(tmp_path):
+    a, _ = sentence_dump(tmp_path, name="a")
+    b, _ = sentence_dump(tmp_path, name="b")
+    out = tmp_path / "o.ctm"
+    for fmt, needle in (("ctm", "a CTM line names no file"), ("lhotse", "ids are unique")):
+        one_line_error(invoke("timestamps", a, b, "-f", fmt, "-o", out), "utterance 'u1'",
+                       str(a), str(b), needle)
+        assert not out.exists()
+    # Disjoint selections, or a format with a file column, are fine.
+    assert invoke("timestamps", a, b, "-f", "tsv", "-q").exit_code == 0
+
+
+def test_ctm_fields_are_checked_before_any_work_naming_the_file(tmp_path):
+    x = placed_logits(6, [1], [3], len(VOCAB))
+    path = tmp_path / "ids.h5"
+    write_padded_raw(path, np.stack([x, x]), np.ones((2, 1), np.int64), np.array([6, 6]),
+                     np.array([1, 1]), frame_shift=0.04)
+    with h5py.File(path, "a") as f:
+        f["utt_ids"] = np.array([b"fine", b"a b"], dtype=h5py.string_dtype())
+        f["vocab"] = np.array(VOCAB, dtype=h5py.string_dtype())
+    out = tmp_path / "o.ctm"
+    one_line_error(invoke("timestamps", path, "-f", "ctm", "-o", out), str(path),
+                   "utterance a b", "'a b'", "CTM field")
+    assert not out.exists()
+    vocab = ["<b>", "\u2581new york", "\u2581x"]
+    full, _ = write_pair(tmp_path, {"u": (placed_logits(5, [2, 1], [1, 3], 3), [2, 1], None)},
+                         vocab=vocab, name="v")
+    got = invoke("timestamps", full, "-f", "ctm")
+    one_line_error(got, str(full), "utterance u", "'new york'")
+    assert got.stdout == ""
+    assert invoke("timestamps", full, "-f", "tsv", "-q").exit_code == 0  # TSV can hold it
+
+
+@pytest.mark.parametrize("sep, needle", [
+    ("01", "plain decimal number"), ("\u0661", "plain decimal number"),
+    ("9", "no token id 9 (ids are 0 to 4)"), ("0", "is the blank"),
+])
+def test_a_word_separator_no_label_can_hold_is_refused(tmp_path, sep, needle):
+    labels = [2, 3, 1, 4]
+    x = placed_logits(9, labels, [1, 2, 4, 7], 5)[None]
+    path = tmp_path / "padded.h5"
+    write_padded_raw(path, x, np.array([labels]), np.array([9]), np.array([4]))
+    one_line_error(invoke("timestamps", path, "--frame-shift", "0.05", "--word-sep", sep),
+                   str(path), "--word-sep", needle)
+
+
+def test_the_blank_by_name_is_no_word_separator(tmp_path):
+    full, _ = sentence_dump(tmp_path)
+    one_line_error(invoke("timestamps", full, "--word-sep", "<b>"), "'<b>' is the blank")
+    with pytest.raises(ValueError, match="is the blank"):
+        grouping_for(VOCAB, "word", "<b>", blank=-8, vocab_size=8)
+    with pytest.raises(ValueError, match="needs word_sep"):
+        word_groups(["a", "|", "b"], "separator")
+
+
+def test_summary_that_cannot_be_written_leaves_no_times(tmp_path):
+    full, _ = sentence_dump(tmp_path)
+    ref = write_ctm(tmp_path / "ref.ctm", ["u1 1 0.05 0.08 the", "u1 1 0.17 0.12 cats",
+                                           "u1 1 0.41 0.08 sat", "u2 1 0.09 0.08 the"])
+    out = tmp_path / "out.ctm"
+    # A directory where no file can be made (passes the early checks: it exists).
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, so blocked/s.json cannot be created")
+    got = invoke("timestamps", full, "--ref", ref, "--summary", blocked / "s.json", "-f", "ctm",
+                 "-o", out)
+    assert got.exit_code == 2 and "s.json" in got.stderr
+    assert not out.exists()
+    # The summary and -o naming one file through a symbolic or a hard link.
+    out.write_text("old\n")
+    (tmp_path / "sym.json").symlink_to(out)
+    os.link(out, tmp_path / "hard.json")
+    for alias in ("sym.json", "hard.json"):
+        one_line_error(invoke("timestamps", full, "--ref", ref, "--summary", tmp_path / alias,
+                              "-f", "ctm", "-o", out), "both -o and --summary")
+    assert out.read_text() == "old\n"
+
+
+def test_api_refuses_mismatched_lengths_and_unknown_units(tmp_path):
+    x = placed_logits(6, [1, 4], [1, 3], len(VOCAB))
+    (al,) = align(torch.from_numpy(x)[None], torch.tensor([[1, 4]]), torch.tensor([6]),
+                  torch.tensor([2]), blank=0)
+    with pytest.raises(ValueError, match="labels of shape"):
+        utterance_times(al, np.array([1]), None, frame_shift=0.04)
+    with pytest.raises(ValueError, match="3 token names"):
+        utterance_times(al, np.array([1, 4]), ["a", "b", "c"], frame_shift=0.04)
+    with pytest.raises(ValueError, match="needs word_sep"):
+        utterance_times(al, np.array([1, 4]), ["a", "b"], frame_shift=0.04,
+                        grouping="separator")
+    times = utterance_times(al, np.array([1, 4]), ["\u2581the", "\u2581sat"], frame_shift=0.04)
+    for fn in (lambda: units_of(times, "tokens"), lambda: ctm_lines(times, "words"),
+               lambda: lhotse_supervision(times, "tokens"),
+               lambda: delay_rows(times, [], "r.ctm", "tokens")):
+        with pytest.raises(ValueError, match="unit must be one of"):
+            fn()
+
+
+def test_textgrid_words_stay_in_their_frames_when_they_share_one(tmp_path):
+    """A word whose first token is emitted in the frame of the previous word's last token
+    used to be drawn half-way across both words (here: "sat" from frame 4, 40 ms before
+    its emission at frame 5)."""
+    tg = pytest.importorskip("praatio.textgrid")
+    labels = [2, 3, 6, 3, 4]  # ▁c at s at | ▁sat: "catsat" at frames 2..5, "sat" at 5
+    full, _ = write_pair(tmp_path, {"w": (placed_logits(8, labels, [2, 3, 4, 5, 5], len(VOCAB)),
+                                          labels, None)})
+    out = tmp_path / "grids"
+    assert invoke("timestamps", full, "-f", "textgrid", "-d", out, "-q").exit_code == 0
+    grid = tg.openTextgrid(str(out / "w.TextGrid"), includeEmptyIntervals=False)
+    words = [(e.start / 0.04, e.end / 0.04, e.label) for e in grid.getTier("words").entries]
+    tokens = [(e.start / 0.04, e.end / 0.04, e.label) for e in grid.getTier("tokens").entries]
+    assert [w[2] for w in words] == ["catsat", "sat"]
+    assert [x for w in words for x in w[:2]] == pytest.approx([2.0, 5.5, 5.5, 6.0])
+    assert [t[2] for t in tokens[-2:]] == ["at", "\u2581sat"]
+    assert [x for t in tokens[-2:] for x in t[:2]] == pytest.approx([5.0, 5.5, 5.5, 6.0])
+
+
+@settings(deadline=None, max_examples=40)
+@given(data=st.data())
+def test_textgrid_intervals_are_frame_shares_of_the_true_times(data):
+    from rnntool.timestamps import frame_shares, textgrid
+
+    T = data.draw(st.integers(1, 10))
+    names = ["<b>", "\u2581a", "b"]
+    labels = data.draw(st.lists(st.integers(1, 2), min_size=1, max_size=7))
+    U = len(labels)
+    frames = sorted(data.draw(st.lists(st.integers(0, T - 1), min_size=U, max_size=U)))
+    x = torch.from_numpy(placed_logits(T, labels, frames, 3))[None]
+    (al,) = align(x, torch.tensor([labels]), torch.tensor([T]), torch.tensor([U]), blank=0)
+    times = utterance_times(al, np.array(labels), [names[y] for y in labels],
+                            frame_shift=0.04)
+    shares = frame_shares(times)
+    for (a, b), tok in zip(shares, times.tokens, strict=True):
+        assert tok.start <= a < b <= tok.end  # inside its own frame
+    assert all(shares[i][1] <= shares[i + 1][0] for i in range(U - 1))  # no overlap
+    for w in times.words:  # a word is drawn inside its true span, from its own frames
+        a, b = shares[w.positions[0]][0], shares[w.positions[-1]][1]
+        assert w.start <= a < w.start + 0.04 and w.end - 0.04 < b <= w.end
+    for tier in textgrid(times).split("    item [")[1:]:
+        xs = [float(v) for v in re.findall(r"^ {12}xm(?:in|ax) = (\S+)$", tier, re.M)]
+        assert xs == sorted(xs)  # the intervals in order, touching, never overlapping
+        assert xs[0] == 0.0 and xs[-1] == times.duration
+
+
+def test_api_takes_an_utterance_id_and_refuses_other_types(tmp_path):
+    from rnntool.timestamps import timestamps
+
+    full, lattice = sentence_dump(tmp_path)
+    for path in (full, lattice):
+        with DumpReader(path) as r:
+            t = timestamps(r, "u1")
+            assert [(w.word, w.start_frame) for w in t.words] == [("the", 2), ("cats", 5),
+                                                                  ("sat", 11)]
+            with pytest.raises(TypeError, match="utt must be"):
+                timestamps(r, None)
+            with pytest.raises(DumpError, match="no utterance 'nope'"):
+                timestamps(r, "nope")
+            with pytest.raises(TypeError, match="reader must be a DumpReader"):
+                timestamps(str(path), "u1")
+    with pytest.raises(TypeError, match="alignment must be an Alignment"):
+        utterance_times(None, np.array([1]), None, frame_shift=0.04)
+
+
+@settings(deadline=None)
+@given(st.lists(st.floats(-5000, 5000, allow_nan=False), min_size=1, max_size=40))
+def test_delay_summary_against_the_statistics_module(values):
+    """median and p90 against Python's own statistics (p90: the inclusive method, which
+    is numpy's linear interpolation), not against numpy itself."""
+    import statistics
+
+    rows = [dict.fromkeys(("start_offset_ms", "end_offset_ms", "expected_start_offset_ms",
+                           "expected_end_offset_ms"), v) for v in values]
+    s = delay_summary(rows)
+    assert s["count"] == len(values)
+    got = s["start_offset_ms"]
+    assert got["median"] == pytest.approx(statistics.median(values), abs=1e-9)
+    p90 = statistics.quantiles(values, n=10, method="inclusive")[8] if len(values) > 1 \
+        else values[0]
+    assert got["p90"] == pytest.approx(p90, abs=1e-9)
+    assert got["mean"] == pytest.approx(statistics.fmean(values), abs=1e-9)
+    assert (got["min"], got["max"]) == (min(values), max(values))
+
+
+def test_summary_on_stderr_shows_no_negative_zero(tmp_path):
+    from helpers import ROOT
+
+    sample = ROOT / "sample_data" / "sample.h5"
+    ctm = invoke("timestamps", sample, "--frame-shift", "0.04", "-f", "ctm", "-q").stdout
+    ref = tmp_path / "self.ctm"
+    ref.write_text(ctm)  # its own times: every offset 0, up to float noise (-2e-13 ms)
+    got = invoke("timestamps", sample, "--frame-shift", "0.04", "--ref", ref, "-f", "tsv",
+                 "--summary", tmp_path / "s.json")
+    assert got.exit_code == 0
+    assert json.loads((tmp_path / "s.json").read_text())["end_offset_ms"]["min"] < 0
+    assert "end offset: mean 0.0, median 0.0, p90 0.0, min 0.0, max 0.0" in got.stderr
+
+
+def test_lhotse_text_is_a_transcript_with_unit_token(tmp_path):
+    full, _ = sentence_dump(tmp_path)
+    x = placed_logits(9, [2, 3, 6, 4], [1, 2, 4, 7], len(VOCAB))  # ▁c at s ▁sat, no text
+    plain, _ = write_pair(tmp_path, {"v": (x, [2, 3, 6, 4], None)}, name="p")
+    for unit in ("word", "token"):
+        got = invoke("timestamps", plain, "-f", "lhotse", "--unit", unit, "-q")
+        (sup,) = [json.loads(line) for line in got.stdout.splitlines()]
+        assert sup["text"] == "cats sat"
+    # The dump's own text wins.
+    got = invoke("timestamps", full, "-f", "lhotse", "--unit", "token", "-q", "--utt", "u1")
+    assert json.loads(got.stdout)["text"] == "the cats sat"
