@@ -55,7 +55,8 @@ the barrier, without a merged output; a rank that dies (a crash, SIGKILL) is
 torchrun's to notice, which then stops the others.
 
 Test hook: ``RNNTOOL_TEST_KILL_AFTER=n`` makes a ``PartWriter`` SIGKILL its own
-process right after its n-th line (the tests' deterministic "kill mid-way").
+process right after its n-th line (the tests' deterministic "kill mid-way"); with
+``RNNTOOL_TEST_KILL_RANK=r`` only in the process whose ``RANK`` is r.
 """
 
 from __future__ import annotations
@@ -281,6 +282,9 @@ class PartWriter:
             except OSError as e:
                 raise cannot_write(path, e) from None
         self._kill_after = int(os.environ.get("RNNTOOL_TEST_KILL_AFTER") or 0)
+        if os.environ.get("RNNTOOL_TEST_KILL_RANK", os.environ.get("RANK")) != os.environ.get(
+                "RANK"):
+            self._kill_after = 0
         if not self.complete:
             try:
                 self._f = open(path, "a", encoding="utf-8", newline="")  # noqa: SIM115
@@ -435,7 +439,7 @@ def check_parts(paths: Sequence[str]) -> list[Part]:
     n = first.share.count
     by_share: dict[int, Part] = {}
     for p in parts:
-        why = difference(first.header["fingerprint"], p.header["fingerprint"])
+        why = difference(p.header["fingerprint"], first.header["fingerprint"])
         if why is None and p.share.count != n:
             why = f"for {p.share.count} shares, not {n}"
         if why is not None:
