@@ -348,10 +348,10 @@ def _progress(quiet: bool):
 # one rank of a torchrun job, and ``merge`` runs the tally over merged parts.
 # A new command joins with its producer, its tally class and one _JOBS entry.
 def _jobs() -> dict:
-    """command -> (table title, float specs, tally class)."""
+    """command -> (table title, float specs, tally class, progress bar's word)."""
     return {
-        "score": ("RNN-T loss per utterance", None, _ScoreTally),
-        "align": ("Token emission frames", None, _AlignTally),
+        "score": ("RNN-T loss per utterance", None, _ScoreTally, "scoring"),
+        "align": ("Token emission frames", None, _AlignTally, "aligning"),
     }
 
 
@@ -364,7 +364,7 @@ def _run_job(command: str, selected, *, output, fmt: str, reads: list[str], fiel
     code (0, or 1 for problems the rows found); raises for bad input."""
     from .distributed import ShareError, parse_share, torchrun_env
 
-    title, specs, tally_class = _jobs()[command]
+    title, specs, tally_class, doing = _jobs()[command]
     try:
         tr = torchrun_env()
     except ShareError as e:
@@ -375,7 +375,7 @@ def _run_job(command: str, selected, *, output, fmt: str, reads: list[str], fiel
         tally = tally_class(several=selected.several, report=False, fmt=fmt)
         with _progress(quiet) as bar, _rows_out(output, reads, fields, fmt, title,
                                                 specs) as out:
-            task = bar.add_task(f"{command}", total=sum(len(ids) for _, ids in selected))
+            task = bar.add_task(doing, total=sum(len(ids) for _, ids in selected))
             for rec in produce(_all_work(selected), lambda n: bar.advance(task, n)):
                 tally.add(rec, out)
         code = tally.summary(quiet)
@@ -441,7 +441,7 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
         work = plan_work(selected, share, writer.done)
         flagged = 0
         with _progress(quiet or not rank0) as bar:
-            task = bar.add_task(f"{command} {share}", total=len(work))
+            task = bar.add_task(f"{_jobs()[command][3]} {share}", total=len(work))
             for rec in produce(work, lambda n: bar.advance(task, n)):
                 writer.write(rec)
                 flagged += bool(rec.info.get("problem") or rec.info.get("bad"))
@@ -500,7 +500,7 @@ def _barrier_and_merge(command, selected, tr, base, code, *, output, fmt, reads,
     elif tr.rank == 0:
         paths = [part_path(base, Share(k, tr.world_size)) for k in range(tr.world_size)]
         try:
-            title, specs, tally_class = _jobs()[command]
+            title, specs, tally_class, _ = _jobs()[command]
             parts = check_parts(paths)
             tally = tally_class(several=selected.several, report=False, fmt=fmt)
             fields = parts[0].header["fingerprint"]["fields"]
@@ -623,8 +623,8 @@ class _ScoreTally:
                 print(f"rnntool: {_line(r['file'])}: utterance {show(r['utt_id'])}: "
                       f"{rec.info['problem']}", file=sys.stderr)
         out.write(rec.rows)
-        self.scored += [{"utt_id": r["utt_id"], "loss": r["loss"], "_file": r["file"]}
-                        for r in rec.rows]
+        self.scored += [{"utt_id": r["utt_id"], "loss": r["loss"], "T": r["T"], "U": r["U"],
+                         "_file": r["file"]} for r in rec.rows]
 
     def summary(self, quiet: bool) -> int:
         """Print the summary (unless ``quiet``); the exit code the rows call for."""
@@ -635,7 +635,9 @@ class _ScoreTally:
             summary = summarize(self.scored)
             err = _stderr()
             err.print(f"{summary['count']} utterances, mean loss {summary['mean']:.4f}, "
-                      f"total {summary['total']:.4f} nats ({summary['finite']} finite)"
+                      f"total {summary['total']:.4f} nats ({summary['finite']} finite; "
+                      f"{summary['per_frame']:.4f} per frame over {summary['frames']}, "
+                      f"{summary['per_token']:.4f} per token over {summary['tokens']})"
                       + (f"; {self.bad} bad, skipped" if self.bad else ""), markup=False)
             if summary["worst"]:
                 err.print("worst: " + ", ".join(
@@ -1081,7 +1083,7 @@ def merge(
     if fp.get("command") not in jobs:
         raise fail(f"{paths[0]}: parts of 'rnntool {fp.get('command')}' cannot be merged "
                    "by this rnntool")
-    title, specs, tally_class = jobs[fp["command"]]
+    title, specs, tally_class, _ = jobs[fp["command"]]
     fmt = _check_format(fmt or fp["format"], output)
     reads = paths + [str(x["path"]) for x in fp["inputs"]]
     _output_format(fmt, output, reads)

@@ -536,7 +536,8 @@ class Torchrun:
 
         timeout = float(os.environ.get("RNNTOOL_DIST_TIMEOUT") or DEFAULT_TIMEOUT_S)
         try:
-            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+            backend = "cpu:gloo,cuda:nccl" if cuda and dist.is_nccl_available() else "gloo"
+            dist.init_process_group(backend,
                                     rank=self.rank, world_size=self.world_size,
                                     timeout=datetime.timedelta(seconds=timeout))
         except (RuntimeError, ValueError, OSError) as e:

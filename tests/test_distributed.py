@@ -165,8 +165,14 @@ def _ids(path):
 # --------------------------------------------------------------------------- --shard + merge
 @pytest.mark.parametrize(("command", "fmt"), [("score", "tsv"), ("score", "csv"),
                                               ("score", "jsonl"), ("score", "json"),
-                                              ("align", "tsv"), ("align", "json")])
+                                              ("score", "table"), ("align", "tsv"),
+                                              ("align", "json"), ("score+lattice", "tsv")])
 def test_shards_merged_are_the_single_process_output(shards, tmp_path, command, fmt):
+    if command == "score+lattice":  # a lattice dump among the inputs
+        command = "score"
+        lattice = tmp_path / "lattice.h5"
+        assert invoke("compact", shards[0], "-o", lattice, "-q").exit_code == 0
+        shards = [*shards, lattice]
     want = invoke(command, *shards, "-f", fmt)
     assert want.exit_code == 1, want.stderr
     out = tmp_path / "s.out"
@@ -273,3 +279,14 @@ def test_merge_refuses_missing_repeated_foreign_and_non_parts(shards, tmp_path):
 ])
 def test_shard_usage_errors_are_one_line(shards, args, needle):
     one_line_error(invoke("score", shards[0], *args), needle)
+
+
+def test_the_summary_is_made_of_sums_over_all_rows():
+    from rnntool.score import summarize
+
+    rows = [{"utt_id": "a", "loss": 6.0, "T": 10, "U": 3},
+            {"utt_id": "b", "loss": 1.0, "T": 2, "U": 0},
+            {"utt_id": "c", "loss": float("nan"), "T": 5, "U": 5}]
+    s = summarize(rows)
+    assert (s["count"], s["finite"], s["total"], s["frames"], s["tokens"]) == (3, 2, 7.0, 12, 4)
+    assert s["per_frame"] == 7.0 / 12 and s["per_token"] == 7.0 / 4  # not a mean of means
