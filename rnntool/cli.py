@@ -346,7 +346,8 @@ def _progress(quiet: bool):
 # lines as it goes) and a tally that writes records' rows in order and prints the
 # summary; ``_run_job`` runs them in one process, as one share (--shard), or as
 # one rank of a torchrun job, and ``merge`` runs the tally over merged parts.
-# A new command joins with its producer, its tally class and one _JOBS entry.
+# A new command (timestamps) joins with its producer, its tally class and one entry
+# in _jobs(), and passes shard/resume to _run_job.
 def _jobs() -> dict:
     """command -> (table title, float specs, tally class, progress bar's word)."""
     return {
@@ -419,8 +420,7 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
         part = part_path(base, share)
         check_writable(part, reads)
         fp = fingerprint(command, selected, options=options, fmt=fmt, fields=fields,
-                         several=selected.several,
-                         empty=selected.empty)
+                         several=selected.several, empty=selected.empty)
     except ShareError as e:
         raise fail(str(e)) from None
     rank0 = tr is None or tr.rank == 0
@@ -553,6 +553,11 @@ def score(
     line each, and their rows are still written as computed. Bad input (a label
     out of range, a broken array) stops the run with one line and exit 2, unless
     --skip-bad. An input with no utterances is one line and exit 1.
+
+    Many shards: under torchrun each rank scores its share and rank 0 merges them
+    into -o; --shard K/N scores share K of N into FILE.part-K-of-N beside -o FILE,
+    for 'rnntool merge'; --resume continues a part a stopped run left (README:
+    Scoring many shards).
     """
     from .score import selection_fields
 
@@ -755,6 +760,7 @@ def align_cmd(
     logits, or no possible alignment) gets no rows: one line on stderr names it,
     the others are still aligned, and the exit code is 1 (also for a loss below
     0 beyond rounding, whose rows are written). Posteriors are within [0, 1].
+    Under torchrun, and with --shard K/N and --resume, as score.
     """
     from .analysis import ALIGN_FIELDS
 
