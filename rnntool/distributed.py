@@ -264,13 +264,14 @@ class PartWriter:
         header = {"rnntool_part": PART_VERSION, "share": [share.index, share.count],
                   "share_utterances": share_utterances, "fingerprint": fingerprint}
         if resume and os.path.lexists(path):
-            old = read_part(path, cut=True)
+            old = read_part(path)
             why = difference(old.header.get("fingerprint") or {}, fingerprint)
             if why is None and old.header.get("share") != header["share"]:
                 why = f"for share {old.share}, not {share}"
             if why is not None:
                 raise ShareError(f"{path}: was made {why}; run without --resume to start "
                                  "over")
+            old.cut()
             for rec in old.records():
                 self.done.add(rec.key)
                 self.flagged += bool(rec.info.get("problem") or rec.info.get("bad"))
@@ -341,6 +342,19 @@ class Part:
     count: int  # the end line's count (complete parts)
     _start: int = 0
     _stop: int = 0
+    _end: int = 0  # the end of the last complete line
+    _size: int = 0
+
+    def cut(self) -> None:
+        """Cut a partial last line off the file (before appending to it)."""
+        if self._end < self._size:
+            try:
+                with open(self.path, "rb+") as f:
+                    f.truncate(self._end)
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise cannot_write(self.path, e) from None
+            self._size = self._end
 
     def records(self) -> Iterator[Record]:
         """The part's records in file order, checked: keys strictly increasing."""
@@ -373,12 +387,12 @@ class Part:
         return [r.key for r in self.records()]
 
 
-def read_part(path: str, *, cut: bool = False) -> Part:
+def read_part(path: str) -> Part:
     """Read a part file's header and find its end; ShareError (one line) when it is not
-    one. ``cut``: a partial last line (a run killed mid-write) is cut off the file
-    (for --resume); without it a partial line is ignored, and the part is incomplete."""
+    one. A partial last line (a run killed mid-write) is ignored (``Part.cut`` removes
+    it), and the part is then incomplete."""
     try:
-        f = open(path, "rb+" if cut else "rb")  # noqa: SIM115
+        f = open(path, "rb")  # noqa: SIM115
     except FileNotFoundError:
         raise ShareError(f"{path}: no such part file") from None
     except OSError as e:
@@ -393,17 +407,15 @@ def read_part(path: str, *, cut: bool = False) -> Part:
         if header["rnntool_part"] != PART_VERSION:
             raise ShareError(f"{path}: part format {header['rnntool_part']!r} is not this "
                              f"rnntool's ({PART_VERSION})")
-        try:
-            share = Share(*header["share"])
-            assert type(share.index) is int and type(share.count) is int
-            assert 0 <= share.index < share.count
-            assert isinstance(header["fingerprint"], dict)
-        except (KeyError, TypeError, AssertionError):
-            raise ShareError(f"{path}: is not an rnntool part file (bad header)") from None
+        k_n = header.get("share")
+        if not (isinstance(k_n, list) and len(k_n) == 2 and all(type(x) is int for x in k_n)
+                and 0 <= k_n[0] < k_n[1] and isinstance(header.get("fingerprint"), dict)):
+            raise ShareError(f"{path}: is not an rnntool part file (bad header)")
+        share = Share(*k_n)
         start = f.tell()
         size = f.seek(0, os.SEEK_END)
         # The last complete line: look back from the end for the last newline.
-        end, tail = size, b""
+        end = size
         while end > start:
             step = min(1 << 16, end - start)
             f.seek(end - step)
@@ -412,12 +424,7 @@ def read_part(path: str, *, cut: bool = False) -> Part:
             if nl != -1:
                 end = end - step + nl + 1
                 break
-            tail = chunk + tail
             end -= step
-        if end < size and cut:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
         # Is the last complete line the end line?
         complete, count, stop = False, 0, end
         if end > start:
@@ -425,8 +432,10 @@ def read_part(path: str, *, cut: bool = False) -> Part:
             last = f.read(end - max(start, end - 4096)).rsplit(b"\n", 2)[-2]
             if last.startswith(b'{"end":'):
                 obj = _strict_loads(last.decode("utf-8", "surrogateescape"), path)
-                complete, count, stop = True, int(obj["end"]), end - len(last) - 1
-    return Part(path, header, share, complete, count, start, stop)
+                if not (isinstance(obj, dict) and type(obj.get("end")) is int):
+                    raise ShareError(f"{path}: is not an rnntool part file (bad end line)")
+                complete, count, stop = True, obj["end"], end - len(last) - 1
+    return Part(path, header, share, complete, count, start, stop, end, size)
 
 
 def check_parts(paths: Sequence[str]) -> list[Part]:
