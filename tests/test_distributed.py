@@ -16,11 +16,13 @@ from helpers import ROOT, invoke, one_line_error, random_batch, run_cli, write_k
 
 from rnntool.distributed import (
     Share,
+    ShareError,
     parse_share,
     part_path,
     plan_work,
     read_part,
     share_of,
+    torchrun_env,
 )
 from rnntool.dump import DumpWriter
 
@@ -89,6 +91,19 @@ def test_every_utterance_is_in_exactly_one_share_and_the_hash_is_stable(shards):
     assert share_of("x.h5", "u", 1) == 0
 
 
+def test_torchrun_is_known_by_its_environment():
+    assert torchrun_env({}) is None
+    assert torchrun_env({"RANK": "1", "WORLD_SIZE": "2"}) is None  # no LOCAL_RANK
+    tr = torchrun_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                       "LOCAL_WORLD_SIZE": "2"})
+    assert (tr.rank, tr.world_size, tr.local_rank, tr.local_world_size) == (3, 4, 1, 2)
+    assert tr.share == Share(3, 4)
+    for env in ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+                {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}):
+        with pytest.raises(ShareError):
+            torchrun_env(env)
+
+
 @pytest.mark.parametrize("text", ["2/2", "-1/2", "0/0", "1", "a/b", "1/2/3", ""])
 def test_a_bad_shard_spec_is_refused(text):
     with pytest.raises(ValueError, match="K/N"):
@@ -109,6 +124,9 @@ def test_torchrun_on_two_cpu_ranks_writes_the_single_process_output(shards, tmp_
     assert not list(tmp_path.glob("tr.*.part-*")) and not list(tmp_path.glob(".rnntool-*"))
     # The problem utterance is named once (by the rank that scored it), as in one process.
     assert r.stderr.count("utterance s1-utt03: loss is nan") == 1
+    # Each of the 2 ranks on the CPU takes half the cores for Numba's threads.
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"rank 0 on cpu ({threads} thread{'s' if threads > 1 else ''})" in r.stderr
 
 
 def test_torchrun_all_well_exits_0(shards, tmp_path):
