@@ -1,4 +1,4 @@
-"""Benchmark scaling `rnntool score` from 1 to 2 processes on one machine.
+"""Benchmark scaling `rnntool score` (or `align`) from 1 to 2 processes on one machine.
 
 Makes (once, then reuses) a keyed float16 dump of about ``--gb`` GB, V = 512,
 T 100-400, U 10-60: from the page cache the engine's passes over V, not the
@@ -14,11 +14,14 @@ time), so the dump is CPU-bound. Then times, as whole commands from the shell
 - ``torchrun, 2 ranks``: ``torchrun --standalone --nproc-per-node 2 -m rnntool
   score`` (gloo; each rank takes cores // 2 threads), its merge included.
 
-Each run reads from the page cache (a warm-up pass first). Every case also runs
+Each run reads from the page cache (a warm-up pass first). The CPU seconds of
+each case's processes (user + system, torchrun's ranks included) are printed
+too: on a shared, loaded machine they say more than the wall time. Every case also runs
 on a tiny dump (2 MB): its time is the case's fixed cost (start-up, torchrun's
 rendezvous, the merge), and ``work`` = wall - fixed is what scales.
 
     python benchmarks/bench_scaling.py [--gb 4.0] [--dir /tmp/rnntool-bench] [--repeats 3]
+                                       [--command score|align] [--dump PATH]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,8 +54,13 @@ def make_dump(path: str, gb: float, V: int = 512, seed: int = 1) -> None:
     print(f"made {path}: {n} utterances, {total / 1e9:.2f} GB of float16 logits", flush=True)
 
 
+CPU: list[float] = []  # CPU seconds (user + system) of each run's processes, in order
+
+
 def run(cmds: list[list[str]], env: dict | None = None) -> float:
-    """Wall time of ``cmds`` started together, until the last ends (each must succeed)."""
+    """Wall time of ``cmds`` started together, until the last ends (each must succeed);
+    their CPU time (with every descendant's: torchrun's ranks) goes to ``CPU``."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     procs = [subprocess.Popen(c, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for c in cmds]
@@ -59,7 +68,10 @@ def run(cmds: list[list[str]], env: dict | None = None) -> float:
         _, err = p.communicate()
         if p.returncode != 0:
             sys.exit(f"failed ({p.returncode}): {' '.join(c)}\n{err}")
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+    return wall
 
 
 def main() -> None:
@@ -67,9 +79,15 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=4.0)
     ap.add_argument("--dir", default="/tmp/rnntool-bench")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dump", help="score this dump instead (e.g. bench_score.py's many-small "
+                    "dump: 20 000 utterances, where the per-utterance work in Python and "
+                    "HDF5, one thread per process, is the limit)")
+    ap.add_argument("--command", choices=("score", "align"), default="score",
+                    help="align: about 20 times the CPU per byte of score (Viterbi, "
+                    "posteriors, one utterance at a time)")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    dump = os.path.join(args.dir, f"scaling-{args.gb:g}gb.h5")
+    dump = args.dump or os.path.join(args.dir, f"scaling-{args.gb:g}gb.h5")
     if not os.path.exists(dump):
         make_dump(dump, args.gb)
     tiny = os.path.join(args.dir, "scaling-tiny.h5")
@@ -80,7 +98,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
 
     def cases(path: str, tag: str) -> dict:
-        score = [*rnntool, "score", path, "-q"]
+        score = [*rnntool, args.command, path, "-q"]
         o = lambda name: out(f"{tag}-{name}")  # noqa: E731
         return {
             "1 process, 1 thread": lambda: run([[*score, "-o", o("one-1t.tsv")]],
@@ -93,20 +111,24 @@ def main() -> None:
                     "-o", o("sh.tsv"), "-q"]]),
             "torchrun, 2 ranks": lambda: run([[
                 sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "2", "-m", "rnntool", "score", path, "-q", "-o",
+                "--nproc-per-node", "2", "-m", "rnntool", args.command, path, "-q", "-o",
                 o("tr.tsv")]]),
         }
 
     big, small = cases(dump, "big"), cases(tiny, "tiny")
-    print(f"{os.path.getsize(dump) / 1e9:.2f} GB dump, {cores} cores; warm-up", flush=True)
-    run([[*rnntool, "score", dump, "-q", "-o", out("big-one.tsv")]])
+    print(f"rnntool {args.command}, {os.path.getsize(dump) / 1e9:.2f} GB dump, {cores} cores; "
+          "warm-up", flush=True)
+    run([[*rnntool, args.command, dump, "-q", "-o", out("big-one.tsv")]])
     times = {k: [] for k in big}
     fixed = {k: [] for k in big}
+    cpu = {k: [] for k in big}
     for r in range(args.repeats):
         for name in big:
+            n = len(CPU)
             times[name].append(big[name]())
+            cpu[name].append(sum(CPU[n:]))
             fixed[name].append(small[name]())
-            print(f"  pass {r + 1}: {name}: {times[name][-1]:.2f} s "
+            print(f"  pass {r + 1}: {name}: {times[name][-1]:.2f} s, CPU {cpu[name][-1]:.2f} s "
                   f"(tiny dump: {fixed[name][-1]:.2f} s)", flush=True)
     for tag in ("big", "tiny"):
         for name in ("one-1t.tsv", "sh.tsv", "tr.tsv"):
@@ -116,16 +138,18 @@ def main() -> None:
     wall = {k: statistics.median(v) for k, v in times.items()}
     start = {k: statistics.median(v) for k, v in fixed.items()}
     work = {k: wall[k] - start[k] for k in wall}
+    cpu_s = {k: statistics.median(v) for k, v in cpu.items()}
     one1, oneN = "1 process, 1 thread", f"1 process, {cores} threads"
     print(f"\nmedians of {args.repeats}; 'fixed' is the same run on a tiny dump (start-up, "
           "rendezvous, merge), 'work' = wall - fixed")
-    print(f"| run | wall s | fixed s | work s | wall speed-up vs {one1} | work speed-up vs "
-          f"{one1} | work speed-up vs {oneN} |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| run | wall s | fixed s | work s | CPU s (all processes) | wall speed-up vs "
+          f"{one1} | work speed-up vs {one1} | work speed-up vs {oneN} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for k in wall:
-        print(f"| {k} | {wall[k]:.2f} | {start[k]:.2f} | {work[k]:.2f} | "
+        print(f"| {k} | {wall[k]:.2f} | {start[k]:.2f} | {work[k]:.2f} | {cpu_s[k]:.2f} | "
               f"{wall[one1] / wall[k]:.2f}x | {work[one1] / work[k]:.2f}x | "
               f"{work[oneN] / work[k]:.2f}x |")
+    print(f"\nload average after the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -1073,8 +1073,8 @@ def merge(
     """Merge the part files of a sharded run (score or align with --shard K/N) into the
     output one process would have written, byte for byte, in the same row order.
 
-    The parts must be complete and all of one run (the same inputs, unchanged since,
-    and options): a missing, repeated, incomplete or foreign part is one line and
+    The parts must be complete and all of one run (the same inputs, unchanged between
+    the shards' runs, and the same options): a missing, repeated, incomplete or foreign part is one line and
     exit 2, and nothing is written. The summary and the lines naming problem
     utterances go to stderr as the command prints them; exit 1 as it would (an
     impossible loss, a bad utterance skipped, an input with no utterances). The

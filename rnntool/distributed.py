@@ -127,10 +127,6 @@ class Work:
     def __len__(self) -> int:
         return sum(len(ids) for _, _, ids, _ in self.items)
 
-    def pairs(self) -> list:
-        """``[(reader, ids)]``, the shape commands take."""
-        return [(r, ids) for _, r, ids, _ in self.items]
-
 
 def plan_work(selected: Sequence, share: Share | None = None,
               done: frozenset | set = frozenset()) -> Work:

@@ -308,3 +308,13 @@ def test_the_summary_is_made_of_sums_over_all_rows():
     s = summarize(rows)
     assert (s["count"], s["finite"], s["total"], s["frames"], s["tokens"]) == (3, 2, 7.0, 12, 4)
     assert s["per_frame"] == 7.0 / 12 and s["per_token"] == 7.0 / 4  # not a mean of means
+
+
+def test_merge_help_names_metavars_a_shell_user_reads():
+    text = invoke("merge", "--help").stdout
+    assert "PART..." in text and "FILE" in text
+    for python_type in ("<list[", "<str>", "<Path>", "{parts}"):
+        assert python_type not in text
+    for command in ("score", "align"):
+        text = invoke(command, "--help").stdout
+        assert "--shard K/N" in text and "--resume" in text and "torchrun" in text
