@@ -356,13 +356,15 @@ def _jobs() -> dict:
     }
 
 
-def _run_job(command: str, selected, *, output, fmt: str, reads: list[str], fields: list[str],
+def _run_job(command: str, selected, *, output, fmt: str, reads: list[str], fields,
              options: dict, shard: str | None, resume: bool, quiet: bool, backend: str,
              produce) -> int:
     """Run ``command`` on ``selected``: rows to ``-o``/stdout in one process; or, with
     ``--shard K/N`` or under torchrun, this process's share into its part file
-    (``distributed``), merged into ``-o`` by rank 0 under torchrun. Returns the exit
-    code (0, or 1 for problems the rows found); raises for bad input."""
+    (``distributed``), merged into ``-o`` by rank 0 under torchrun. ``fields(pairs)``:
+    the columns for ``[(reader, ids)]`` (a share's are merged: ``merged_fields``), so
+    that no process looks at utterances outside its share. Returns the exit code (0,
+    or 1 for problems the rows found); raises for bad input."""
     from .distributed import ShareError, parse_share, torchrun_env
 
     title, specs, tally_class, doing = _jobs()[command]
@@ -374,7 +376,7 @@ def _run_job(command: str, selected, *, output, fmt: str, reads: list[str], fiel
         if resume:
             raise fail("--resume continues a part file: it needs --shard K/N (or torchrun)")
         tally = tally_class(several=selected.several, report=False, fmt=fmt)
-        with _progress(quiet) as bar, _rows_out(output, reads, fields, fmt, title,
+        with _progress(quiet) as bar, _rows_out(output, reads, fields(selected), fmt, title,
                                                 specs) as out:
             task = bar.add_task(doing, total=sum(len(ids) for _, ids in selected))
             for rec in produce(_all_work(selected), lambda n: bar.advance(task, n)):
@@ -419,7 +421,7 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
         base = checked_output(output, what)
         part = part_path(base, share)
         check_writable(part, reads)
-        fp = fingerprint(command, selected, options=options, fmt=fmt, fields=fields,
+        fp = fingerprint(command, selected, options=options, fmt=fmt,
                          several=selected.several, empty=selected.empty)
     except ShareError as e:
         raise fail(str(e)) from None
@@ -436,8 +438,9 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
             if not quiet and tr.rank == 0:
                 _stderr().print(f"torchrun: {tr.world_size} ranks; rank 0 on {where}",
                                 markup=False)
-        n_share = len(plan_work(selected, share))
-        writer = PartWriter(part, fp, share, n_share, resume=resume)
+        mine = plan_work(selected, share)
+        writer = PartWriter(part, fp, share, len(mine), fields(mine.pairs()), resume=resume)
+        n_share = len(mine)
         work = plan_work(selected, share, writer.done)
         flagged = 0
         with _progress(quiet or not rank0) as bar:
@@ -485,7 +488,14 @@ def _barrier_and_merge(command, selected, tr, base, code, *, output, fmt, reads,
                        quiet) -> int:
     """Wait for every rank; rank 0 merges the parts into ``-o`` when none failed, and
     every rank then exits with the job's code (2 when any rank failed or the merge did)."""
-    from .distributed import Share, check_parts, merged_records, part_path, remove_parts
+    from .distributed import (
+        Share,
+        check_parts,
+        merged_fields,
+        merged_records,
+        part_path,
+        remove_parts,
+    )
 
     codes = tr.gather_status(code)
     result = 0
@@ -503,8 +513,8 @@ def _barrier_and_merge(command, selected, tr, base, code, *, output, fmt, reads,
             title, specs, tally_class, _ = _jobs()[command]
             parts = check_parts(paths)
             tally = tally_class(several=selected.several, report=False, fmt=fmt)
-            fields = parts[0].header["fingerprint"]["fields"]
-            with _rows_out(output, reads + paths, fields, fmt, title, specs) as out:
+            with _rows_out(output, reads + paths, merged_fields(parts), fmt, title,
+                           specs) as out:
                 for rec in merged_records(parts):
                     tally.add(rec, out)
             result = max(tally.summary(quiet), max(codes), int(selected.report_empty()))
@@ -570,7 +580,7 @@ def score(
                     output=output) as selected:
         code = _run_job(
             "score", selected, output=output, fmt=fmt, reads=reads,
-            fields=_with_file(selection_fields(selected), selected),
+            fields=lambda pairs: _with_file(selection_fields(pairs), selected),
             options={"--blank": blank, "--device": backend, "--skip-bad": skip_bad},
             shard=shard, resume=resume, quiet=quiet, backend=backend,
             produce=functools.partial(_score_records, backend=backend,
@@ -770,7 +780,7 @@ def align_cmd(
     with _selection(inputs, blank, utts, utt_list, output=output) as selected:
         code = _run_job(
             "align", selected, output=output, fmt=fmt, reads=reads,
-            fields=_with_file(ALIGN_FIELDS, selected),
+            fields=lambda pairs: _with_file(ALIGN_FIELDS, selected),
             options={"--blank": blank, "--device": backend},
             shard=shard, resume=resume, quiet=quiet, backend=backend,
             produce=functools.partial(_align_records, backend=backend))
@@ -1074,13 +1084,13 @@ def merge(
     output one process would have written, byte for byte, in the same row order.
 
     The parts must be complete and all of one run (the same inputs, unchanged between
-    the shards' runs, and the same options): a missing, repeated, incomplete or foreign part is one line and
-    exit 2, and nothing is written. The summary and the lines naming problem
-    utterances go to stderr as the command prints them; exit 1 as it would (an
-    impossible loss, a bad utterance skipped, an input with no utterances). The
-    parts are left in place.
+    the shards' runs, and the same options): a missing, repeated, incomplete or
+    foreign part is one line and exit 2, and nothing is written. The summary and the
+    lines naming problem utterances go to stderr as the command prints them; exit 1
+    as it would (an impossible loss, a bad utterance skipped, an input with no
+    utterances). The parts are left in place.
     """
-    from .distributed import check_parts, merged_records
+    from .distributed import check_parts, merged_fields, merged_records
 
     paths = [str(p) for p in parts]
     checked = check_parts(paths)
@@ -1094,7 +1104,7 @@ def merge(
     reads = paths + [str(x["path"]) for x in fp["inputs"]]
     _output_format(fmt, output, reads)
     tally = tally_class(several=fp["several"], report=True, fmt=fmt)
-    with _rows_out(output, reads, fp["fields"], fmt, title, specs) as out:
+    with _rows_out(output, reads, merged_fields(checked), fmt, title, specs) as out:
         for rec in merged_records(checked):
             tally.add(rec, out)
     code = tally.summary(quiet)

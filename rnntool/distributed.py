@@ -25,12 +25,14 @@ part with each utterance's rows, never in the merged output.
 **Part files** (``PartWriter``), ``OUTPUT.part-K-of-N``, JSON lines:
 
 - line 1, the header: ``{"rnntool_part": 1, "share": [K, N], "share_utterances":
-  n, "fingerprint": {...}}``; the fingerprint records rnntool's version, the
-  command, each input's path as given, size and modification time, a SHA-256
-  of the selected utterance ids, the options that change rows (``--blank``,
-  ``--device``'s backend, ``--skip-bad``), the format, the fields, and the
-  counts. The header is written whole (temporary file, fsync, rename), so a
-  part either does not exist or has one.
+  n, "fields": [...], "fingerprint": {...}}``; ``fields``: the columns this
+  share's utterances call for (``merged_fields``: no process looks at another
+  share's utterances); the fingerprint records rnntool's version, the command,
+  each input's path as given, size and modification time, a SHA-256 of the
+  selected utterance ids, the options that change rows (``--blank``,
+  ``--device``'s backend, ``--skip-bad``), the format, and the counts. The
+  header is written whole (temporary file, fsync, rename), so a part either
+  does not exist or has one.
 - then one line per utterance: ``{"k": [i, j], "rows": [...], "info": {...}}``,
   the rows as the command writes them (floats in full precision: JSON keeps
   every bit) and what the summary and exit code need (``info``); each line is
@@ -127,6 +129,10 @@ class Work:
     def __len__(self) -> int:
         return sum(len(ids) for _, _, ids, _ in self.items)
 
+    def pairs(self) -> list:
+        """``[(reader, ids)]``, the shape a command's selection has."""
+        return [(r, ids) for _, r, ids, _ in self.items]
+
 
 def plan_work(selected: Sequence, share: Share | None = None,
               done: frozenset | set = frozenset()) -> Work:
@@ -148,7 +154,7 @@ def part_path(output: str, share: Share) -> str:
 
 # --------------------------------------------------------------------------- fingerprint
 def fingerprint(command: str, selected: Sequence, *, options: dict, fmt: str,
-                fields: Sequence[str], several: bool, empty: Sequence[str]) -> dict:
+                several: bool, empty: Sequence[str]) -> dict:
     """What must be the same for two parts to belong to one run (JSON-able).
 
     Inputs by path as given, size and modification time (nanoseconds); the
@@ -169,8 +175,7 @@ def fingerprint(command: str, selected: Sequence, *, options: dict, fmt: str,
         "rnntool": __version__, "command": command, "inputs": inputs,
         "utterance_ids_sha256": ids.hexdigest(),
         "utterances": sum(len(u) for _, u in selected),
-        "options": dict(options), "format": fmt, "fields": list(fields),
-        "several": several, "empty": list(empty),
+        "options": dict(options), "format": fmt, "several": several, "empty": list(empty),
     }
 
 
@@ -192,12 +197,11 @@ def difference(old: dict, new: dict) -> str | None:
     for key, value in (old.get("options") or {}).items():
         if (new.get("options") or {}).get(key) != value:
             return f"with {key} {_opt(value)}, not {_opt((new.get('options') or {}).get(key))}"
-    for key in ("utterance_ids_sha256", "format", "fields", "rnntool"):
+    for key in ("utterance_ids_sha256", "format", "rnntool"):
         if old.get(key) != new.get(key):
             return {"utterance_ids_sha256": "from another selection of utterances (--utt, "
                                             "--utt-list)",
                     "format": f"with --format {old.get(key)}, not {new.get(key)}",
-                    "fields": "with other fields",
                     "rnntool": f"by rnntool {old.get(key)}, not {new.get(key)}"}[key]
     return "with other inputs or options"
 
@@ -240,7 +244,8 @@ def _strict_loads(text: str, where: str):
 class PartWriter:
     """Appends an utterance's ``Record`` as one line of the part file ``path``.
 
-    ``PartWriter(path, fingerprint, share, share_utterances, resume=False)``: a new
+    ``PartWriter(path, fingerprint, share, share_utterances, fields, resume=False)``
+    (``fields``: the columns this share's utterances call for): a new
     part (its header written whole first; an existing part is replaced) or, with
     ``resume``, the existing one continued: ``done`` then holds the keys already in
     it, a partial last line is cut off, and a fingerprint that differs from this
@@ -250,7 +255,7 @@ class PartWriter:
     """
 
     def __init__(self, path: str, fingerprint: dict, share: Share, share_utterances: int,
-                 *, resume: bool = False) -> None:
+                 fields: Sequence[str], *, resume: bool = False) -> None:
         self.path = path
         self.done: set = set()
         self.flagged = 0  # records already in the part that name a problem
@@ -258,7 +263,8 @@ class PartWriter:
         self.written = 0
         self._f = None
         header = {"rnntool_part": PART_VERSION, "share": [share.index, share.count],
-                  "share_utterances": share_utterances, "fingerprint": fingerprint}
+                  "share_utterances": share_utterances, "fields": list(fields),
+                  "fingerprint": fingerprint}
         if resume and os.path.lexists(path):
             old = read_part(path)
             why = difference(old.header.get("fingerprint") or {}, fingerprint)
@@ -404,8 +410,10 @@ def read_part(path: str) -> Part:
             raise ShareError(f"{path}: part format {header['rnntool_part']!r} is not this "
                              f"rnntool's ({PART_VERSION})")
         k_n = header.get("share")
+        fields = header.get("fields")
         if not (isinstance(k_n, list) and len(k_n) == 2 and all(type(x) is int for x in k_n)
-                and 0 <= k_n[0] < k_n[1] and isinstance(header.get("fingerprint"), dict)):
+                and 0 <= k_n[0] < k_n[1] and isinstance(header.get("fingerprint"), dict)
+                and isinstance(fields, list) and all(isinstance(f, str) for f in fields)):
             raise ShareError(f"{path}: is not an rnntool part file (bad header)")
         share = Share(*k_n)
         start = f.tell()
@@ -472,6 +480,20 @@ def check_parts(paths: Sequence[str]) -> list[Part]:
         raise ShareError(f"the parts hold {total} utterances, the run selected "
                          f"{first.header['fingerprint'].get('utterances')}")
     return [by_share[k] for k in range(n)]
+
+
+def merged_fields(parts: Sequence[Part]) -> list[str]:
+    """The columns of the merged output: each part records those its own utterances
+    call for (``score``'s ``stored_loss`` when one of them carries the trainer's
+    loss); the merge takes the longest, of which every other is a part (ShareError
+    otherwise), which is what one process deciding over every utterance writes."""
+    lists = [p.header["fields"] for p in parts]
+    fields = max(lists, key=len)
+    for p, f in zip(parts, lists, strict=True):
+        if not set(f) <= set(fields):
+            raise ShareError(f"{p.path}: its columns {' '.join(f)} do not fit the others' "
+                             f"({' '.join(fields)})")
+    return list(fields)
 
 
 def merged_records(parts: Sequence[Part]) -> Iterator[Record]:
@@ -619,5 +641,5 @@ def checked_output(output: str | None, what: str) -> str:
 
 __all__ = ["FSYNC_EVERY", "PART_VERSION", "Part", "PartWriter", "Record", "Share",
            "ShareError", "Torchrun", "Work", "check_parts", "checked_output", "difference",
-           "fingerprint", "merged_records", "parse_share", "part_path", "plan_work",
-           "read_part", "remove_parts", "share_of", "torchrun_env"]
+           "fingerprint", "merged_fields", "merged_records", "parse_share", "part_path",
+           "plan_work", "read_part", "remove_parts", "share_of", "torchrun_env"]

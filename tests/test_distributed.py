@@ -318,3 +318,20 @@ def test_merge_help_names_metavars_a_shell_user_reads():
     for command in ("score", "align"):
         text = invoke(command, "--help").stdout
         assert "--shard K/N" in text and "--resume" in text and "torchrun" in text
+
+
+def test_each_share_decides_its_own_columns_and_the_merge_takes_them_all(shards, tmp_path):
+    # Only shard0's utterances carry a stored loss: shares without one (or empty) say so
+    # without looking at any other share's utterances; the merge has the columns.
+    inputs = [shards[2], shards[0]]
+    want = invoke("score", *inputs, "-f", "tsv")
+    assert want.exit_code == 0 and "stored_loss" in want.stdout.splitlines()[0]
+    out = tmp_path / "s.tsv"
+    n = 8
+    for k in range(n):
+        assert invoke("score", *inputs, "--shard", f"{k}/{n}", "-o", out, "-q").exit_code == 0
+    parts = [read_part(part_path(str(out), Share(k, n))) for k in range(n)]
+    assert any("stored_loss" not in p.header["fields"] for p in parts)
+    assert any("stored_loss" in p.header["fields"] for p in parts)
+    r = invoke("merge", *(p.path for p in parts), "-o", out, "-q")
+    assert r.exit_code == 0 and out.read_text() == want.stdout
