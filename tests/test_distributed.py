@@ -335,3 +335,26 @@ def test_each_share_decides_its_own_columns_and_the_merge_takes_them_all(shards,
     assert any("stored_loss" in p.header["fields"] for p in parts)
     r = invoke("merge", *(p.path for p in parts), "-o", out, "-q")
     assert r.exit_code == 0 and out.read_text() == want.stdout
+
+
+def test_skip_bad_shards_merge_to_the_single_run(shards, tmp_path):
+    rng = np.random.default_rng(4)
+    utts = {f"ok{i}": (rng.standard_normal((4, 3, 6)).astype(np.float32), np.array([1, 2]))
+            for i in range(6)}
+    for i in range(3):
+        utts[f"bad{i}"] = (rng.standard_normal((4, 3, 6)).astype(np.float32),
+                           np.array([1, 41]))
+    write_keyed_raw(tmp_path / "bad.h5", utts, format="rnntool.dump", format_version=1,
+                    blank=0, vocab_size=6)
+    inputs = [shards[0], tmp_path / "bad.h5"]
+    want = invoke("score", *inputs, "--skip-bad")
+    assert want.exit_code == 1 and "3 bad, skipped" in want.stderr
+    out = tmp_path / "s.tsv"
+    for k in range(2):
+        r = invoke("score", *inputs, "--skip-bad", "--shard", f"{k}/2", "-o", out, "-q")
+        assert r.exit_code in (0, 1), r.stderr
+    r = invoke("merge", *(part_path(str(out), Share(k, 2)) for k in range(2)), "-o", out)
+    assert r.exit_code == 1 and out.read_text() == want.stdout
+    assert summary_lines(r.stderr) == summary_lines(want.stderr)
+    assert sorted(x for x in r.stderr.splitlines() if "labels[1] = 41" in x) == sorted(
+        x for x in want.stderr.splitlines() if "labels[1] = 41" in x)
