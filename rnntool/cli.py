@@ -436,7 +436,8 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
         if tr is not None:
             where = tr.use_device(backend)
             if not quiet and tr.rank == 0:
-                _stderr().print(f"torchrun: {tr.world_size} ranks; rank 0 on {where}",
+                _stderr().print(f"torchrun: {tr.world_size} rank"
+                                f"{'s' if tr.world_size > 1 else ''}; rank 0 on {where}",
                                 markup=False)
         mine = plan_work(selected, share)
         writer = PartWriter(part, fp, share, len(mine), fields(mine.pairs()), resume=resume)
