@@ -407,6 +407,7 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
     merge. Every rank returns (or exits with) the same code."""
     from .devices import tensor_device
     from .distributed import (
+        STOPPED,
         PartWriter,
         ShareError,
         checked_output,
@@ -449,21 +450,27 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
             for rec in produce(work, lambda n: bar.advance(task, n)):
                 writer.write(rec)
                 flagged += bool(rec.info.get("problem") or rec.info.get("bad"))
+                if tr is not None and tr.should_stop():
+                    raise _Stopped
         writer.finish()
         code = 1 if flagged or writer.flagged else 0
         if not quiet and tr is None:
             _stderr().print(f"share {share}: {n_share} utterances ({n_share - len(work)} "
                             f"already done) in {part}; when every share is done: rnntool "
                             f"merge {base}.part-*-of-{share.count} -o {base}", markup=False)
+    except _Stopped:
+        code = STOPPED
     except typer.Exit as e:
         if tr is None:
             raise
         code = e.exit_code or 2
+        tr.tell_stop()
     except Exception as e:  # noqa: BLE001 - every rank must reach the barrier
         if tr is None:
             raise
         code = 2
         _report_error(e)
+        tr.tell_stop()
     finally:
         if writer is not None:
             writer.close()
@@ -471,6 +478,10 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
         return max(code, int(selected.report_empty()))
     return _barrier_and_merge(command, selected, tr, base, code, output=output, fmt=fmt,
                               reads=reads, quiet=quiet)
+
+
+class _Stopped(Exception):  # noqa: N818 - a signal between ranks, not an error
+    """Another rank failed: this one stops before its share is done."""
 
 
 def _report_error(e: BaseException) -> None:
@@ -501,12 +512,14 @@ def _barrier_and_merge(command, selected, tr, base, code, *, output, fmt, reads,
     codes = tr.gather_status(code)
     result = 0
     if max(codes) >= 2:
-        failed = [k for k, c in enumerate(codes) if c >= 2]
+        failed = [k for k, c in enumerate(codes) if c == 2] or [
+            k for k, c in enumerate(codes) if c >= 2]
         if tr.rank == 0:
             print(f"rnntool: error: rank{'s' if len(failed) > 1 else ''} "
-                  f"{', '.join(map(str, failed))} of {tr.world_size} stopped (see "
-                  f"{'their' if len(failed) > 1 else 'its'} message); {_line(base)} not "
-                  "written, the parts stay for --resume", file=sys.stderr)
+                  f"{', '.join(map(str, failed))} of {tr.world_size} failed (see "
+                  f"{'their' if len(failed) > 1 else 'its'} message) and the job stopped; "
+                  f"{_line(base)} not written, the parts stay for --resume",
+                  file=sys.stderr)
         result = 2
     elif tr.rank == 0:
         paths = [part_path(base, Share(k, tr.world_size)) for k in range(tr.world_size)]

@@ -52,13 +52,16 @@ the GPUs it sees) when the backend is CUDA, else on the CPU with
 carries only a status word per rank (``all_reduce`` of a small CPU tensor over
 gloo; the group is created with ``cuda:nccl`` beside it on GPUs): the rows
 travel through the part files, so ``-o`` must be on a file system every rank
-sees. A rank that hits bad input stops scoring, and every rank exits 2 after
-the barrier, without a merged output; a rank that dies (a crash, SIGKILL) is
+sees. A rank that hits bad input stops scoring and says so through the
+rendezvous store (``tell_stop``); the others stop at their next utterance
+(``should_stop``, asked once a second), and every rank exits 2 after the
+barrier, without a merged output; a rank that dies (a crash, SIGKILL) is
 torchrun's to notice, which then stops the others.
 
 Test hook: ``RNNTOOL_TEST_KILL_AFTER=n`` makes a ``PartWriter`` SIGKILL its own
-process right after its n-th line (the tests' deterministic "kill mid-way"); with
-``RNNTOOL_TEST_KILL_RANK=r`` only in the process whose ``RANK`` is r.
+process right after its n-th line (the tests' deterministic "kill mid-way"), and
+``RNNTOOL_TEST_RECORD_DELAY=s`` sleeps s seconds after each line (a slow rank); with
+``RNNTOOL_TEST_KILL_RANK=r`` both apply only in the process whose ``RANK`` is r.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ from .files import OutputError, cannot_write, replacing
 PART_VERSION = 1
 FSYNC_EVERY = 256  # lines between fsyncs of a part (each line is flushed when written)
 DEFAULT_TIMEOUT_S = 24 * 3600  # how long a rank waits for the slowest one at the barrier
+STOP_POLL_S = 1.0  # how often a rank asks whether another one has failed
+STOPPED = 3  # a rank's status at the barrier when it stopped because another failed
 
 
 class ShareError(Exception):
@@ -285,9 +290,10 @@ class PartWriter:
             except OSError as e:
                 raise cannot_write(path, e) from None
         self._kill_after = int(os.environ.get("RNNTOOL_TEST_KILL_AFTER") or 0)
+        self._delay = float(os.environ.get("RNNTOOL_TEST_RECORD_DELAY") or 0)
         if os.environ.get("RNNTOOL_TEST_KILL_RANK", os.environ.get("RANK")) != os.environ.get(
                 "RANK"):
-            self._kill_after = 0
+            self._kill_after = self._delay = 0
         if not self.complete:
             try:
                 self._f = open(path, "a", encoding="utf-8", newline="")  # noqa: SIM115
@@ -306,6 +312,8 @@ class PartWriter:
             raise cannot_write(self.path, e) from None
         if self._kill_after and self.written >= self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._delay:
+            time.sleep(self._delay)
 
     def finish(self) -> None:
         """The end line, flushed and fsynced; the file closed."""
@@ -518,6 +526,8 @@ class Torchrun:
     local_rank: int
     local_world_size: int
     _group: bool = False
+    _store: object = None  # a client of the job's TCPStore, for the early stop
+    _checked: float = 0.0
 
     @property
     def share(self) -> Share:
@@ -572,6 +582,34 @@ class Torchrun:
             raise ShareError("torch.distributed: cannot join the process group ("
                              + (text[0] if text else type(e).__name__) + ")") from None
         self._group = True
+        # The rendezvous store (torchrun's agent, or rank 0's) carries one key: "a rank
+        # failed". Without it the other ranks finish their shares before the barrier.
+        with contextlib.suppress(KeyError, ValueError, RuntimeError, OSError):
+            self._store = dist.TCPStore(os.environ["MASTER_ADDR"],
+                                        int(os.environ["MASTER_PORT"]), is_master=False,
+                                        timeout=datetime.timedelta(seconds=60))
+
+    def _stop_key(self) -> str:
+        return (f"rnntool/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+                f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/stop")
+
+    def tell_stop(self) -> None:
+        """Tell the other ranks that this one failed: they stop at their next record
+        (``should_stop``) instead of finishing their shares."""
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.set(self._stop_key(), str(self.rank))
+
+    def should_stop(self) -> bool:
+        """Whether another rank has failed (asked of the store at most once a second)."""
+        now = time.monotonic()
+        if self._store is None or now - self._checked < STOP_POLL_S:
+            return False
+        self._checked = now
+        try:
+            return bool(self._store.check([self._stop_key()]))
+        except Exception:  # noqa: BLE001 - no answer: carry on, the barrier still decides
+            return False
 
     def gather_status(self, code: int) -> list[int]:
         """Every rank's ``code`` (a barrier: returns when all ranks have called it).

@@ -147,13 +147,19 @@ def test_a_bad_utterance_on_one_rank_stops_every_rank_with_no_output(shards, tmp
     write_keyed_raw(tmp_path / "bad.h5", utts, format="rnntool.dump", format_version=1,
                     blank=0, vocab_size=6)
     out = tmp_path / "s.tsv"
-    r = torchrun("score", shards[0], tmp_path / "bad.h5", "-o", out, timeout=120)
+    # Rank 0 is slow (1 s an utterance): it stops early when rank 1 fails, instead of
+    # finishing its share first.
+    r = torchrun("score", shards[0], shards[1], tmp_path / "bad.h5", "-o", out, timeout=120,
+                 env={"RNNTOOL_TEST_RECORD_DELAY": "1", "RNNTOOL_TEST_KILL_RANK": "0"})
     assert r.returncode != 0
     assert f"rnntool: error: {tmp_path / 'bad.h5'}: utterance {bad_id}: labels[1] = 41 is " \
            "outside [0, 6)" in r.stderr
-    assert "rank 1 of 2 stopped" in r.stderr  # rank 0 heard of it at the barrier
+    assert "rank 1 of 2 failed" in r.stderr  # rank 0 heard of it at the barrier
     assert "Traceback" not in r.stderr.split("torch/distributed/elastic")[0]
     assert not out.exists() and not list(tmp_path.glob(".rnntool-*"))
+    part0 = read_part(part_path(str(out), Share(0, 2)))
+    assert not part0.complete
+    assert len(part0.keys()) < min(4, part0.header["share_utterances"])
 
 
 def test_a_rank_killed_mid_way_stops_the_job_and_resume_finishes_it(shards, tmp_path):
