@@ -83,6 +83,7 @@ def _unique(caught) -> list[str]:
 
 def _run(fn, args, kwargs):
     """Turn bad input into one line and exit code 2, Ctrl-C into 130, a closed pipe into quiet."""
+    from .distributed import ShareError
     from .dump import DumpError
     from .output import OutputError
 
@@ -98,7 +99,8 @@ def _run(fn, args, kwargs):
     except KeyboardInterrupt:
         print("rnntool: interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
-    except (DumpError, OutputError, ValueError, TypeError, OSError, RuntimeError) as e:
+    except (DumpError, OutputError, ShareError, ValueError, TypeError, OSError,
+            RuntimeError) as e:
         if os.environ.get("RNNTOOL_DEBUG"):
             raise
         raise fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
@@ -175,6 +177,12 @@ Utts = Annotated[list[str] | None, typer.Option(
 UttList = Annotated[str | None, typer.Option(
     "--utt-list", metavar="FILE", help="File of utterance ids, one a line; '-' = stdin.")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Hide progress and info.")]
+Shard = Annotated[str | None, typer.Option(
+    "--shard", metavar="K/N", help="Only share K of N (0-based) of the utterances, written to "
+    "FILE.part-K-of-N beside -o FILE; 'rnntool merge' joins the N parts.")]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue the part file a stopped --shard or torchrun run left: "
+    "utterances already in it are skipped (same inputs and options, else exit 2).")]
 
 
 def _check_format(fmt: str | None, output: str | None) -> str:
@@ -332,6 +340,207 @@ def _progress(quiet: bool):
     )
 
 
+# --------------------------------------------------------------------------- scale-out
+# A command that scales out is a producer of ``distributed.Record``s (one per
+# utterance, in the order of the ``Work`` it is given, printing its per-utterance
+# lines as it goes) and a tally that writes records' rows in order and prints the
+# summary; ``_run_job`` runs them in one process, as one share (--shard), or as
+# one rank of a torchrun job, and ``merge`` runs the tally over merged parts.
+# A new command (timestamps) joins with its producer, its tally class and one entry
+# in _jobs(), and passes shard/resume to _run_job.
+def _jobs() -> dict:
+    """command -> (table title, float specs, tally class, progress bar's word)."""
+    return {
+        "score": ("RNN-T loss per utterance", None, _ScoreTally, "scoring"),
+        "align": ("Token emission frames", None, _AlignTally, "aligning"),
+    }
+
+
+def _run_job(command: str, selected, *, output, fmt: str, reads: list[str], fields,
+             options: dict, shard: str | None, resume: bool, quiet: bool, backend: str,
+             produce) -> int:
+    """Run ``command`` on ``selected``: rows to ``-o``/stdout in one process; or, with
+    ``--shard K/N`` or under torchrun, this process's share into its part file
+    (``distributed``), merged into ``-o`` by rank 0 under torchrun. ``fields(pairs)``:
+    the columns for ``[(reader, ids)]`` (a share's are merged: ``merged_fields``), so
+    that no process looks at utterances outside its share. Returns the exit code (0,
+    or 1 for problems the rows found); raises for bad input."""
+    from .distributed import ShareError, parse_share, torchrun_env
+
+    title, specs, tally_class, doing = _jobs()[command]
+    try:
+        tr = torchrun_env()
+    except ShareError as e:
+        raise fail(str(e)) from None
+    if tr is None and shard is None:
+        if resume:
+            raise fail("--resume continues a part file: it needs --shard K/N (or torchrun)")
+        tally = tally_class(several=selected.several, report=False, fmt=fmt)
+        with _progress(quiet) as bar, _rows_out(output, reads, fields(selected), fmt, title,
+                                                specs) as out:
+            task = bar.add_task(doing, total=sum(len(ids) for _, ids in selected))
+            for rec in produce(_all_work(selected), lambda n: bar.advance(task, n)):
+                tally.add(rec, out)
+        code = tally.summary(quiet)
+        return max(code, int(selected.report_empty()))
+    if tr is not None and shard is not None:
+        raise fail("--shard is for plain processes; under torchrun each rank takes its own "
+                   "share (RANK of WORLD_SIZE)")
+    try:
+        share = tr.share if tr is not None else parse_share(shard)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    return _run_share(command, selected, share, tr, output=output, fmt=fmt, reads=reads,
+                      fields=fields, options=options, resume=resume, quiet=quiet,
+                      backend=backend, produce=produce)
+
+
+def _all_work(selected):
+    from .distributed import plan_work
+
+    return plan_work(selected)
+
+
+def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, options, resume,
+               quiet, backend, produce) -> int:
+    """One share into its part; under torchrun (``tr``) then the barrier, and rank 0's
+    merge. Every rank returns (or exits with) the same code."""
+    from .devices import tensor_device
+    from .distributed import (
+        STOPPED,
+        PartWriter,
+        ShareError,
+        checked_output,
+        fingerprint,
+        part_path,
+        plan_work,
+    )
+    from .output import check_writable
+
+    what = "torchrun" if tr is not None else "--shard K/N"
+    try:
+        base = checked_output(output, what)
+        part = part_path(base, share)
+        check_writable(part, reads)
+        fp = fingerprint(command, selected, options=options, fmt=fmt,
+                         several=selected.several, empty=selected.empty)
+    except ShareError as e:
+        raise fail(str(e)) from None
+    rank0 = tr is None or tr.rank == 0
+    if tr is not None:
+        try:
+            tr.init(cuda=backend == "cuda" and tensor_device(backend) == "cuda")
+        except ShareError as e:
+            raise fail(str(e)) from None
+    code, writer = 0, None
+    try:
+        if tr is not None:
+            where = tr.use_device(backend)
+            if not quiet and tr.rank == 0:
+                _stderr().print(f"torchrun: {tr.world_size} rank"
+                                f"{'s' if tr.world_size > 1 else ''}; rank 0 on {where}",
+                                markup=False)
+        mine = plan_work(selected, share)
+        writer = PartWriter(part, fp, share, len(mine), fields(mine.pairs()), resume=resume)
+        n_share = len(mine)
+        work = plan_work(selected, share, writer.done)
+        flagged = 0
+        with _progress(quiet or not rank0) as bar:
+            task = bar.add_task(f"{_jobs()[command][3]} {share}", total=len(work))
+            for rec in produce(work, lambda n: bar.advance(task, n)):
+                writer.write(rec)
+                flagged += bool(rec.info.get("problem") or rec.info.get("bad"))
+                if tr is not None and tr.should_stop():
+                    raise _Stopped
+        writer.finish()
+        code = 1 if flagged or writer.flagged else 0
+        if not quiet and tr is None:
+            _stderr().print(f"share {share}: {n_share} utterances ({n_share - len(work)} "
+                            f"already done) in {part}; when every share is done: rnntool "
+                            f"merge {base}.part-*-of-{share.count} -o {base}", markup=False)
+    except _Stopped:
+        code = STOPPED
+    except typer.Exit as e:
+        if tr is None:
+            raise
+        code = e.exit_code or 2
+        tr.tell_stop()
+    except Exception as e:  # noqa: BLE001 - every rank must reach the barrier
+        if tr is None:
+            raise
+        code = 2
+        _report_error(e)
+        tr.tell_stop()
+    finally:
+        if writer is not None:
+            writer.close()
+    if tr is None:
+        return max(code, int(selected.report_empty()))
+    return _barrier_and_merge(command, selected, tr, base, code, output=output, fmt=fmt,
+                              reads=reads, quiet=quiet)
+
+
+class _Stopped(Exception):  # noqa: N818 - a signal between ranks, not an error
+    """Another rank failed: this one stops before its share is done."""
+
+
+def _report_error(e: BaseException) -> None:
+    """The one line ``_run`` prints for ``e`` (a traceback with RNNTOOL_DEBUG)."""
+    if os.environ.get("RNNTOOL_DEBUG"):
+        import traceback
+
+        traceback.print_exception(e)
+        return
+    text = str(e).strip()
+    print(f"rnntool: error: {_line(text.splitlines()[0] if text else repr(e))}",
+          file=sys.stderr)
+
+
+def _barrier_and_merge(command, selected, tr, base, code, *, output, fmt, reads,
+                       quiet) -> int:
+    """Wait for every rank; rank 0 merges the parts into ``-o`` when none failed, and
+    every rank then exits with the job's code (2 when any rank failed or the merge did)."""
+    from .distributed import (
+        Share,
+        check_parts,
+        merged_fields,
+        merged_records,
+        part_path,
+        remove_parts,
+    )
+
+    codes = tr.gather_status(code)
+    result = 0
+    if max(codes) >= 2:
+        failed = [k for k, c in enumerate(codes) if c == 2] or [
+            k for k, c in enumerate(codes) if c >= 2]
+        if tr.rank == 0:
+            print(f"rnntool: error: rank{'s' if len(failed) > 1 else ''} "
+                  f"{', '.join(map(str, failed))} of {tr.world_size} failed (see "
+                  f"{'their' if len(failed) > 1 else 'its'} message) and the job stopped; "
+                  f"{_line(base)} not written, the parts stay for --resume",
+                  file=sys.stderr)
+        result = 2
+    elif tr.rank == 0:
+        paths = [part_path(base, Share(k, tr.world_size)) for k in range(tr.world_size)]
+        try:
+            title, specs, tally_class, _ = _jobs()[command]
+            parts = check_parts(paths)
+            tally = tally_class(several=selected.several, report=False, fmt=fmt)
+            with _rows_out(output, reads + paths, merged_fields(parts), fmt, title,
+                           specs) as out:
+                for rec in merged_records(parts):
+                    tally.add(rec, out)
+            result = max(tally.summary(quiet), max(codes), int(selected.report_empty()))
+            remove_parts(paths)
+        except Exception as e:  # noqa: BLE001 - the other ranks wait for this answer
+            _report_error(e)
+            result = 2
+    final = max(tr.gather_status(result))
+    tr.close()
+    return final
+
+
 # --------------------------------------------------------------------------- score
 @app.command()
 @command
@@ -352,6 +561,8 @@ def score(
     skip_bad: Annotated[bool, typer.Option(
         "--skip-bad", help="Name each bad utterance on stderr and score the others "
         "(exit 1 at the end) instead of stopping at the first (exit 2).")] = False,
+    shard: Shard = None,
+    resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
     """Per-utterance RNN-T losses of dumped logits (or of a lattice dump).
@@ -366,46 +577,103 @@ def score(
     line each, and their rows are still written as computed. Bad input (a label
     out of range, a broken array) stops the run with one line and exit 2, unless
     --skip-bad. An input with no utterances is one line and exit 1.
+
+    Many shards: under torchrun each rank scores its share and rank 0 merges them
+    into -o; --shard K/N scores share K of N into FILE.part-K-of-N beside -o FILE,
+    for 'rnntool merge'; --resume continues a part a stopped run left (README:
+    Scoring many shards).
     """
-    from .reader import show
-    from .score import score_rows, selection_fields, summarize
+    from .score import selection_fields
 
     reads = _inputs_of(inputs, utt_list)
     fmt = _output_format(fmt, output, reads)
     backend = _backend(device)
     if batch_mb < 0:
         raise fail(f"--batch-mb {batch_mb} must be 0 or more (MiB; 0: one utterance a batch)")
-    scored, problems, bad = [], 0, 0
-    with (_selection(inputs, blank, utts, utt_list, direct=not via_hdf5, output=output)
-          as selected, _progress(quiet) as bar,
-          _rows_out(output, reads, _with_file(selection_fields(selected), selected), fmt,
-                    "RNN-T loss per utterance") as out):
-        task = bar.add_task("scoring", total=sum(len(ids) for _, ids in selected))
-        for r in score_rows(selected, backend=backend, budget_bytes=batch_mb << 20,
-                            on_batch=lambda n: bar.advance(task, n), skip_bad=skip_bad):
+    with _selection(inputs, blank, utts, utt_list, direct=not via_hdf5,
+                    output=output) as selected:
+        code = _run_job(
+            "score", selected, output=output, fmt=fmt, reads=reads,
+            fields=lambda pairs: _with_file(selection_fields(pairs), selected),
+            options={"--blank": blank, "--device": backend, "--skip-bad": skip_bad},
+            shard=shard, resume=resume, quiet=quiet, backend=backend,
+            produce=functools.partial(_score_records, backend=backend,
+                                      budget_bytes=batch_mb << 20, skip_bad=skip_bad))
+    if code:
+        raise typer.Exit(code)
+
+
+def _score_records(work, advance, *, backend, budget_bytes, skip_bad):
+    """One ``Record`` per utterance of ``work`` (a ``distributed.Work``), as scored; the
+    lines naming a bad utterance or an impossible loss go to stderr as they come."""
+    from .distributed import Record
+    from .reader import show
+    from .score import score_reader
+
+    for i, reader, ids, js in work:
+        rows = score_reader(reader, ids, backend=backend, budget_bytes=budget_bytes,
+                            on_batch=advance, skip_bad=skip_bad)
+        for j, r in zip(js, rows, strict=True):
             if "_bad" in r:
-                bad += 1
                 print(f"rnntool: {_line(r['_bad'])}", file=sys.stderr)
+                yield Record((i, j), [], {"bad": r["_bad"]})
                 continue
             if r["_problem"] is not None:
-                problems += 1
-                print(f"rnntool: {_line(r['_file'])}: utterance {show(r['utt_id'])}: "
+                print(f"rnntool: {reader.name}: utterance {show(r['utt_id'])}: "
                       f"{r['_problem']}", file=sys.stderr)
-            out.write([dict(r, file=r["_file"])])
-            scored.append({k: r[k] for k in ("utt_id", "loss", "_file")})
-    if not quiet:
-        summary = summarize(scored)
-        err = _stderr()
-        err.print(f"{summary['count']} utterances, mean loss {summary['mean']:.4f}, "
-                  f"total {summary['total']:.4f} nats ({summary['finite']} finite)"
-                  + (f"; {bad} bad, skipped" if bad else ""), markup=False)
-        if summary["worst"]:
-            err.print("worst: " + ", ".join(
-                (f"{show(r['_file'])}:" if selected.several else "")
-                + f"{show(r['utt_id'])} {r['loss']:.3f}" for r in summary["worst"]),
-                markup=False)
-    if selected.report_empty() or problems or bad:
-        raise typer.Exit(1)
+            row = {k: v for k, v in r.items() if not k.startswith("_")}
+            row["file"] = reader.name
+            yield Record((i, j), [row], {"problem": r["_problem"]})
+
+
+class _ScoreTally:
+    """``score``'s rows written in order, and its summary: counted over every row in the
+    single-process order (a merge of parts gives the same bits as one process, never
+    an average of the parts' averages). ``report``: also print each record's problem
+    line (``rnntool merge``: the shares' own runs printed them elsewhere)."""
+
+    def __init__(self, several: bool, report: bool, fmt: str) -> None:
+        self.several, self.report = several, report
+        self.scored: list[dict] = []
+        self.problems = self.bad = 0
+
+    def add(self, rec, out) -> None:
+        from .reader import show
+
+        if rec.info.get("bad"):
+            self.bad += 1
+            if self.report:
+                print(f"rnntool: {_line(rec.info['bad'])}", file=sys.stderr)
+            return
+        if rec.info.get("problem"):
+            self.problems += 1
+            if self.report:
+                r = rec.rows[0]
+                print(f"rnntool: {_line(r['file'])}: utterance {show(r['utt_id'])}: "
+                      f"{rec.info['problem']}", file=sys.stderr)
+        out.write(rec.rows)
+        self.scored += [{"utt_id": r["utt_id"], "loss": r["loss"], "T": r["T"], "U": r["U"],
+                         "_file": r["file"]} for r in rec.rows]
+
+    def summary(self, quiet: bool) -> int:
+        """Print the summary (unless ``quiet``); the exit code the rows call for."""
+        from .reader import show
+        from .score import summarize
+
+        if not quiet:
+            summary = summarize(self.scored)
+            err = _stderr()
+            err.print(f"{summary['count']} utterances, mean loss {summary['mean']:.4f}, "
+                      f"total {summary['total']:.4f} nats ({summary['finite']} finite; "
+                      f"{summary['per_frame']:.4f} per frame over {summary['frames']}, "
+                      f"{summary['per_token']:.4f} per token over {summary['tokens']})"
+                      + (f"; {self.bad} bad, skipped" if self.bad else ""), markup=False)
+            if summary["worst"]:
+                err.print("worst: " + ", ".join(
+                    (f"{show(r['_file'])}:" if self.several else "")
+                    + f"{show(r['utt_id'])} {r['loss']:.3f}" for r in summary["worst"]),
+                    markup=False)
+        return 1 if self.problems or self.bad else 0
 
 
 # --------------------------------------------------------------------------- inspect
@@ -519,6 +787,8 @@ def align_cmd(
     blank: Blank = None,
     utts: Utts = None,
     utt_list: UttList = None,
+    shard: Shard = None,
+    resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
     """Where each token is emitted, on the best path and in expectation.
@@ -534,37 +804,70 @@ def align_cmd(
     logits, or no possible alignment) gets no rows: one line on stderr names it,
     the others are still aligned, and the exit code is 1 (also for a loss below
     0 beyond rounding, whose rows are written). Posteriors are within [0, 1].
+    Under torchrun, and with --shard K/N and --resume, as score.
     """
-    from .analysis import ALIGN_FIELDS, align_utterance
-    from .reader import show
+    from .analysis import ALIGN_FIELDS
 
     reads = _inputs_of(inputs, utt_list)
     fmt = _output_format(fmt, output, reads)
     backend = _backend(device)
-    summary, problems = [], 0
-    with (_selection(inputs, blank, utts, utt_list, output=output) as selected,
-          _progress(quiet) as bar,
-          _rows_out(output, reads, _with_file(ALIGN_FIELDS, selected), fmt,
-                    "Token emission frames") as rows):
-        task = bar.add_task("aligning", total=sum(len(ids) for _, ids in selected))
-        for reader, utt in _utterances(selected):
+    with _selection(inputs, blank, utts, utt_list, output=output) as selected:
+        code = _run_job(
+            "align", selected, output=output, fmt=fmt, reads=reads,
+            fields=lambda pairs: _with_file(ALIGN_FIELDS, selected),
+            options={"--blank": blank, "--device": backend},
+            shard=shard, resume=resume, quiet=quiet, backend=backend,
+            produce=functools.partial(_align_records, backend=backend))
+    if code:
+        raise typer.Exit(code)
+
+
+def _align_records(work, advance, *, backend):
+    """One ``Record`` per utterance of ``work``: its token rows (none when its loss is
+    not finite) and what the table-mode summary needs."""
+    from .analysis import align_utterance
+    from .distributed import Record
+
+    for i, reader, ids, js in work:
+        for j, (_, utt) in zip(js, _utterances([(reader, ids)]), strict=True):
             with _Utterance(reader.path, utt.info.utt_id) as one:
                 aligned = align_utterance(reader, utt, backend=backend)
                 one.report(aligned.problem)
-            problems += aligned.problem is not None
+            info = {"problem": aligned.problem, "where": one.where}
             if aligned.finite:
-                rows.write(_tagged(aligned.rows(), reader))
-                summary.append((aligned.utt_id, aligned.best_log_prob, aligned.loss,
-                                aligned.best_path_share))
-            bar.advance(task)
-    if fmt == "table" and not quiet:
-        err = _stderr()
-        for utt_id, best, loss, share in summary:
-            err.print(f"{show(utt_id)}: best path log P = {best:.4f}, all paths log P = "
-                      f"{-loss:.4f} (loss {loss:.4f}); best path holds "
-                      f"{share:.1%} of the probability", markup=False)
-    if selected.report_empty() or problems:
-        raise typer.Exit(1)
+                info["summary"] = [aligned.utt_id, aligned.best_log_prob, aligned.loss,
+                                   aligned.best_path_share]
+            advance(1)
+            yield Record((i, j), _tagged(aligned.rows(), reader), info)
+
+
+class _AlignTally:
+    """``align``'s rows written in order; the table-mode summary (``_ScoreTally``)."""
+
+    def __init__(self, several: bool, report: bool, fmt: str) -> None:
+        self.report, self.fmt = report, fmt
+        self.summaries: list = []
+        self.problems = 0
+
+    def add(self, rec, out) -> None:
+        if rec.info.get("problem"):
+            self.problems += 1
+            if self.report:
+                print(f"rnntool: {rec.info['where']}: {rec.info['problem']}", file=sys.stderr)
+        out.write(rec.rows)
+        if rec.info.get("summary"):
+            self.summaries.append(rec.info["summary"])
+
+    def summary(self, quiet: bool) -> int:
+        from .reader import show
+
+        if self.fmt == "table" and not quiet:
+            err = _stderr()
+            for utt_id, best, loss, share in self.summaries:
+                err.print(f"{show(utt_id)}: best path log P = {best:.4f}, all paths log P = "
+                          f"{-loss:.4f} (loss {loss:.4f}); best path holds "
+                          f"{share:.1%} of the probability", markup=False)
+        return 1 if self.problems else 0
 
 
 @app.command()
@@ -1173,6 +1476,52 @@ def _delay_report(delays, summary_out, ref_name, unit, quiet) -> None:
         json.dump({"ref": ref_name, "unit": unit, **stats}, summary_out, indent=1,
                   allow_nan=False)
         summary_out.write("\n")
+
+
+# --------------------------------------------------------------------------- merge
+@app.command()
+@command
+def merge(
+    parts: Annotated[list[Path], typer.Argument(
+        metavar="PART", help="The N part files of one run: FILE.part-K-of-N, K = 0..N-1.")],
+    output: Output = None,
+    fmt: Annotated[str | None, typer.Option(
+        "--format", "-f", metavar="FORMAT",
+        help="tsv|csv|jsonl|json|table (default: the run's own).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Merge the part files of a sharded run (score or align with --shard K/N) into the
+    output one process would have written, byte for byte, in the same row order.
+
+    The parts must be complete and all of one run (the same inputs, unchanged between
+    the shards' runs, and the same options): a missing, repeated, incomplete or
+    foreign part is one line and exit 2, and nothing is written. The summary and the
+    lines naming problem utterances go to stderr as the command prints them; exit 1
+    as it would (an impossible loss, a bad utterance skipped, an input with no
+    utterances). The parts are left in place.
+    """
+    from .distributed import check_parts, merged_fields, merged_records
+
+    paths = [str(p) for p in parts]
+    checked = check_parts(paths)
+    fp = checked[0].header["fingerprint"]
+    jobs = _jobs()
+    if fp.get("command") not in jobs:
+        raise fail(f"{paths[0]}: parts of 'rnntool {fp.get('command')}' cannot be merged "
+                   "by this rnntool")
+    title, specs, tally_class, _ = jobs[fp["command"]]
+    fmt = _check_format(fmt or fp["format"], output)
+    reads = paths + [str(x["path"]) for x in fp["inputs"]]
+    _output_format(fmt, output, reads)
+    tally = tally_class(several=fp["several"], report=True, fmt=fmt)
+    with _rows_out(output, reads, merged_fields(checked), fmt, title, specs) as out:
+        for rec in merged_records(checked):
+            tally.add(rec, out)
+    code = tally.summary(quiet)
+    for name in fp["empty"]:
+        print(f"rnntool: {_line(name)}: the dump holds no utterances", file=sys.stderr)
+    if code or fp["empty"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

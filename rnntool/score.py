@@ -405,14 +405,27 @@ class _quiet_nonfinite:
 
 
 def summarize(rows: Sequence[dict], worst: int = 5) -> dict:
-    """count, finite count, mean and total loss, and the ``worst`` highest-loss utterances."""
+    """count, finite count, mean and total loss, and the ``worst`` highest-loss utterances;
+    with ``T`` and ``U`` in the rows also ``frames`` (sum of T) and ``tokens`` (sum of
+    max(U, 1), as the ``mean_tokens`` reduction counts) of the finite ones, and
+    ``per_frame``, ``per_token``: the total loss over those sums.
+
+    Every figure is a sum over all rows, or a ratio of two such sums (never a mean of
+    means), summed in the order given: the rows of a run merged from parts, in
+    single-process order, give the same bits as one process."""
     finite = [r for r in rows if math.isfinite(r["loss"])]
     total = sum(r["loss"] for r in finite)
+    frames = sum(r.get("T", 0) for r in finite)
+    tokens = sum(max(r.get("U", 0), 1) for r in finite)
     return {
         "count": len(rows),
         "finite": len(finite),
         "total": total,
         "mean": total / len(finite) if finite else math.nan,
+        "frames": frames,
+        "tokens": tokens,
+        "per_frame": total / frames if finite and frames else math.nan,
+        "per_token": total / tokens if finite else math.nan,
         "worst": sorted(finite, key=lambda r: -r["loss"])[:worst],
         "nonfinite": [r["utt_id"] for r in rows if not math.isfinite(r["loss"])],
     }

@@ -1,0 +1,366 @@
+"""Scale-out: torchrun ranks, --shard K/N parts, merge and --resume give the single-process
+output byte for byte; bad input, a killed rank and a foreign part stop with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, invoke, one_line_error, random_batch, run_cli, write_keyed_raw
+
+from rnntool.distributed import (
+    Share,
+    ShareError,
+    parse_share,
+    part_path,
+    plan_work,
+    read_part,
+    share_of,
+    torchrun_env,
+)
+from rnntool.dump import DumpWriter
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", "2", "-m", "rnntool"]
+
+
+def torchrun(*args, env=None, timeout=180):
+    """``torchrun --standalone --nproc-per-node 2 -m rnntool ARGS`` on the CPU (gloo)."""
+    return subprocess.run([*TORCHRUN, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Three small keyed dumps (7, 9, 5 utterances, mixed lengths, U = 0 among them,
+    stored losses in one); one utterance's logits hold a NaN (an impossible loss: exit 1,
+    its score row still written, no align rows)."""
+    paths = []
+    for k, B in enumerate((7, 9, 5)):
+        x, y, T, U = random_batch(B, 8, 4, 6, seed=40 + k)
+        if k == 1:
+            x[3, 0, 0, 2] = float("nan")
+        path = tmp_path / f"shard{k}.h5"
+        with DumpWriter(path, blank=0, vocab=list("_abcde")) as w:
+            w.add_batch(x, y, T, U, utt_ids=[f"s{k}-utt{b:02d}" for b in range(B)],
+                        losses=torch.arange(float(B)) if k == 0 else None)
+        paths.append(path)
+    return paths
+
+
+def single(command, shards, out, *opts):
+    """The single-process run: its output bytes, and the finished process."""
+    r = run_cli(command, *shards, "-o", out, *opts)
+    assert r.returncode == 1, r.stderr  # the NaN utterance
+    return out.read_bytes(), r
+
+
+def summary_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines()
+            if " utterances, mean loss " in line or line.startswith("worst: ")]
+
+
+# --------------------------------------------------------------------------- assignment
+def test_every_utterance_is_in_exactly_one_share_and_the_hash_is_stable(shards):
+    from rnntool.reader import DumpReader
+
+    readers = [DumpReader(p) for p in shards]
+    try:
+        selected = [(r, r.utt_ids) for r in readers]
+        for n in (1, 2, 3, 7):
+            got = [(i, j) for k in range(n) for i, _, _, js in plan_work(selected, Share(k, n))
+                   for j in js]
+            assert sorted(got) == [(i, j) for i, (_, ids) in enumerate(selected)
+                                   for j in range(len(ids))]
+    finally:
+        for r in readers:
+            r.close()
+    # Fixed values: the assignment must not change between Python runs or versions.
+    code = ("from rnntool.distributed import share_of; "
+            "print([share_of('a/b.h5', f'u{i}', 5) for i in range(12)])")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+            for seed in ("1", "2")}
+    assert outs == {str([share_of("a/b.h5", f"u{i}", 5) for i in range(12)]) + "\n"}
+    assert share_of("x.h5", "u", 1) == 0
+
+
+def test_torchrun_is_known_by_its_environment():
+    assert torchrun_env({}) is None
+    assert torchrun_env({"RANK": "1", "WORLD_SIZE": "2"}) is None  # no LOCAL_RANK
+    tr = torchrun_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                       "LOCAL_WORLD_SIZE": "2"})
+    assert (tr.rank, tr.world_size, tr.local_rank, tr.local_world_size) == (3, 4, 1, 2)
+    assert tr.share == Share(3, 4)
+    for env in ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+                {"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}):
+        with pytest.raises(ShareError):
+            torchrun_env(env)
+
+
+@pytest.mark.parametrize("text", ["2/2", "-1/2", "0/0", "1", "a/b", "1/2/3", ""])
+def test_a_bad_shard_spec_is_refused(text):
+    with pytest.raises(ValueError, match="K/N"):
+        parse_share(text)
+
+
+# --------------------------------------------------------------------------- torchrun
+@pytest.mark.parametrize(("command", "fmt"), [("score", "tsv"), ("align", "jsonl")])
+def test_torchrun_on_two_cpu_ranks_writes_the_single_process_output(shards, tmp_path,
+                                                                    command, fmt):
+    want, one = single(command, shards, tmp_path / f"one.{fmt}", "-f", fmt)
+    out = tmp_path / f"tr.{fmt}"
+    r = torchrun(command, *shards, "-o", out, "-f", fmt)
+    assert r.returncode != 0  # the NaN utterance: exit 1 from the ranks, so torchrun fails
+    assert "rnntool: error" not in r.stderr, r.stderr  # exit 1 (a finding), not 2
+    assert out.read_bytes() == want
+    assert summary_lines(r.stderr) == summary_lines(one.stderr)
+    assert not list(tmp_path.glob("tr.*.part-*")) and not list(tmp_path.glob(".rnntool-*"))
+    # The problem utterance is named once (by the rank that scored it), as in one process.
+    assert r.stderr.count("utterance s1-utt03: loss is nan") == 1
+    # Each of the 2 ranks on the CPU takes half the cores for Numba's threads.
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"rank 0 on cpu ({threads} thread{'s' if threads > 1 else ''})" in r.stderr
+
+
+def test_torchrun_all_well_exits_0(shards, tmp_path):
+    clean = shards[0], shards[2]
+    want = run_cli("score", *clean, "-q", "-f", "csv").stdout
+    r = torchrun("score", *clean, "-o", tmp_path / "s.csv", "-f", "csv", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "s.csv").read_text() == want
+
+
+def test_a_bad_utterance_on_one_rank_stops_every_rank_with_no_output(shards, tmp_path):
+    rng = np.random.default_rng(3)
+    bad_id = next(f"bad{i}" for i in range(100)
+                  if share_of(str(tmp_path / "bad.h5"), f"bad{i}", 2) == 1)
+    utts = {f"ok{i}": (rng.standard_normal((4, 3, 6)).astype(np.float32), np.array([1, 2]))
+            for i in range(4)}
+    utts[bad_id] = (rng.standard_normal((4, 3, 6)).astype(np.float32), np.array([1, 41]))
+    write_keyed_raw(tmp_path / "bad.h5", utts, format="rnntool.dump", format_version=1,
+                    blank=0, vocab_size=6)
+    out = tmp_path / "s.tsv"
+    # Rank 0 is slow (1 s an utterance): it stops early when rank 1 fails, instead of
+    # finishing its share first.
+    r = torchrun("score", shards[0], shards[1], tmp_path / "bad.h5", "-o", out, timeout=120,
+                 env={"RNNTOOL_TEST_RECORD_DELAY": "1", "RNNTOOL_TEST_KILL_RANK": "0"})
+    assert r.returncode != 0
+    assert f"rnntool: error: {tmp_path / 'bad.h5'}: utterance {bad_id}: labels[1] = 41 is " \
+           "outside [0, 6)" in r.stderr
+    assert "rank 1 of 2 failed" in r.stderr  # rank 0 heard of it at the barrier
+    assert "Traceback" not in r.stderr.split("torch/distributed/elastic")[0]
+    assert not out.exists() and not list(tmp_path.glob(".rnntool-*"))
+    part0 = read_part(part_path(str(out), Share(0, 2)))
+    assert not part0.complete
+    assert len(part0.keys()) < min(4, part0.header["share_utterances"])
+
+
+def test_a_rank_killed_mid_way_stops_the_job_and_resume_finishes_it(shards, tmp_path):
+    want, _ = single("score", shards, tmp_path / "one.tsv")
+    out = tmp_path / "s.tsv"
+    rank1 = sum(share_of(str(p), u, 2) == 1 for p in shards
+                for u in _ids(p))
+    assert rank1 >= 3
+    r = torchrun("score", *shards, "-o", out,
+                 env={"RNNTOOL_TEST_KILL_AFTER": "2", "RNNTOOL_TEST_KILL_RANK": "1"},
+                 timeout=120)  # rank 0 must not wait for rank 1 forever: torchrun stops it
+    assert r.returncode != 0 and not out.exists()
+    part1 = read_part(part_path(str(out), Share(1, 2)))
+    assert not part1.complete and len(part1.keys()) == 2
+    r = torchrun("score", *shards, "-o", out, "--resume")
+    assert r.returncode != 0 and "rnntool: error" not in r.stderr, r.stderr  # exit 1: NaN
+    assert out.read_bytes() == want
+
+
+def _ids(path):
+    from rnntool.reader import DumpReader
+
+    with DumpReader(path) as r:
+        return list(r.utt_ids)
+
+
+# --------------------------------------------------------------------------- --shard + merge
+@pytest.mark.parametrize(("command", "fmt"), [("score", "tsv"), ("score", "csv"),
+                                              ("score", "jsonl"), ("score", "json"),
+                                              ("score", "table"), ("align", "tsv"),
+                                              ("align", "json"), ("score+lattice", "tsv")])
+def test_shards_merged_are_the_single_process_output(shards, tmp_path, command, fmt):
+    if command == "score+lattice":  # a lattice dump among the inputs
+        command = "score"
+        lattice = tmp_path / "lattice.h5"
+        assert invoke("compact", shards[0], "-o", lattice, "-q").exit_code == 0
+        shards = [*shards, lattice]
+    want = invoke(command, *shards, "-f", fmt)
+    assert want.exit_code == 1, want.stderr
+    out = tmp_path / "s.out"
+    for k in range(3):
+        r = invoke(command, *shards, "--shard", f"{k}/3", "-o", out, "-f", fmt, "-q")
+        assert r.exit_code in (0, 1), r.stderr
+        assert not r.stdout
+    assert not out.exists()
+    parts = [part_path(str(out), Share(k, 3)) for k in (2, 0, 1)]  # any order
+    r = invoke("merge", *parts, "-o", out)
+    assert r.exit_code == 1, r.stderr
+    assert out.read_text() == want.stdout
+    assert summary_lines(r.stderr) == summary_lines(want.stderr)
+    assert "utterance s1-utt03: loss is nan" in r.stderr  # merge names it again
+    r = invoke("merge", *parts)  # to stdout, in the parts' format
+    assert r.stdout == want.stdout
+    if fmt == "tsv":  # another format on request
+        other = invoke(command, *shards, "-f", "jsonl").stdout
+        assert invoke("merge", *parts, "-f", "jsonl").stdout == other
+
+
+def test_a_killed_share_resumes_to_the_same_output(shards, tmp_path):
+    want, _ = single("score", shards, tmp_path / "one.tsv")
+    out = tmp_path / "s.tsv"
+    r = run_cli("score", *shards, "--shard", "1/2", "-o", out,
+                env={**os.environ, "RNNTOOL_TEST_KILL_AFTER": "3"})
+    assert r.returncode == -9  # SIGKILL after its third utterance's line
+    part = part_path(str(out), Share(1, 2))
+    with open(part, "a") as f:  # and a line cut short by the kill
+        f.write('{"k":[2,')
+    assert run_cli("score", *shards, "--shard", "0/2", "-o", out, "-q").returncode in (0, 1)
+    one_line_error(invoke("merge", part_path(str(out), Share(0, 2)), part),
+                   "share 1/2 is incomplete", "--resume")
+    r = run_cli("score", *shards, "--shard", "1/2", "-o", out, "--resume")
+    assert r.returncode in (0, 1), r.stderr
+    assert "(3 already done)" in r.stderr
+    lines = Path(part).read_text().splitlines()
+    assert [json.loads(x)["k"] for x in lines[1:-1]] == sorted(
+        json.loads(x)["k"] for x in lines[1:-1])
+    # Resuming a complete part does nothing more.
+    r = run_cli("score", *shards, "--shard", "1/2", "-o", out, "--resume", "-q")
+    assert r.returncode in (0, 1) and Path(part).read_text().splitlines() == lines
+    r = invoke("merge", part_path(str(out), Share(0, 2)), part, "-o", out, "-q")
+    assert r.exit_code == 1 and out.read_bytes() == want
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (["--blank", "2"], "--blank (not given), not 2"),
+    (["--skip-bad"], "--skip-bad false, not true"),
+    (["-f", "jsonl"], "--format tsv, not jsonl"),
+    (["--utt", "s0-utt01"], "another selection of utterances"),
+    (["DROP"], "from the inputs"),
+    (["TOUCH"], "modification time has changed"),
+    (["SHARE"], "for share 0/2, not 1/2"),
+])
+def test_resume_with_other_inputs_or_options_exits_2(shards, tmp_path, change, needle):
+    out = tmp_path / "s.tsv"
+    base = [*shards, "-o", out]
+    assert invoke("score", *base, "--shard", "0/2", "-q").exit_code in (0, 1)
+    part = part_path(str(out), Share(0, 2))
+    before = Path(part).read_text()
+    shard = "0/2"
+    if change == ["DROP"]:
+        base, change = [*shards[:2], "-o", out], []
+    elif change == ["TOUCH"]:
+        st = os.stat(shards[1])
+        os.utime(shards[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        change = []
+    elif change == ["SHARE"]:  # another share's part, renamed into this one's place
+        os.replace(part, part_path(str(out), Share(1, 2)))
+        shard, part, change = "1/2", part_path(str(out), Share(1, 2)), []
+    r = invoke("score", *base, "--shard", shard, "--resume", *change)
+    one_line_error(r, part, needle, "without --resume")
+    assert Path(part).read_text() == before  # untouched
+
+
+def test_merge_refuses_missing_repeated_foreign_and_non_parts(shards, tmp_path):
+    out = tmp_path / "s.tsv"
+    for k in range(2):
+        assert invoke("score", *shards, "--shard", f"{k}/2", "-o", out, "-q").exit_code in (0, 1)
+    p0, p1 = (part_path(str(out), Share(k, 2)) for k in range(2))
+    other = tmp_path / "o.tsv"
+    assert invoke("score", *shards[:2], "--shard", "1/2", "-o", other, "-q").exit_code in (0, 1)
+    merged = tmp_path / "m.tsv"
+    one_line_error(invoke("merge", p0, "-o", merged), "share 1/2 is missing")
+    one_line_error(invoke("merge", p0, p0, "-o", merged), "are both share 0/2")
+    one_line_error(invoke("merge", p0, part_path(str(other), Share(1, 2)), "-o", merged),
+                   "is not a part of the same run", "from the inputs")
+    one_line_error(invoke("merge", p0, shards[0], "-o", merged), "not an rnntool part file")
+    one_line_error(invoke("merge", p0, p1, "-o", p0), "is also an input")
+    one_line_error(invoke("merge", p0, p1, "-o", shards[0]), "is also an input")
+    with open(p1, "a") as f:  # a record after the end line: not ours
+        f.write('{"k":[0,0],"rows":[],"info":{}}\n')
+    one_line_error(invoke("merge", p0, p1, "-o", merged), "incomplete")
+    assert not merged.exists() and not list(tmp_path.glob(".rnntool-*"))
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--shard", "0/2"], "needs -o FILE"),
+    (["--shard", "0/2", "-o", "-"], "needs -o FILE"),
+    (["--shard", "0/2", "-o", "/dev/null"], "regular file name"),
+    (["--shard", "3/2", "-o", "x.tsv"], "0 <= K < N"),
+    (["--resume", "-o", "x.tsv"], "--resume continues a part file"),
+])
+def test_shard_usage_errors_are_one_line(shards, args, needle):
+    one_line_error(invoke("score", shards[0], *args), needle)
+
+
+def test_the_summary_is_made_of_sums_over_all_rows():
+    from rnntool.score import summarize
+
+    rows = [{"utt_id": "a", "loss": 6.0, "T": 10, "U": 3},
+            {"utt_id": "b", "loss": 1.0, "T": 2, "U": 0},
+            {"utt_id": "c", "loss": float("nan"), "T": 5, "U": 5}]
+    s = summarize(rows)
+    assert (s["count"], s["finite"], s["total"], s["frames"], s["tokens"]) == (3, 2, 7.0, 12, 4)
+    assert s["per_frame"] == 7.0 / 12 and s["per_token"] == 7.0 / 4  # not a mean of means
+
+
+def test_merge_help_names_metavars_a_shell_user_reads():
+    text = invoke("merge", "--help").stdout
+    assert "PART..." in text and "FILE" in text
+    for python_type in ("<list[", "<str>", "<Path>", "{parts}"):
+        assert python_type not in text
+    for command in ("score", "align"):
+        text = invoke(command, "--help").stdout
+        assert "--shard K/N" in text and "--resume" in text and "torchrun" in text
+
+
+def test_each_share_decides_its_own_columns_and_the_merge_takes_them_all(shards, tmp_path):
+    # Only shard0's utterances carry a stored loss: shares without one (or empty) say so
+    # without looking at any other share's utterances; the merge has the columns.
+    inputs = [shards[2], shards[0]]
+    want = invoke("score", *inputs, "-f", "tsv")
+    assert want.exit_code == 0 and "stored_loss" in want.stdout.splitlines()[0]
+    out = tmp_path / "s.tsv"
+    n = 8
+    for k in range(n):
+        assert invoke("score", *inputs, "--shard", f"{k}/{n}", "-o", out, "-q").exit_code == 0
+    parts = [read_part(part_path(str(out), Share(k, n))) for k in range(n)]
+    assert any("stored_loss" not in p.header["fields"] for p in parts)
+    assert any("stored_loss" in p.header["fields"] for p in parts)
+    r = invoke("merge", *(p.path for p in parts), "-o", out, "-q")
+    assert r.exit_code == 0 and out.read_text() == want.stdout
+
+
+def test_skip_bad_shards_merge_to_the_single_run(shards, tmp_path):
+    rng = np.random.default_rng(4)
+    utts = {f"ok{i}": (rng.standard_normal((4, 3, 6)).astype(np.float32), np.array([1, 2]))
+            for i in range(6)}
+    for i in range(3):
+        utts[f"bad{i}"] = (rng.standard_normal((4, 3, 6)).astype(np.float32),
+                           np.array([1, 41]))
+    write_keyed_raw(tmp_path / "bad.h5", utts, format="rnntool.dump", format_version=1,
+                    blank=0, vocab_size=6)
+    inputs = [shards[0], tmp_path / "bad.h5"]
+    want = invoke("score", *inputs, "--skip-bad")
+    assert want.exit_code == 1 and "3 bad, skipped" in want.stderr
+    out = tmp_path / "s.tsv"
+    for k in range(2):
+        r = invoke("score", *inputs, "--skip-bad", "--shard", f"{k}/2", "-o", out, "-q")
+        assert r.exit_code in (0, 1), r.stderr
+    r = invoke("merge", *(part_path(str(out), Share(k, 2)) for k in range(2)), "-o", out)
+    assert r.exit_code == 1 and out.read_text() == want.stdout
+    assert summary_lines(r.stderr) == summary_lines(want.stderr)
+    assert sorted(x for x in r.stderr.splitlines() if "labels[1] = 41" in x) == sorted(
+        x for x in want.stderr.splitlines() if "labels[1] = 41" in x)
