@@ -346,25 +346,37 @@ def _progress(quiet: bool):
 # lines as it goes) and a tally that writes records' rows in order and prints the
 # summary; ``_run_job`` runs them in one process, as one share (--shard), or as
 # one rank of a torchrun job, and ``merge`` runs the tally over merged parts.
-# A new command (timestamps) joins with its producer, its tally class and one entry
-# in _jobs(), and passes shard/resume to _run_job.
+# A tally is made as ``tally_class(several=, report=, fmt=, **tally_args)``; one with a
+# ``sink(output, reads, fields, quiet)`` context manager opens its own output (timestamps'
+# CTM and lhotse lines) instead of ``_rows_out``, and may write more before the output
+# is committed (timestamps' --summary).
 def _jobs() -> dict:
     """command -> (table title, float specs, tally class, progress bar's word)."""
     return {
         "score": ("RNN-T loss per utterance", None, _ScoreTally, "scoring"),
         "align": ("Token emission frames", None, _AlignTally, "aligning"),
+        "timestamps": ("Word times", None, _TimesTally, "timing"),
     }
+
+
+def _tally_out(tally, output, reads, fields, fmt, title, specs, quiet):
+    """Where ``tally`` writes: its own ``sink``, else a ``RowWriter`` (``_rows_out``)."""
+    sink = getattr(tally, "sink", None)
+    if sink is not None:
+        return sink(output, reads, fields, quiet)
+    return _rows_out(output, reads, fields, fmt, title, specs)
 
 
 def _run_job(command: str, selected, *, output, fmt: str, reads: list[str], fields,
              options: dict, shard: str | None, resume: bool, quiet: bool, backend: str,
-             produce) -> int:
+             produce, tally_args: dict | None = None) -> int:
     """Run ``command`` on ``selected``: rows to ``-o``/stdout in one process; or, with
     ``--shard K/N`` or under torchrun, this process's share into its part file
     (``distributed``), merged into ``-o`` by rank 0 under torchrun. ``fields(pairs)``:
     the columns for ``[(reader, ids)]`` (a share's are merged: ``merged_fields``), so
-    that no process looks at utterances outside its share. Returns the exit code (0,
-    or 1 for problems the rows found); raises for bad input."""
+    that no process looks at utterances outside its share. ``tally_args``: more
+    keywords for the tally (``_jobs``). Returns the exit code (0, or 1 for problems the
+    rows found; under torchrun 2 when the job failed); raises for bad input."""
     from .distributed import ShareError, parse_share, torchrun_env
 
     title, specs, tally_class, doing = _jobs()[command]
@@ -375,9 +387,10 @@ def _run_job(command: str, selected, *, output, fmt: str, reads: list[str], fiel
     if tr is None and shard is None:
         if resume:
             raise fail("--resume continues a part file: it needs --shard K/N (or torchrun)")
-        tally = tally_class(several=selected.several, report=False, fmt=fmt)
-        with _progress(quiet) as bar, _rows_out(output, reads, fields(selected), fmt, title,
-                                                specs) as out:
+        tally = tally_class(several=selected.several, report=False, fmt=fmt,
+                            **(tally_args or {}))
+        with _progress(quiet) as bar, _tally_out(tally, output, reads, fields(selected), fmt,
+                                                 title, specs, quiet) as out:
             task = bar.add_task(doing, total=sum(len(ids) for _, ids in selected))
             for rec in produce(_all_work(selected), lambda n: bar.advance(task, n)):
                 tally.add(rec, out)
@@ -392,7 +405,7 @@ def _run_job(command: str, selected, *, output, fmt: str, reads: list[str], fiel
         raise fail(str(e)) from None
     return _run_share(command, selected, share, tr, output=output, fmt=fmt, reads=reads,
                       fields=fields, options=options, resume=resume, quiet=quiet,
-                      backend=backend, produce=produce)
+                      backend=backend, produce=produce, tally_args=tally_args)
 
 
 def _all_work(selected):
@@ -402,7 +415,7 @@ def _all_work(selected):
 
 
 def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, options, resume,
-               quiet, backend, produce) -> int:
+               quiet, backend, produce, tally_args=None) -> int:
     """One share into its part; under torchrun (``tr``) then the barrier, and rank 0's
     merge. Every rank returns (or exits with) the same code."""
     from .devices import tensor_device
@@ -477,7 +490,7 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
     if tr is None:
         return max(code, int(selected.report_empty()))
     return _barrier_and_merge(command, selected, tr, base, code, output=output, fmt=fmt,
-                              reads=reads, quiet=quiet)
+                              reads=reads, quiet=quiet, tally_args=tally_args)
 
 
 class _Stopped(Exception):  # noqa: N818 - a signal between ranks, not an error
@@ -497,7 +510,7 @@ def _report_error(e: BaseException) -> None:
 
 
 def _barrier_and_merge(command, selected, tr, base, code, *, output, fmt, reads,
-                       quiet) -> int:
+                       quiet, tally_args=None) -> int:
     """Wait for every rank; rank 0 merges the parts into ``-o`` when none failed, and
     every rank then exits with the job's code (2 when any rank failed or the merge did)."""
     from .distributed import (
@@ -526,9 +539,10 @@ def _barrier_and_merge(command, selected, tr, base, code, *, output, fmt, reads,
         try:
             title, specs, tally_class, _ = _jobs()[command]
             parts = check_parts(paths)
-            tally = tally_class(several=selected.several, report=False, fmt=fmt)
-            with _rows_out(output, reads + paths, merged_fields(parts), fmt, title,
-                           specs) as out:
+            tally = tally_class(several=selected.several, report=False, fmt=fmt,
+                                **(tally_args or {}))
+            with _tally_out(tally, output, reads + paths, merged_fields(parts), fmt, title,
+                            specs, quiet) as out:
                 for rec in merged_records(parts):
                     tally.add(rec, out)
             result = max(tally.summary(quiet), max(codes), int(selected.report_empty()))
@@ -1146,6 +1160,8 @@ def timestamps_cmd(
     summary: Annotated[str | None, typer.Option(
         "--summary", metavar="FILE.json", help="With --ref: write the delay statistics "
         "here as JSON (with the times: neither is written if either cannot be).")] = None,
+    shard: Shard = None,
+    resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
     """Token and word times in seconds, confidences, and emission delay against a
@@ -1181,6 +1197,12 @@ def timestamps_cmd(
     each go to stderr (unless -q) and to --summary. An
     utterance whose loss is not finite gets no times: one line names it and the
     exit code is 1.
+
+    Under torchrun, and with --shard K/N and --resume, as score (every format but
+    textgrid, which is refused: give each process its own --utt-list instead);
+    'rnntool merge' writes what one process writes, the CTM re-sorted, and with
+    --ref the delay statistics of every share's offsets (the parts' merge takes
+    --summary FILE.json; a --shard run does not).
     """
     from .output import check_writable
     from .reader import show
@@ -1222,6 +1244,15 @@ def timestamps_cmd(
             raise fail("--summary needs a file name (stdout carries the times)")
         if output not in (None, "-") and _same_path(summary, output):
             raise fail(f"{_line(summary)}: given as both -o and --summary")
+    tr = _torchrun_or_none()
+    if fmt == "textgrid" and (shard is not None or resume or tr is not None):
+        raise fail("--format textgrid is not sharded (--shard, --resume, torchrun): its "
+                   "files need no merge; give each process its own --utt-list instead")
+    if summary is not None and shard is not None:
+        raise fail("--summary needs every share's offsets: give it to 'rnntool merge', not "
+                   "to a --shard K/N run")
+    if tr is not None and tr.rank != 0:
+        summary = None  # rank 0 merges, and writes it
     reads = _inputs_of(inputs, utt_list) + ([str(ref)] if ref is not None else [])
     check_writable(output, reads)
     check_writable(summary, reads)
@@ -1233,25 +1264,89 @@ def timestamps_cmd(
         except ValueError as e:
             raise fail(str(e)) from None
     ref_name = None if ref is None else show(ref)
+    # What changes the rows: a part made with other values is not resumed (the dumps'
+    # own frame_shift is part of their identity, their size and modification time).
+    options = {"--blank": blank, "--device": backend, "--frame-shift": frame_shift,
+               "--unit": unit, "--word-sep": word_sep, "--window": window,
+               "--aggregate": aggregate, "--channel": channel, "--ref": ref_name,
+               "--ref contents": None if ref is None else _sha256_of(ref)}
+    share = _share_for_plans(shard, tr)
     # The summary file is opened (its temporary file made) before any work, and
     # written before the times are committed: one that cannot be written leaves no
     # times behind.
     with (_selection(inputs, blank, utts, utt_list, output=output) as selected,
           _summary_output(summary, reads) as summary_out):
         _one_file_per_id(selected, fmt)
+        if share is not None:  # a share checks its own utterances only
+            from .distributed import plan_work
+
+            mine = plan_work(selected, share).pairs()
+        else:
+            mine = selected
         plans = {id(reader): _times_plan(reader, ids, frame_shift, unit, word_sep, refs,
                                          ref_name, quiet, fmt)
-                 for reader, ids in selected}
-        report = None
-        if refs is not None:
-            def report(delays):
-                _delay_report(delays, summary_out, ref_name, unit, quiet)
-        problems = _write_times(
-            selected, plans, fmt=fmt, output=output, out_dir=out_dir, reads=reads,
-            backend=backend, unit=unit, window=window, aggregate=aggregate, channel=channel,
-            refs=refs, ref_name=ref_name, quiet=quiet, report=report)
-    if selected.report_empty() or problems:
-        raise typer.Exit(1)
+                 for reader, ids in mine}
+        if fmt == "textgrid":
+            problems = _write_textgrids(
+                selected, plans, out_dir=out_dir, reads=reads, backend=backend, unit=unit,
+                window=window, aggregate=aggregate, refs=refs, ref_name=ref_name,
+                quiet=quiet, summary_out=summary_out)
+            code = max(int(selected.report_empty()), int(problems > 0))
+        else:
+            fields = _with_file(_times_fields(unit, refs is not None), selected)
+            code = _run_job(
+                "timestamps", selected, output=output, fmt=fmt, reads=reads,
+                fields=lambda pairs: fields, options=options, shard=shard, resume=resume,
+                quiet=quiet, backend=backend,
+                produce=functools.partial(
+                    _times_records, plans=plans, backend=backend, unit=unit, window=window,
+                    aggregate=aggregate, refs=refs, ref_name=ref_name, fmt=fmt,
+                    channel=channel, several=selected.several),
+                tally_args={"options": options, "summary_out": summary_out})
+        if code >= 2:
+            raise typer.Exit(code)  # a torchrun job failed: no --summary either
+    if code:
+        raise typer.Exit(code)
+
+
+def _torchrun_or_none():
+    """``distributed.torchrun_env()``, None for a broken environment (``_run_job`` then
+    says what is wrong)."""
+    from .distributed import ShareError, torchrun_env
+
+    try:
+        return torchrun_env()
+    except ShareError:
+        return None
+
+
+def _share_for_plans(shard: str | None, tr):
+    """The share this process will run (None: every utterance, or a bad --shard that
+    ``_run_job`` refuses), so that its checks read only its own utterances."""
+    from .distributed import parse_share
+
+    if tr is not None:
+        return None if shard is not None else tr.share
+    if shard is None:
+        return None
+    try:
+        return parse_share(shard)
+    except ValueError:
+        return None
+
+
+def _sha256_of(path) -> str:
+    """The SHA-256 of a file's bytes (a part remembers the --ref it was made with)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise fail(f"{_line(str(path))}: cannot read ({e.strerror})") from None
+    return h.hexdigest()
 
 
 def _times_plan(reader, ids, frame_shift, unit, word_sep, refs, ref_name, quiet,
@@ -1352,103 +1447,160 @@ def _summary_output(summary: str | None, reads: list[str]):
         yield f
 
 
-def _write_times(selected, plans, *, fmt, output, out_dir, reads, backend, unit, window,
-                 aggregate, channel, refs, ref_name, quiet, report=None) -> int:
-    """Align each selected utterance and write its times in ``fmt``; with --ref, call
-    ``report(delay rows)`` once all are written, before the output is committed.
-    Returns the number of utterances with a problem."""
-    from .analysis import align_utterance
-    from .timestamps import DELAY_FIELDS, TOKEN_FIELDS, WORD_FIELDS, delay_rows, times_of
+def _times_fields(unit: str, with_ref: bool) -> list[str]:
+    """The columns of ``timestamps``' rows (before a ``file`` column)."""
+    from .timestamps import DELAY_FIELDS, TOKEN_FIELDS, WORD_FIELDS
 
     fields = TOKEN_FIELDS if unit == "token" else WORD_FIELDS
-    fields = _with_file(fields + (DELAY_FIELDS if refs is not None else []), selected)
-    delays, problems = [], 0
-    with (_progress(quiet) as bar,
-          _times_sink(fmt, output, out_dir, reads, fields, selected, unit, channel) as write):
-        task = bar.add_task("timing", total=sum(len(ids) for _, ids in selected))
-        for reader, utt in _utterances(selected):
-            plan = plans[id(reader)]
+    return list(fields) + (list(DELAY_FIELDS) if with_ref else [])
+
+
+def _timed(work, *, plans, backend, window, aggregate):
+    """``(i, j, reader, times, aligned, where)`` for each utterance of ``work`` (a
+    ``distributed.Work``), aligned, its problem line printed as it comes."""
+    from .analysis import align_utterance
+    from .timestamps import times_of
+
+    for i, reader, ids, js in work:
+        plan = plans[id(reader)]
+        for j, (_, utt) in zip(js, _utterances([(reader, ids)]), strict=True):
             with _Utterance(reader.path, utt.info.utt_id) as one:
                 aligned = align_utterance(reader, utt, backend=backend)
                 one.report(aligned.problem)
-            problems += aligned.problem is not None
             times = times_of(aligned, frame_shift=plan["frame_shift"],
                              text=utt.info.attrs.get("text"), grouping=plan["grouping"],
                              word_sep=plan["word_sep"], window=window, aggregate=aggregate)
-            if times.finite:
-                extra = None
-                if refs is not None:
-                    extra = delay_rows(times, refs.get(times.utt_id), ref_name, unit)
-                    delays += extra
-                write(times, reader, extra)
-            bar.advance(task)
-        if report is not None:
-            report(delays)
-    return problems
+            yield i, j, reader, times, aligned, one.where
 
 
-@contextlib.contextmanager
-def _times_sink(fmt, output, out_dir, reads, fields, selected, unit, channel):
-    """``write(times, reader, delay_rows)`` for ``timestamps``' format: rows streamed
-    (tsv, csv, jsonl; json and table at the end), lhotse lines streamed, CTM lines
-    sorted by utterance then start and written at the end, or one TextGrid file per
-    utterance (written as it comes, atomically, as plot's PNGs)."""
-    from .output import RowWriter, atomic_file, confined_name, open_output
-    from .timestamps import ctm_items, lhotse_supervision, textgrid, token_rows, word_rows
+def _times_records(work, advance, *, plans, backend, unit, window, aggregate, refs, ref_name,
+                   fmt, channel, several):
+    """One ``Record`` per utterance of ``work``, its rows as ``fmt`` needs them: row
+    dicts (tsv, csv, jsonl, json, table), ``[start, line]`` CTM items (``info["utt_id"]``
+    beside them: the tally sorts every utterance's lines), or lhotse JSON lines;
+    ``info["delays"]``: the --ref offsets (``delay_rows``), for the statistics. An
+    utterance whose loss is not finite has no rows."""
+    import json
 
-    if fmt == "textgrid":
-        from .reader import show
+    from .distributed import Record
+    from .timestamps import ctm_items, delay_rows, lhotse_supervision, token_rows, word_rows
 
-        if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
-            raise fail(f"{show(out_dir)}: exists and is not a directory"
-                       + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
-        inputs = reads + _linked(r for r, _ in selected)
-
-        def write_grid(times, reader, delays):
-            dest = _png_dir(out_dir, reader, selected) / confined_name(times.utt_id,
-                                                                       ".TextGrid")
-            with atomic_file(dest, "wb", inputs=inputs) as f:
-                f.write(textgrid(times).encode("utf-8"))
-
-        yield write_grid
-        return
-    with open_output(output, reads) as out:
-        if fmt == "ctm":
-            held: list[tuple] = []
-
-            def write_ctm(times, reader, delays):
-                held.extend((times.utt_id, start, len(held), line)
-                            for start, line in ctm_items(times, unit, channel))
-
-            yield write_ctm
-            held.sort(key=lambda h: h[:3])
-            out.writelines(h[3] + "\n" for h in held)
-        elif fmt == "lhotse":
-            import json
-
-            def write_lhotse(times, reader, delays):
-                custom = {"file": reader.name} if selected.several else None
-                out.write(json.dumps(lhotse_supervision(times, unit, custom),
-                                     ensure_ascii=False) + "\n")
-                out.flush()
-
-            yield write_lhotse
-        else:
-            rows = RowWriter(out, fields, fmt, title="Token times" if unit == "token"
-                             else "Word times")
-
-            def write_rows(times, reader, delays):
-                got = token_rows(times) if unit == "token" else word_rows(times)
-                for r, d in zip(got, delays or [{}] * len(got), strict=True):
+    for i, j, reader, times, aligned, where in _timed(
+            work, plans=plans, backend=backend, window=window, aggregate=aggregate):
+        info: dict = {"problem": aligned.problem, "where": where}
+        rows: list = []
+        if times.finite:
+            delays = None
+            if refs is not None:
+                delays = info["delays"] = delay_rows(times, refs.get(times.utt_id), ref_name,
+                                                     unit)
+            if fmt == "ctm":
+                info["utt_id"] = times.utt_id
+                rows = [[start, line] for start, line in ctm_items(times, unit, channel)]
+            elif fmt == "lhotse":
+                custom = {"file": reader.name} if several else None
+                rows = [json.dumps(lhotse_supervision(times, unit, custom), ensure_ascii=False)]
+            else:
+                rows = token_rows(times) if unit == "token" else word_rows(times)
+                for r, d in zip(rows, delays or [{}] * len(rows), strict=True):
                     r.update(d, file=reader.name)
-                rows.write(got)
+        advance(1)
+        yield Record((i, j), rows, info)
 
-            yield write_rows
-            rows.close()
+
+class _TimesTally:
+    """``timestamps``' output from its records in single-process order (``_jobs``):
+    rows streamed (tsv, csv, jsonl; json and table at the end), lhotse lines streamed,
+    CTM lines held and written at the end sorted by utterance, then start, then
+    arrival, exactly as one process sorts them; with --ref the delay statistics from
+    every record's offsets, printed and written to the open --summary file
+    (``summary_out``) before the output is committed. ``options``: the run's (the
+    parts' fingerprint's): --unit and --ref name the report."""
+
+    def __init__(self, several: bool, report: bool, fmt: str, options: dict,
+                 summary_out=None) -> None:
+        self.report, self.fmt, self.summary_out = report, fmt, summary_out
+        self.unit, self.ref_name = options["--unit"], options.get("--ref")
+        self.problems = 0
+        self.delays: list[dict] = []
+        self.held: list[tuple] = []
+
+    def add(self, rec, out) -> None:
+        if rec.info.get("problem"):
+            self.problems += 1
+            if self.report:
+                print(f"rnntool: {rec.info['where']}: {rec.info['problem']}", file=sys.stderr)
+        self.delays += rec.info.get("delays") or []
+        if not rec.rows:
+            return
+        if self.fmt == "ctm":
+            utt_id = rec.info["utt_id"]
+            self.held.extend((utt_id, start, len(self.held), line) for start, line in rec.rows)
+        elif self.fmt == "lhotse":
+            out.writelines(line + "\n" for line in rec.rows)
+            out.flush()
+        else:
+            out.write(rec.rows)
+
+    @contextlib.contextmanager
+    def sink(self, output, reads, fields, quiet):
+        """The output (``open_output``: committed when the block succeeds)."""
+        from .output import RowWriter, open_output
+
+        with open_output(output, reads) as out:
+            if self.fmt in ("ctm", "lhotse"):
+                yield out
+            else:
+                rows = RowWriter(out, fields, self.fmt, title="Token times"
+                                 if self.unit == "token" else "Word times")
+                yield rows
+            if self.ref_name is not None:
+                _delay_report(self.delays, self.summary_out, self.ref_name, self.unit, quiet)
+            if self.fmt == "ctm":
+                self.held.sort(key=lambda h: h[:3])
+                out.writelines(h[3] + "\n" for h in self.held)
+            elif self.fmt != "lhotse":
+                rows.close()
+
+    def summary(self, quiet: bool) -> int:
+        return 1 if self.problems else 0
+
+
+def _write_textgrids(selected, plans, *, out_dir, reads, backend, unit, window, aggregate,
+                     refs, ref_name, quiet, summary_out) -> int:
+    """Align each selected utterance and write its TextGrid (``OUT_DIR/<utt_id>.TextGrid``,
+    atomically, as it comes; ``_png_dir``); with --ref the delay report once all are
+    written. Returns the number of utterances with a problem."""
+    from .output import atomic_file, confined_name
+    from .reader import show
+    from .timestamps import delay_rows, textgrid
+
+    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
+        raise fail(f"{show(out_dir)}: exists and is not a directory"
+                   + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
+    inputs = reads + _linked(r for r, _ in selected)
+    delays, problems = [], 0
+    with _progress(quiet) as bar:
+        task = bar.add_task("timing", total=sum(len(ids) for _, ids in selected))
+        for _, _, reader, times, aligned, _ in _timed(
+                _all_work(selected), plans=plans, backend=backend, window=window,
+                aggregate=aggregate):
+            problems += aligned.problem is not None
+            if times.finite:
+                if refs is not None:
+                    delays += delay_rows(times, refs.get(times.utt_id), ref_name, unit)
+                dest = _png_dir(out_dir, reader, selected) / confined_name(times.utt_id,
+                                                                           ".TextGrid")
+                with atomic_file(dest, "wb", inputs=inputs) as f:
+                    f.write(textgrid(times).encode("utf-8"))
+            bar.advance(task)
+    if refs is not None:
+        _delay_report(delays, summary_out, ref_name, unit, quiet)
+    return problems
 
 
 def _delay_report(delays, summary_out, ref_name, unit, quiet) -> None:
@@ -1487,36 +1639,71 @@ def merge(
     output: Output = None,
     fmt: Annotated[str | None, typer.Option(
         "--format", "-f", metavar="FORMAT",
-        help="tsv|csv|jsonl|json|table (default: the run's own).")] = None,
+        help="tsv|csv|jsonl|json|table (default: the run's own; timestamps' ctm and lhotse "
+        "parts merge only into their own format).")] = None,
+    summary: Annotated[str | None, typer.Option(
+        "--summary", metavar="FILE.json", help="timestamps --ref parts: write the delay "
+        "statistics of every share's offsets here as JSON (as 'timestamps --summary').")
+        ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Merge the part files of a sharded run (score or align with --shard K/N) into the
-    output one process would have written, byte for byte, in the same row order.
+    """Merge the part files of a sharded run (score, align or timestamps with --shard
+    K/N) into the output one process would have written, byte for byte, in the same
+    row order (timestamps' CTM sorted across the shares as one process sorts it).
 
     The parts must be complete and all of one run (the same inputs, unchanged between
     the shards' runs, and the same options): a missing, repeated, incomplete or
     foreign part is one line and exit 2, and nothing is written. The summary and the
-    lines naming problem utterances go to stderr as the command prints them; exit 1
-    as it would (an impossible loss, a bad utterance skipped, an input with no
-    utterances). The parts are left in place.
+    lines naming problem utterances go to stderr as the command prints them (for
+    timestamps --ref, the delay statistics over every share's offsets, also to
+    --summary); exit 1 as it would (an impossible loss, a bad utterance skipped, an
+    input with no utterances). The parts are left in place.
     """
     from .distributed import check_parts, merged_fields, merged_records
+    from .output import FORMATS, check_writable
 
     paths = [str(p) for p in parts]
     checked = check_parts(paths)
     fp = checked[0].header["fingerprint"]
     jobs = _jobs()
-    if fp.get("command") not in jobs:
-        raise fail(f"{paths[0]}: parts of 'rnntool {fp.get('command')}' cannot be merged "
+    command = fp.get("command")
+    if command not in jobs:
+        raise fail(f"{paths[0]}: parts of 'rnntool {command}' cannot be merged "
                    "by this rnntool")
-    title, specs, tally_class, _ = jobs[fp["command"]]
-    fmt = _check_format(fmt or fp["format"], output)
+    title, specs, tally_class, _ = jobs[command]
+    tally_args: dict = {}
+    if command == "timestamps":
+        options = fp.get("options") or {}
+        if fmt is not None and fmt != fp["format"] and fp["format"] not in FORMATS:
+            raise fail(f"{paths[0]}: parts of 'rnntool timestamps --format {fp['format']}' "
+                       f"merge into {fp['format']}, not {fmt}")
+        tally_args["options"] = options
+        if summary is not None and options.get("--ref") is None:
+            raise fail(f"--summary writes the delay statistics of --ref; {paths[0]} was "
+                       "made without --ref")
+    elif summary is not None:
+        raise fail(f"--summary goes with the parts of 'rnntool timestamps --ref', not "
+                   f"'rnntool {command}'")
+    fmt = fmt or fp["format"]
     reads = paths + [str(x["path"]) for x in fp["inputs"]]
-    _output_format(fmt, output, reads)
-    tally = tally_class(several=fp["several"], report=True, fmt=fmt)
-    with _rows_out(output, reads, merged_fields(checked), fmt, title, specs) as out:
-        for rec in merged_records(checked):
-            tally.add(rec, out)
+    if fmt in FORMATS or command != "timestamps":
+        fmt = _output_format(fmt, output, reads)
+    else:  # the parts' own ctm or lhotse
+        check_writable(output, reads)
+    if summary is not None:
+        if summary == "-":
+            raise fail("--summary needs a file name (stdout carries the times)")
+        if output not in (None, "-") and _same_path(summary, output):
+            raise fail(f"{_line(summary)}: given as both -o and --summary")
+        check_writable(summary, reads)
+    with _summary_output(summary, reads) as summary_out:
+        if command == "timestamps":
+            tally_args["summary_out"] = summary_out
+        tally = tally_class(several=fp["several"], report=True, fmt=fmt, **tally_args)
+        with _tally_out(tally, output, reads, merged_fields(checked), fmt, title, specs,
+                        quiet) as out:
+            for rec in merged_records(checked):
+                tally.add(rec, out)
     code = tally.summary(quiet)
     for name in fp["empty"]:
         print(f"rnntool: {_line(name)}: the dump holds no utterances", file=sys.stderr)

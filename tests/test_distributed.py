@@ -364,3 +364,181 @@ def test_skip_bad_shards_merge_to_the_single_run(shards, tmp_path):
     assert summary_lines(r.stderr) == summary_lines(want.stderr)
     assert sorted(x for x in r.stderr.splitlines() if "labels[1] = 41" in x) == sorted(
         x for x in want.stderr.splitlines() if "labels[1] = 41" in x)
+
+
+# --------------------------------------------------------------------------- timestamps
+TS_VOCAB = ["<b>", "\u2581the", "\u2581c", "at", "\u2581sat", "s"]
+
+
+@pytest.fixture
+def timed(tmp_path):
+    """Three dumps (6, 8, 5 utterances, random logits, frame shift 40 ms, U = 0 among
+    them) whose ids sort across the inputs (the CTM's order is not the inputs'), one
+    utterance with a NaN logit (no times: exit 1), and a reference CTM of every
+    utterance's words at random times (random emission delays)."""
+    from rnntool.timestamps import word_groups
+
+    rng = np.random.default_rng(11)
+    paths, ref = [], []
+    for k, B in enumerate((6, 8, 5)):
+        x, y, T, U = random_batch(B, 12, 5, len(TS_VOCAB), seed=70 + k)
+        if k == 1:
+            x[2, 0, 0, 1] = float("nan")
+        ids = [f"u{(7 * b + 5 * k) % 23:02d}-{k}" for b in range(B)]
+        path = tmp_path / f"timed{k}.h5"
+        with DumpWriter(path, blank=0, vocab=TS_VOCAB, frame_shift=0.04) as w:
+            w.add_batch(x, y, T, U, utt_ids=ids)
+        paths.append(path)
+        for b, utt_id in enumerate(ids):
+            names = [TS_VOCAB[int(t)] for t in y[b, :int(U[b])]]
+            words = [wd for wd, _ in word_groups(names, "marker")]
+            starts = np.sort(rng.uniform(0, 0.04 * int(T[b]), len(words)))
+            ref += [f"{utt_id} 1 {s:.3f} {rng.uniform(0.01, 0.2):.3f} {wd}"
+                    for s, wd in zip(starts, words, strict=True)]
+    ref_path = tmp_path / "ref.ctm"
+    ref_path.write_text("".join(line + "\n" for line in ref), encoding="utf-8")
+    return paths, ref_path
+
+
+def delay_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines()
+            if line.startswith("emission delay against ") or " offset: mean " in line]
+
+
+def _timestamps_shards(inputs, out, n, *opts):
+    for k in range(n):
+        r = invoke("timestamps", *inputs, "--shard", f"{k}/{n}", "-o", out, *opts, "-q")
+        assert r.exit_code in (0, 1), r.stderr
+        assert not r.stdout
+    return [part_path(str(out), Share(k, n)) for k in range(n)]
+
+
+@pytest.mark.parametrize(("fmt", "opts"), [
+    ("tsv", []), ("ctm", ["--window", "1"]), ("lhotse", ["--unit", "token"]),
+    ("jsonl", ["--aggregate", "mean", "REF"]), ("ctm", ["--window", "0", "REF"]),
+])
+def test_timestamps_shards_merged_are_the_single_process_output(timed, tmp_path, fmt, opts):
+    inputs, ref = timed
+    summary = None
+    if "REF" in opts:
+        opts = [o for o in opts if o != "REF"] + ["--ref", ref]
+    want_summary = tmp_path / "one.json"
+    want = invoke("timestamps", *inputs, "-f", fmt, *opts,
+                  *(["--summary", want_summary] if "--ref" in opts else []))
+    assert want.exit_code == 1, want.stderr  # the NaN utterance
+    assert "utterance u19-1: loss is nan" in want.stderr
+    out = tmp_path / "t.out"
+    parts = _timestamps_shards(inputs, out, 2, "-f", fmt, *opts)
+    assert not out.exists()
+    if "--ref" in opts:
+        summary = tmp_path / "merged.json"
+    r = invoke("merge", *parts[::-1], "-o", out,
+               *(["--summary", summary] if summary else []))
+    assert r.exit_code == 1, r.stderr
+    assert out.read_text() == want.stdout
+    assert "utterance u19-1: loss is nan" in r.stderr  # merge names it again
+    if fmt == "ctm":  # sorted by utterance across the inputs, not by input
+        ids = [line.split()[0] for line in want.stdout.splitlines()]
+        assert ids == sorted(ids) and len({i[-1] for i in ids[:8]}) > 1
+    if summary is not None:
+        # Statistics of every share's offsets, bit for bit those of one process.
+        assert summary.read_bytes() == want_summary.read_bytes()
+        assert delay_lines(r.stderr) == delay_lines(want.stderr) != []
+        assert json.loads(summary.read_text())["count"] > 20
+    assert invoke("merge", *parts, "-q").stdout == want.stdout  # to stdout
+
+
+def test_timestamps_merge_takes_another_row_format_but_keeps_ctm(timed, tmp_path):
+    inputs, _ = timed
+    out = tmp_path / "t.tsv"
+    parts = _timestamps_shards(inputs, out, 3, "-f", "tsv")
+    want = invoke("timestamps", *inputs, "-f", "csv", "-q").stdout
+    assert invoke("merge", *parts, "-f", "csv", "-q").stdout == want
+    ctm = tmp_path / "t.ctm"
+    parts = _timestamps_shards(inputs, ctm, 2, "-f", "ctm")
+    one_line_error(invoke("merge", *parts, "-f", "tsv"), "--format ctm", "not tsv")
+    one_line_error(invoke("merge", *parts, "--summary", tmp_path / "s.json"),
+                   "made without --ref")
+
+
+def test_timestamps_torchrun_on_two_cpu_ranks_writes_the_single_process_output(timed,
+                                                                               tmp_path):
+    inputs, ref = timed
+    want = invoke("timestamps", *inputs, "-f", "ctm", "--ref", ref, "--summary",
+                  tmp_path / "one.json")
+    assert want.exit_code == 1, want.stderr
+    out, summary = tmp_path / "tr.ctm", tmp_path / "tr.json"
+    r = torchrun("timestamps", *inputs, "-o", out, "-f", "ctm", "--ref", ref,
+                 "--summary", summary)
+    assert r.returncode != 0  # exit 1 from the ranks (the NaN utterance)
+    assert "rnntool: error" not in r.stderr, r.stderr
+    assert out.read_text() == want.stdout
+    assert summary.read_bytes() == (tmp_path / "one.json").read_bytes()
+    assert delay_lines(r.stderr) == delay_lines(want.stderr) != []
+    assert r.stderr.count("utterance u19-1: loss is nan") == 1
+    assert not list(tmp_path.glob("tr.*.part-*")) and not list(tmp_path.glob(".rnntool-*"))
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (["--window", "3"], "--window 2, not 3"),
+    (["--aggregate", "prod"], "--aggregate min, not prod"),
+    (["--unit", "token"], "--unit word, not token"),
+    (["--word-sep", "s"], "--word-sep (not given), not s"),
+    (["--channel", "B"], "--channel 1, not B"),
+    (["--frame-shift", "0.02"], "--frame-shift (not given), not 0.02"),
+    (["-f", "tsv"], "--format ctm, not tsv"),
+    (["REF"], "--ref contents"),
+])
+def test_timestamps_resume_with_other_options_exits_2(timed, tmp_path, change, needle):
+    inputs, ref = timed
+    out = tmp_path / "t.ctm"
+    base = [*inputs, "-o", out, "-f", "ctm", "--shard", "1/2"]
+    if change == ["REF"]:
+        base += ["--ref", ref]
+    assert invoke("timestamps", *base, "-q").exit_code in (0, 1)
+    part = part_path(str(out), Share(1, 2))
+    before = Path(part).read_text()
+    if change == ["REF"]:  # the same name, other times
+        ref.write_text(ref.read_text().replace(" 1 0.", " 1 0.0", 1))
+        change = []
+    r = invoke("timestamps", *base, "--resume", *change)
+    one_line_error(r, part, needle, "without --resume")
+    assert Path(part).read_text() == before
+
+
+def test_a_killed_timestamps_share_resumes_to_the_same_output(timed, tmp_path):
+    inputs, ref = timed
+    want = invoke("timestamps", *inputs, "-f", "lhotse", "--ref", ref, "-q").stdout
+    out = tmp_path / "t.jsonl"
+    args = ["timestamps", *inputs, "-o", out, "-f", "lhotse", "--ref", ref]
+    r = run_cli(*args, "--shard", "0/2", env={**os.environ, "RNNTOOL_TEST_KILL_AFTER": "2"})
+    assert r.returncode == -9
+    r = run_cli(*args, "--shard", "0/2", "--resume")
+    assert r.returncode in (0, 1) and "(2 already done)" in r.stderr, r.stderr
+    assert run_cli(*args, "--shard", "1/2", "-q").returncode in (0, 1)
+    r = invoke("merge", *(part_path(str(out), Share(k, 2)) for k in range(2)), "-o", out,
+               "-q")
+    assert r.exit_code == 1 and out.read_text() == want
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["-f", "textgrid", "--out-dir", "D", "--shard", "0/2"], "textgrid is not sharded"),
+    (["-f", "textgrid", "--out-dir", "D", "--resume"], "textgrid is not sharded"),
+    (["--ref", "REF", "--summary", "s.json", "--shard", "0/2", "-o", "t.tsv"],
+     "give it to 'rnntool merge'"),
+    (["--shard", "0/2"], "needs -o FILE"),
+    (["--resume", "-o", "t.tsv"], "--resume continues a part file"),
+])
+def test_timestamps_shard_usage_errors_are_one_line(timed, tmp_path, args, needle):
+    inputs, ref = timed
+    args = [ref if a == "REF" else tmp_path / a if a in ("D", "s.json", "t.tsv") else a
+            for a in args]
+    one_line_error(invoke("timestamps", *inputs, *args), needle)
+    assert not list(tmp_path.glob("t.tsv*")) and not (tmp_path / "s.json").exists()
+
+
+def test_timestamps_help_tells_of_shards():
+    text = invoke("timestamps", "--help").stdout
+    assert "--shard K/N" in text and "--resume" in text and "torchrun" in text
+    text = invoke("merge", "--help").stdout
+    assert "--summary" in text and "timestamps" in text
