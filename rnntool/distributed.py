@@ -30,12 +30,16 @@ part with each utterance's rows, never in the merged output.
   share's utterances); the fingerprint records rnntool's version, the command,
   each input's path as given, size and modification time, a SHA-256 of the
   selected utterance ids, the options that change rows (``--blank``,
-  ``--device``'s backend, ``--skip-bad``), the format, and the counts. The
+  ``--device``'s backend, ``--skip-bad``; ``timestamps``' frame shift, unit,
+  word separator, window, aggregate, channel and ``--ref`` by name and SHA-256),
+  the format, and the counts. The
   header is written whole (temporary file, fsync, rename), so a part either
   does not exist or has one.
 - then one line per utterance: ``{"k": [i, j], "rows": [...], "info": {...}}``,
   the rows as the command writes them (floats in full precision: JSON keeps
-  every bit) and what the summary and exit code need (``info``); each line is
+  every bit; for ``timestamps --format ctm`` each line with its start, which the
+  merge sorts by, and for ``lhotse`` the JSON lines themselves) and what the
+  summary and exit code need (``info``: ``timestamps --ref``'s offsets); each line is
   flushed to the operating system when written, fsynced every
   ``FSYNC_EVERY`` lines, so a kill at any moment leaves complete lines and at
   most one partial last line, which ``--resume`` cuts off.
