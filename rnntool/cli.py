@@ -1159,7 +1159,8 @@ def timestamps_cmd(
         "start and end offsets (emission delay).")] = None,
     summary: Annotated[str | None, typer.Option(
         "--summary", metavar="FILE.json", help="With --ref: write the delay statistics "
-        "here as JSON (with the times: neither is written if either cannot be).")] = None,
+        "here as JSON (with the times: neither is written if either cannot be; with "
+        "--shard K/N give it to 'rnntool merge').")] = None,
     shard: Shard = None,
     resume: Resume = False,
     quiet: Quiet = False,
