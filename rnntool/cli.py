@@ -1246,7 +1246,8 @@ def timestamps_cmd(
         if output not in (None, "-") and _same_path(summary, output):
             raise fail(f"{_line(summary)}: given as both -o and --summary")
     tr = _torchrun_or_none()
-    if fmt == "textgrid" and (shard is not None or resume or tr is not None):
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if fmt == "textgrid" and (shard is not None or resume or launched):
         raise fail("--format textgrid is not sharded (--shard, --resume, torchrun): its "
                    "files need no merge; give each process its own --utt-list instead")
     if summary is not None and shard is not None:
