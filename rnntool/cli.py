@@ -354,7 +354,8 @@ def score(
         "(exit 1 at the end) instead of stopping at the first (exit 2).")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Per-utterance RNN-T losses of dumped logits (or of a lattice dump).
+    """Per-utterance RNN-T losses of dumped logits (or of a lattice dump); the TDT
+    loss for a TDT dump (model_kind tdt, with its durations).
 
     One row per utterance: utt_id, T, U, loss (-log P(y|x), nats), loss_per_frame,
     loss_per_token (loss / max(U, 1)); and stored_loss, loss_diff when the dump
@@ -420,7 +421,9 @@ def inspect(
 ) -> None:
     """What each dump holds, and every problem in it: one row per file.
 
-    Fields: file, kind (full or lattice), layout, blank, vocab_size, vocab (true
+    Fields: file, kind (full or lattice), model_kind (rnnt or tdt), durations (a
+    TDT dump's duration set, comma-separated; empty for RNN-T), layout, blank,
+    vocab_size (tokens; a TDT node stores V + D logits), vocab (true
     if token names are stored), input_kind, frame_shift (seconds per logit frame,
     empty when the dump records none), utterances, T_min/T_max, U_min/U_max,
     V_min/V_max, dtypes, with_stored_loss, with_grads, size_bytes, problems (a
@@ -432,7 +435,7 @@ def inspect(
     for input_kind=log_probs, rows that do not normalise: |logsumexp over V| above
     4 * eps * max(1, ln V), eps that of the precision the values carry (float16
     9.8e-4, bfloat16 7.8e-3, float32 1.2e-7, float64 2.2e-16), 8 times what
-    rounding can do.
+    rounding can do (a TDT node's tokens and durations each on their own).
     """
     from .analysis import INSPECT_FIELDS, inspect_dump
     from .output import open_output, render
@@ -471,6 +474,15 @@ def _with_frame_shift(facts: dict, reader, problems: list[str]) -> dict:
     except DumpError as e:
         problems.append(str(e))
         return {**facts, "frame_shift": None, "problems": facts["problems"] + 1}
+
+
+def _refuse_tdt(selected, what: str) -> None:
+    """Exit 2 with one line naming the first TDT dump (model_kind = 'tdt') among the
+    inputs, for a command that does not read TDT dumps yet."""
+    for reader, _ in selected:
+        if reader.model_kind == "tdt":
+            raise fail(f"{reader.name}: is a TDT dump (model_kind = 'tdt'); {what} is not "
+                       "supported for TDT dumps yet")
 
 
 # --------------------------------------------------------------------------- align / plot
@@ -534,8 +546,16 @@ def align_cmd(
     logits, or no possible alignment) gets no rows: one line on stderr names it,
     the others are still aligned, and the exit code is 1 (also for a loss below
     0 beyond rounding, whose rows are written). Posteriors are within [0, 1].
+
+    A TDT dump (model_kind tdt) gets one row per arc of its best path over the
+    duration lattice, tokens and blanks in order: arc (0-based), kind (token or
+    blank), position (the u the arc leaves: a token's 0-based position), token_id,
+    token, frame (the frame the arc leaves: a token's emission frame), duration
+    (frames the arc advances; a token's may be 0, a blank's is >= 1; the last
+    blank lands on frame T), and for tokens expected_frame and frame_posterior
+    (summed over durations); loss is the TDT loss.
     """
-    from .analysis import ALIGN_FIELDS, align_utterance
+    from .analysis import align_fields, align_utterance
     from .reader import show
 
     reads = _inputs_of(inputs, utt_list)
@@ -544,7 +564,8 @@ def align_cmd(
     summary, problems = [], 0
     with (_selection(inputs, blank, utts, utt_list, output=output) as selected,
           _progress(quiet) as bar,
-          _rows_out(output, reads, _with_file(ALIGN_FIELDS, selected), fmt,
+          _rows_out(output, reads, _with_file(
+              align_fields(r.model_kind for r, _ in selected), selected), fmt,
                     "Token emission frames") as rows):
         task = bar.add_task("aligning", total=sum(len(ids) for _, ids in selected))
         for reader, utt in _utterances(selected):
@@ -583,7 +604,10 @@ def plot(
     (OUT_DIR/<file stem>/<utt_id>.png with several inputs).
 
     Two panels: log node occupancy with the Viterbi path over it, and the
-    per-node gradient norm ||d loss / d logits[t, u, :]||. Long utterances are
+    per-node gradient norm ||d loss / d logits[t, u, :]||. For a TDT dump the
+    path is drawn arc by arc, a dot at each node it visits: a blank of duration
+    d is a horizontal segment d frames long, a token a diagonal (vertical for
+    d = 0), the last blank ending at frame T; the norm is over the V + D logits. Long utterances are
     reduced by block maxima (the figure says so). An utterance whose loss is not
     finite gets no PNG: one line on stderr names it, the others are still drawn,
     and the exit code is 1 (also for a loss below 0 beyond rounding, drawn).
@@ -670,6 +694,7 @@ def compact(
         ((reader, ids),) = selected
         if reader.kind == "lattice":
             raise fail(f"{reader.name}: is already a lattice dump")
+        _refuse_tdt(selected, "compact")
         if selected.report_empty():  # nothing to convert: no empty lattice dump either
             raise typer.Exit(1)
         task = bar.add_task("compacting", total=len(ids))
@@ -741,7 +766,8 @@ def grad_check(
     on stderr. With several inputs a file column first. An utterance whose loss is
     not finite is not checked (no rows): one line on stderr names it, the others
     are still checked, and the exit code is 1 (also for a loss below 0 beyond
-    rounding, whose checks are written). Lattice dumps hold no logits: exit 2.
+    rounding, whose checks are written). Lattice dumps hold no logits: exit 2; TDT
+    dumps are not supported yet: exit 2.
     """
     from .devices import cuda_usable
     from .gradcheck import GRADCHECK_FIELDS, check_utterance
@@ -763,6 +789,7 @@ def grad_check(
                 raise fail(f"{reader.name}: is a lattice dump, which holds no logits; "
                            "grad-check needs the full logits (a dump written with "
                            "DumpWriter's default kind=\"full\")")
+        _refuse_tdt(selected, "grad-check")
         compare_cuda = backend == "cpu" and cuda_usable()
         with (_progress(quiet) as bar,
               _rows_out(output, reads, _with_file(GRADCHECK_FIELDS, selected), fmt,
@@ -927,6 +954,7 @@ def timestamps_cmd(
             raise fail(str(e)) from None
     ref_name = None if ref is None else show(ref)
     with _selection(inputs, blank, utts, utt_list, output=output) as selected:
+        _refuse_tdt(selected, "timestamps")
         plans = {id(reader): _times_plan(reader, ids, frame_shift, unit, word_sep, refs,
                                          ref_name, quiet)
                  for reader, ids in selected}
