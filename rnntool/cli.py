@@ -885,6 +885,8 @@ def timestamps_cmd(
     its confidence is the --aggregate (min by default) of its tokens' window
     posteriors, frame_confidence of their frame posteriors. The frame shift is the
     dump's (root attribute frame_shift) or --frame-shift; without either: exit 2.
+    A TDT dump's token starts at the frame its arc leaves on the best path over
+    the duration lattice and lasts max(duration, 1) frames.
 
     Formats: tsv/csv/jsonl/json/table, one row per word (per token with --unit
     token) with every field (and a file column first for several inputs); ctm:
@@ -954,7 +956,6 @@ def timestamps_cmd(
             raise fail(str(e)) from None
     ref_name = None if ref is None else show(ref)
     with _selection(inputs, blank, utts, utt_list, output=output) as selected:
-        _refuse_tdt(selected, "timestamps")
         plans = {id(reader): _times_plan(reader, ids, frame_shift, unit, word_sep, refs,
                                          ref_name, quiet)
                  for reader, ids in selected}
