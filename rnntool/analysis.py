@@ -46,7 +46,9 @@ def align_fields(model_kinds) -> list[str]:
 class DumpReport:
     """What ``inspect`` finds in one dump.
 
-    ``kind``: ``"full"`` (logits) or ``"lattice"`` (a lattice dump's compact arrays).
+    ``kind``: ``"full"`` (logits) or ``"lattice"`` (a lattice dump's compact arrays);
+    ``model_kind``: ``"rnnt"`` or ``"tdt"``, ``durations`` a TDT dump's duration set
+    (None for RNN-T; ``inspect`` adds both as columns after ``kind``).
     ``T``, ``U``, ``V``: ``(min, max)`` over the utterances that could be read
     (None when none could); ``dtypes``: their logits' dtypes, sorted;
     ``with_stored_loss``/``with_grads``: how many carry a trainer's loss or
@@ -82,10 +84,7 @@ class DumpReport:
 
         (t0, t1), (u0, u1), (v0, v1) = ends(self.T), ends(self.U), ends(self.V)
         return {
-            "file": self.file, "kind": self.kind, "model_kind": self.model_kind,
-            "durations": (None if self.durations is None
-                          else ",".join(str(d) for d in self.durations)),
-            "layout": self.layout, "blank": self.blank,
+            "file": self.file, "kind": self.kind, "layout": self.layout, "blank": self.blank,
             "vocab_size": self.vocab_size, "vocab": self.has_vocab,
             "input_kind": self.input_kind, "utterances": self.utterances,
             "T_min": t0, "T_max": t1, "U_min": u0, "U_max": u1, "V_min": v0, "V_max": v1,
@@ -95,8 +94,7 @@ class DumpReport:
         }
 
 
-INSPECT_FIELDS = ["file", "kind", "model_kind", "durations", "layout", "blank", "vocab_size",
-                  "vocab", "input_kind",
+INSPECT_FIELDS = ["file", "kind", "layout", "blank", "vocab_size", "vocab", "input_kind",
                   "utterances", "T_min", "T_max", "U_min", "U_max", "V_min", "V_max", "dtypes",
                   "with_stored_loss", "with_grads", "size_bytes", "problems"]
 

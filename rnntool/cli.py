@@ -448,7 +448,8 @@ def inspect(
         task = bar.add_task("inspecting", total=sum(len(r) for r, _ in selected))
         for reader, _ in selected:
             report = inspect_dump(reader, on_utterance=lambda: bar.advance(task))
-            rows.append(_with_frame_shift(report.facts(), reader, report.problems))
+            rows.append(_with_model(_with_frame_shift(report.facts(), reader, report.problems),
+                                    report))
             problems += report.problems
     with open_output(output, reads) as out:
         render(rows, _inspect_fields(INSPECT_FIELDS), fmt, out, title="Dumps")
@@ -459,9 +460,19 @@ def inspect(
 
 
 def _inspect_fields(fields: list[str]) -> list[str]:
-    """``inspect``'s columns: the report's, with ``frame_shift`` after ``input_kind``."""
+    """``inspect``'s columns: the report's, with ``model_kind`` and ``durations`` after
+    ``kind`` and ``frame_shift`` after ``input_kind``."""
     at = fields.index("input_kind") + 1
-    return [*fields[:at], "frame_shift", *fields[at:]]
+    fields = [*fields[:at], "frame_shift", *fields[at:]]
+    at = fields.index("kind") + 1
+    return [*fields[:at], "model_kind", "durations", *fields[at:]]
+
+
+def _with_model(facts: dict, report) -> dict:
+    """``facts`` with the dump's ``model_kind`` and ``durations`` (comma-separated; None
+    for an RNN-T dump)."""
+    durations = None if report.durations is None else ",".join(map(str, report.durations))
+    return {**facts, "model_kind": report.model_kind, "durations": durations}
 
 
 def _with_frame_shift(facts: dict, reader, problems: list[str]) -> dict:

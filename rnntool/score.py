@@ -292,19 +292,23 @@ def _to_float32(losses: np.ndarray) -> np.ndarray:
 
 
 def _torch_losses(reader, logits, targets, logit_lengths, target_lengths,
-                  backend) -> np.ndarray:
+                  backend, loss_fn=None, **extra) -> np.ndarray:
+    """Losses of a padded batch by ``loss_fn`` (default ``rnnt_loss``; ``extra`` its other
+    keywords) on ``backend``'s device."""
     import torch
 
     from .devices import tensor_device
-    from .loss import rnnt_loss
 
+    if loss_fn is None:
+        from .loss import rnnt_loss as loss_fn
     tensors = [torch.from_numpy(a) for a in (logits, targets, logit_lengths, target_lengths)]
     if tensor_device(backend) == "cuda":  # else: the simulator's CPU tensors
         tensors = [a.to("cuda", non_blocking=True) for a in tensors]
     with torch.no_grad(), _quiet_nonfinite():
-        return rnnt_loss(
+        return loss_fn(
             *tensors, blank=reader.blank, reduction="none",
             fused_log_softmax=reader.input_kind == "logits", backend=backend, validate=True,
+            **extra,
         ).cpu().numpy()
 
 
@@ -332,19 +336,10 @@ def _tdt_losses(reader, logits, targets, logit_lengths, target_lengths,
                                                target_lengths, opts, False)
         losses = -state.log_like
         return losses if logits.dtype == np.float64 else _to_float32(losses)
-    import torch
-
-    from .devices import tensor_device
     from .tdt import tdt_loss
 
-    tensors = [torch.from_numpy(a) for a in (logits, targets, logit_lengths, target_lengths)]
-    if tensor_device(backend) == "cuda":  # else: the simulator's CPU tensors
-        tensors = [a.to("cuda", non_blocking=True) for a in tensors]
-    with torch.no_grad(), _quiet_nonfinite():
-        return tdt_loss(
-            *tensors, durations=reader.durations, blank=reader.blank, reduction="none",
-            fused_log_softmax=reader.input_kind == "logits", backend=backend, validate=True,
-        ).cpu().numpy()
+    return _torch_losses(reader, logits, targets, logit_lengths, target_lengths, backend,
+                         tdt_loss, durations=reader.durations)
 
 
 def _score_batches(reader, groups, backend, on_batch):
