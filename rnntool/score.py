@@ -374,18 +374,24 @@ def input_eps(reader: DumpReader, dtype) -> float:
 
 
 def loss_problem(loss: float, T: int, U: int, float64: bool = False,
-                 input_eps: float = 0.0) -> str | None:
+                 input_eps: float = 0.0, tdt: bool = False) -> str | None:
     """Why an utterance's loss cannot be a true ``-log P(y|x)``, in words; None if it can.
 
     NaN (NaN or +inf in the logits), +inf (no alignment has non-zero
     probability), or negative beyond rounding (``negative_loss_tolerance``, with
-    ``input_eps`` from ``input_eps()``).
+    ``input_eps`` from ``input_eps()``; ``tdt``: a TDT lattice's, twice that, as each
+    arc adds a token and a duration log-prob).
     """
     if math.isnan(loss):
         return "loss is nan (NaN or +inf in its logits)"
     if math.isinf(loss):
         return f"loss is {loss} (no alignment has non-zero probability)"
-    tol = negative_loss_tolerance(T, U, float64, input_eps)
+    if tdt:  # each TDT arc adds two rounded log-probs (token and duration)
+        from .tdt_lattice import negative_loss_tolerance as tdt_tolerance
+
+        tol = tdt_tolerance(T, U, float64, input_eps)
+    else:
+        tol = negative_loss_tolerance(T, U, float64, input_eps)
     if loss < -tol:
         return (f"loss is {loss:.6g}, below 0 beyond rounding (tolerance {tol:.2g} nats), which "
                 "-log P(y|x) cannot be: are its log-probs normalised? (rnntool inspect checks)")
@@ -399,14 +405,8 @@ def utterance_problem(reader: DumpReader, info: UttInfo, loss: float,
     float64 (default: when the logits are float64, as the engine does)."""
     if float64 is None:
         float64 = info.dtype == np.float64
-    eps = input_eps(reader, info.dtype)
-    if getattr(reader, "model_kind", "rnnt") == "tdt" and math.isfinite(loss) and loss < 0:
-        # Each TDT arc adds two rounded log-probs (token and duration): twice the allowance.
-        from .tdt_lattice import negative_loss_tolerance as tdt_tolerance
-
-        if loss >= -tdt_tolerance(info.T, info.U, float64, eps):
-            return None
-    return loss_problem(loss, info.T, info.U, float64, eps)
+    return loss_problem(loss, info.T, info.U, float64, input_eps(reader, info.dtype),
+                        tdt=reader.model_kind == "tdt")
 
 
 def _row(reader: DumpReader, info: UttInfo, loss: float) -> dict:

@@ -200,6 +200,25 @@ def test_padded_layout_scores_as_keyed(tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
+def test_a_label_indexing_a_duration_logit_is_one_line(tmp_path):
+    # V = 9 - 4 = 5 tokens: label 5 would be the first duration logit.
+    path = tmp_path / "lab.h5"
+    write_keyed_raw(path, {"a": (np.zeros((3, 2, 9), np.float32), np.array([5]))}, blank=0,
+                    model_kind="tdt", durations=np.array(DURATIONS))
+    one_line_error(invoke("score", path), "lab.h5", "utterance a", "labels[0] = 5")
+
+
+def test_negative_loss_tolerance_is_tdt_s():
+    from rnntool.lattice import negative_loss_tolerance
+    from rnntool.score import loss_problem
+
+    rnnt_tol = negative_loss_tolerance(100, 20)
+    loss = -1.5 * rnnt_tol  # beyond RNN-T's allowance, within TDT's (two log-probs an arc)
+    assert "below 0" in loss_problem(loss, 100, 20)
+    assert loss_problem(loss, 100, 20, tdt=True) is None
+    assert "below 0" in loss_problem(-2.5 * rnnt_tol, 100, 20, tdt=True)
+
+
 # --------------------------------------------------------------------------- align
 # A joint peaked on one path: its arcs (t, u, token, duration), known in advance.
 PEAKED_ARCS = [(0, 0, "y", 0), (0, 1, "y", 2), (2, 2, "b", 3), (5, 2, "y", 1), (6, 3, "b", 2)]
@@ -276,6 +295,26 @@ def test_align_random_matches_the_reference_viterbi(backend):
         np.testing.assert_allclose(al.emit_posteriors.sum(0), 1.0, rtol=1e-9)
 
     check()
+
+
+def test_cpu_and_cuda_alignments_agree():
+    from rnntool import cuda as rcuda
+
+    if not rcuda.SIMULATOR:
+        pytest.skip("runs the CUDA kernels in Numba's simulator")
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(3 * rng.standard_normal((3, 9, 4, 6 + 5)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 5, (3, 3)))
+    t_len, u_len = torch.tensor([9, 6, 8]), torch.tensor([3, 2, 0])
+    cpu, gpu = (tdt_align(x, y, t_len, u_len, durations=[0, 1, 2, 3, 4], blank=-1,
+                          backend=b) for b in ("cpu", "cuda"))
+    for a, b in zip(cpu, gpu, strict=True):
+        # The same path; numbers to float32 rounding (stage 1's log-probs are float32).
+        assert a.arcs.tolist() == b.arcs.tolist()
+        assert a.loss == pytest.approx(b.loss, rel=1e-6)
+        assert a.best_log_prob == pytest.approx(b.best_log_prob, rel=1e-6)
+        for name in ("emit_posteriors", "blank_posteriors", "occupancy", "expected_frames"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-5)
 
 
 def test_posteriors_match_brute_force_enumeration(backend):
