@@ -5,8 +5,9 @@ Makes ``sample_data/sample-tdt.h5`` (keyed layout, ``model_kind="tdt"``,
 ``durations=[0, 1, 2, 3, 4]``, a vocab, and the trainer's own loss per utterance),
 which the README's TDT example scores and aligns. The task's letters last 2-4
 frames each, so a trained TDT model learns to jump over a letter's frames with
-durations 2-4 instead of emitting a blank per frame. About five minutes on two
-shared CPU cores (Numba's first compile included); fixed seeds.
+durations 2-4 instead of emitting a blank per frame (its encoder is bidirectional,
+so a frame sees how long its letter lasts). 5 to 20 minutes on two shared CPU
+cores, depending on their load; fixed seeds.
 
     python scripts/make_tdt_sample.py [--out sample_data/sample-tdt.h5] [--steps 1500]
 """

@@ -421,6 +421,24 @@ def test_inspect_checks_tokens_and_durations_normalise_separately(tmp_path):
     assert not any("utterance good" in e for e in err), err
 
 
+# --------------------------------------------------------------------------- the sample
+def test_sample_tdt_dump_scores_to_its_trainers_losses():
+    from helpers import ROOT
+
+    path = ROOT / "sample_data" / "sample-tdt.h5"
+    assert path.stat().st_size < 200_000
+    result = invoke("score", path, "--format", "tsv", "-q")
+    assert result.exit_code == 0, result.stderr
+    rows = rows_of(result.stdout)
+    assert len(rows) == 12
+    # stored_loss is the trainer's own tdt_loss (scripts/make_tdt_sample.py).
+    assert all(abs(float(r["loss_diff"])) < 1e-5 for r in rows)
+    rows = rows_of(invoke("align", path, "--utt", "utt004", "--format", "tsv").stdout)
+    tokens = [r for r in rows if r["kind"] == "token"]
+    assert [(r["token"], r["frame"], r["duration"]) for r in tokens] == [
+        ("j", "0", "3"), ("b", "4", "1"), ("g", "8", "1")]
+
+
 # --------------------------------------------------------------------------- refused
 @pytest.mark.parametrize("cmd", [["grad-check"], ["compact", "-o", "OUT"]])
 def test_commands_without_tdt_support_say_so(tmp_path, cmd):
