@@ -380,7 +380,7 @@ def score(
     with (_selection(inputs, blank, utts, utt_list, direct=not via_hdf5, output=output)
           as selected, _progress(quiet) as bar,
           _rows_out(output, reads, _with_file(selection_fields(selected), selected), fmt,
-                    "RNN-T loss per utterance") as out):
+                    _score_title(selected)) as out):
         task = bar.add_task("scoring", total=sum(len(ids) for _, ids in selected))
         for r in score_rows(selected, backend=backend, budget_bytes=batch_mb << 20,
                             on_batch=lambda n: bar.advance(task, n), skip_bad=skip_bad):
@@ -407,6 +407,13 @@ def score(
                 markup=False)
     if selected.report_empty() or problems or bad:
         raise typer.Exit(1)
+
+
+def _score_title(selected) -> str:
+    """The score table's title: the loss of the inputs' model kinds."""
+    kinds = {r.model_kind for r, _ in selected}
+    names = " / ".join(n for k, n in (("rnnt", "RNN-T"), ("tdt", "TDT")) if k in kinds)
+    return f"{names or 'RNN-T'} loss per utterance"
 
 
 # --------------------------------------------------------------------------- inspect
