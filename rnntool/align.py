@@ -178,3 +178,130 @@ def _alignments(state, best, from_emit, float64: bool) -> list[Alignment]:
             emit_posteriors=emit_post, occupancy=occupancy, blank_posteriors=blank_post,
         ))
     return out
+
+
+# --------------------------------------------------------------------------- TDT
+@dataclass
+class TDTAlignment(Alignment):
+    """One utterance's alignment on the TDT duration lattice (``tdt_align``); the
+    ``Alignment`` fields mean what they mean there, with arcs that jump frames:
+
+    - ``frames`` ``(U,)``: the frame each label's arc leaves on the best path (its
+      emission frame); ``token_durations`` ``(U,)``: that arc's duration (frames the
+      path advances with it, 0 included).
+    - ``arcs`` ``(n, 4)`` int64: the best path's arcs ``(t, u, token, duration)`` in
+      order, blanks (token = blank, duration >= 1) and labels alike, the last one the
+      blank that lands on frame T and ends the path (``tdt_lattice.backtrack``).
+    - ``path`` ``(n + 1, 2)``: the nodes the arcs leave, then the end ``(T, U)``
+      (one frame past the last; drawing it shows the final blank's jump).
+    - ``emit_posteriors`` ``(T, U)``: P(label u emitted at t), summed over its
+      durations; ``blank_posteriors`` ``(T, U+1)``: P(a blank leaves (t, u)), summed
+      over durations. ``expected_frames``, ``frame_posteriors`` and ``occupancy``
+      as in ``Alignment``.
+    """
+
+    token_durations: np.ndarray
+    arcs: np.ndarray
+
+
+def tdt_align(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    logit_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    *,
+    durations,
+    blank: int,
+    fused_log_softmax: bool = True,
+    backend: str = "auto",
+) -> list[TDTAlignment]:
+    """Per-utterance TDT alignments of a padded batch, on the CPU or CUDA backend.
+
+    Arguments as ``tdt_loss`` (logits ``(B, T, U+1, V + D)``, ``durations``, ``blank``
+    among the V tokens, ``fused_log_softmax``, ``backend``; ``sigma`` is 0), checked
+    with its errors; label values and lengths are always checked. The Viterbi path
+    is the TDT engine's (``TDTEngine.best_path``: ties go to the shorter jump, the
+    order ``tdt_reference_viterbi`` uses). Returns one ``TDTAlignment`` per
+    utterance, in batch order. Raises TypeError/ValueError as ``tdt_loss``.
+    """
+    from .tdt import _engine_for, check_durations, check_tdt_meta
+    from .tdt_lattice import TDTOptions
+
+    fused = as_flag("fused_log_softmax", fused_log_softmax)
+    durations = check_durations(durations)
+    index = (targets, logit_lengths, target_lengths)
+    blank, V = check_tdt_meta(logits, *index, blank, durations)
+    logits = resolve_logits(logits)
+    engine = _engine_for(backend, logits)
+    blank, targets, logit_lengths, target_lengths = check_inputs(logits.detach()[..., :V],
+                                                                 *index, blank)
+    on_device = (targets, logit_lengths, target_lengths)
+    if logits.is_cuda:
+        on_device = tuple(a.to(logits.device) for a in on_device)
+    opts = TDTOptions(blank=blank, durations=durations, fused=fused)
+    with torch.no_grad():
+        state = engine.forward(logits, *on_device, opts, True)
+        best, last, from_arc = engine.best_path(state)
+    return _tdt_alignments(state, best, last, from_arc, blank, logits.dtype == torch.float64)
+
+
+def _tdt_alignments(state, best, last, from_arc, blank: int,
+                    float64: bool) -> list[TDTAlignment]:
+    """``TDTAlignment``s from a kept TDT forward state and its Viterbi tables, in float64
+    numpy: arc posteriors ``exp(alpha + arc log-prob + beta after it - log P)``."""
+    from .tdt_lattice import backtrack
+
+    with np.errstate(invalid="ignore"):
+        blank_lp, emit_lp, dur_lp, alpha, beta = (
+            _np(a).astype(np.float64)
+            for a in (state.blank_lp, state.emit_lp, state.dur_lp, state.alpha, state.beta))
+    durations = _np(state.durations).astype(np.int64)
+    log_like, best, last, from_arc = (_np(state.log_like).astype(np.float64), _np(best),
+                                      _np(last), _np(from_arc))
+    targets = _np(state.targets)
+    logit_lengths, target_lengths = _np(state.logit_lengths), _np(state.target_lengths)
+    loss = (-log_like).astype(np.float64 if float64 else np.float32).astype(np.float64).tolist()
+    out = []
+    for b in range(log_like.shape[0]):
+        T, U = int(logit_lengths[b]), int(target_lengths[b])
+        ll = log_like[b]
+        a, be = alpha[b, :T, : U + 1], beta[b, :T, : U + 1]
+        occupancy = np.clip(np.exp(a + be - ll), 0.0, 1.0)
+        emit_post = np.zeros((T, U))
+        blank_post = np.zeros((T, U + 1))
+        with np.errstate(invalid="ignore", over="ignore"):
+            for i, d in enumerate(durations.tolist()):
+                if d >= T + 1:
+                    break
+                n = T - d  # origins whose arc lands inside the utterance
+                if n > 0:
+                    emit_post[:n] += np.exp(a[:n, :U] + emit_lp[b, :n, :U] + dur_lp[b, :n, :U, i]
+                                            + be[d:, 1:] - ll)
+                    if d >= 1:
+                        blank_post[:n] += np.exp(a[:n] + blank_lp[b, :n, : U + 1]
+                                                 + dur_lp[b, :n, : U + 1, i] + be[d:] - ll)
+                if d >= 1:  # the blank from (T - d, U) that ends the path
+                    blank_post[T - d, U] += np.exp(a[T - d, U] + blank_lp[b, T - d, U]
+                                                   + dur_lp[b, T - d, U, i] - ll)
+        emit_post = np.clip(emit_post, 0.0, 1.0)
+        blank_post = np.clip(blank_post, 0.0, 1.0)
+        if not np.isfinite(ll):
+            emit_post[:] = blank_post[:] = np.nan
+        arcs = (backtrack(from_arc[b], int(last[b]), durations, blank, targets[b, :U], T, U)
+                if np.isfinite(best[b]) else [])
+        arcs = np.array(arcs, np.int64).reshape(-1, 4)
+        is_label = arcs[:, 2] != blank  # labels are never the blank (validated)
+        frames = arcs[is_label, 0] if len(arcs) else np.zeros(U, np.int64)
+        token_durations = arcs[is_label, 3] if len(arcs) else np.zeros(U, np.int64)
+        path = np.vstack([arcs[:, :2], [[T, U]]]).astype(np.int64) if len(arcs) else \
+            np.zeros((0, 2), np.int64)
+        expected = np.clip((np.arange(T)[:, None] * emit_post).sum(0), 0.0, T - 1.0)
+        out.append(TDTAlignment(
+            T=T, U=U, loss=loss[b], best_log_prob=float(best[b]), frames=frames, path=path,
+            expected_frames=expected,
+            frame_posteriors=(emit_post[frames, np.arange(U)] if len(frames) == U
+                              else np.full(U, np.nan)),
+            emit_posteriors=emit_post, occupancy=occupancy, blank_posteriors=blank_post,
+            token_durations=token_durations, arcs=arcs,
+        ))
+    return out

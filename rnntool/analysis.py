@@ -28,6 +28,17 @@ if TYPE_CHECKING:
 
 ALIGN_FIELDS = ["utt_id", "position", "token_id", "token", "frame", "expected_frame",
                 "frame_posterior", "loss", "best_log_prob"]
+# A TDT dump's align rows: one per arc of the best path, tokens and blanks (``kind``),
+# each with the frame it leaves and its duration (frames the path advances with it).
+ALIGN_TDT_FIELDS = ["utt_id", "arc", "kind", "position", "token_id", "token", "frame",
+                    "duration", "expected_frame", "frame_posterior", "loss", "best_log_prob"]
+
+
+def align_fields(model_kinds) -> list[str]:
+    """``align``'s columns for dumps of these model kinds: ``ALIGN_FIELDS``, or
+    ``ALIGN_TDT_FIELDS`` when any is ``"tdt"`` (RNN-T rows then leave ``arc``, ``kind``
+    and ``duration`` empty)."""
+    return ALIGN_TDT_FIELDS if "tdt" in set(model_kinds) else ALIGN_FIELDS
 
 
 # --------------------------------------------------------------------------- inspect
@@ -35,7 +46,9 @@ ALIGN_FIELDS = ["utt_id", "position", "token_id", "token", "frame", "expected_fr
 class DumpReport:
     """What ``inspect`` finds in one dump.
 
-    ``kind``: ``"full"`` (logits) or ``"lattice"`` (a lattice dump's compact arrays).
+    ``kind``: ``"full"`` (logits) or ``"lattice"`` (a lattice dump's compact arrays);
+    ``model_kind``: ``"rnnt"`` or ``"tdt"``, ``durations`` a TDT dump's duration set
+    (None for RNN-T; ``inspect`` adds both as columns after ``kind``).
     ``T``, ``U``, ``V``: ``(min, max)`` over the utterances that could be read
     (None when none could); ``dtypes``: their logits' dtypes, sorted;
     ``with_stored_loss``/``with_grads``: how many carry a trainer's loss or
@@ -59,6 +72,8 @@ class DumpReport:
     with_grads: int
     size_bytes: int
     problems: list[str] = field(default_factory=list)
+    model_kind: str = "rnnt"
+    durations: tuple[int, ...] | None = None
 
     def facts(self) -> dict:
         """The report as one row of ``inspect`` (``INSPECT_FIELDS``, in order): JSON-ready
@@ -123,9 +138,13 @@ def inspect_dump(reader: DumpReader, on_utterance=None) -> DumpReport:
             if n_bad:
                 found[u].append(f"{reader.name}: utterance {show(u)}: {n_bad} NaN or +inf logits")
             if reader.input_kind == "log_probs":
-                why = log_prob_problem(x)
-                if why is not None:
-                    found[u].append(f"{reader.name}: utterance {show(u)}: {why}")
+                # A TDT node holds two distributions: its tokens', then its durations'.
+                parts = ([("", x)] if not info.D else
+                         [("tokens: ", x[..., : info.V]), ("durations: ", x[..., info.V :])])
+                for what, part in parts:
+                    why = log_prob_problem(part)
+                    if why is not None:
+                        found[u].append(f"{reader.name}: utterance {show(u)}: {what}{why}")
             infos.append(info)
         except DumpError as e:
             found[u].append(str(e))
@@ -154,6 +173,8 @@ def inspect_dump(reader: DumpReader, on_utterance=None) -> DumpReport:
         with_grads=sum(i.has_grads for i in infos),
         size_bytes=reader.file_size(),
         problems=[p for ps in found.values() for p in ps],
+        model_kind=reader.model_kind,
+        durations=reader.durations,
     )
 
 
@@ -199,6 +220,7 @@ class AlignedUtterance:
     alignment: Alignment
     problem: str | None
     grad_norm: np.ndarray | None = None
+    blank_name: str | None = None  # the blank's name in the vocab (TDT rows name it)
 
     @property
     def loss(self) -> float:
@@ -224,6 +246,8 @@ class AlignedUtterance:
         if not self.finite:
             return []
         al = self.alignment
+        if hasattr(al, "arcs"):
+            return self._tdt_rows()
         return [{
             "utt_id": self.utt_id, "position": pos, "token_id": int(self.labels[pos]),
             "token": self.tokens[pos] if self.tokens else "",
@@ -232,6 +256,32 @@ class AlignedUtterance:
             "frame_posterior": float(al.frame_posteriors[pos]),
             "loss": al.loss, "best_log_prob": al.best_log_prob,
         } for pos in range(al.U)]
+
+
+    def _tdt_rows(self) -> list[dict]:
+        """``ALIGN_TDT_FIELDS`` rows, one per arc of a TDT best path: ``kind`` "token" or
+        "blank", ``position`` the u of the node the arc leaves (a token's 0-based
+        position), ``frame`` the frame it leaves (a token's emission frame),
+        ``duration`` its frames; ``expected_frame`` and ``frame_posterior`` for tokens."""
+        al = self.alignment
+        rows = []
+        k = 0  # tokens seen
+        for n, (t, u, token, d) in enumerate(al.arcs.tolist()):
+            # A label arc raises u by one; the last arc is the blank that ends the path.
+            is_token = n + 1 < len(al.arcs) and int(al.arcs[n + 1][1]) == u + 1
+            row = {"utt_id": self.utt_id, "arc": n, "kind": "token" if is_token else "blank",
+                   "position": u, "token_id": token, "frame": t, "duration": d,
+                   "expected_frame": None, "frame_posterior": None,
+                   "loss": al.loss, "best_log_prob": al.best_log_prob}
+            if is_token:
+                row["token"] = self.tokens[k] if self.tokens else ""
+                row["expected_frame"] = float(al.expected_frames[k])
+                row["frame_posterior"] = float(al.frame_posteriors[k])
+                k += 1
+            else:
+                row["token"] = self.blank_name or ""
+            rows.append(row)
+        return rows
 
 
 def _tensors(utt: Utterance, backend: str):
@@ -262,6 +312,8 @@ def align_utterance(reader: DumpReader, utt: Utterance | LatticeUtterance, *,
     from .score import utterance_problem
 
     fused = reader.input_kind == "logits"
+    if reader.model_kind == "tdt":
+        return _align_tdt_utterance(reader, utt, backend=backend, grad_norms=grad_norms)
     if isinstance(utt, LatticeUtterance):
         T, U1 = utt.blank_lp.shape
         emit = np.full((T, U1), -np.inf, utt.blank_lp.dtype)
@@ -284,6 +336,59 @@ def align_utterance(reader: DumpReader, utt: Utterance | LatticeUtterance, *,
             aligned.grad_norm = gradient_norms(utt.logits, utt.labels, blank=reader.blank,
                                                fused=fused, backend=backend)
     return aligned
+
+
+def _align_tdt_utterance(reader: DumpReader, utt: Utterance, *, backend: str,
+                         grad_norms: bool) -> AlignedUtterance:
+    """``align_utterance`` of a TDT dump's utterance (``align.tdt_align``); its gradient
+    norms are over the V + D logits of each node (``tdt_gradient_norms``)."""
+    from .align import tdt_align
+    from .score import utterance_problem
+
+    fused = reader.input_kind == "logits"
+    x, y, t_len, u_len = _tensors(utt, backend)
+    if y.shape[1] == 0:
+        y = y.new_zeros((1, 1))
+    (al,) = tdt_align(x, y, t_len, u_len, durations=reader.durations, blank=reader.blank,
+                      fused_log_softmax=fused, backend=backend)
+    vocab = reader.vocab
+    aligned = AlignedUtterance(
+        utt_id=utt.info.utt_id, labels=utt.labels,
+        tokens=[vocab[int(t)] for t in utt.labels] if vocab else None,
+        alignment=al, problem=utterance_problem(reader, utt.info, al.loss),
+        blank_name=vocab[reader.blank % utt.info.V] if vocab else None,
+    )
+    if grad_norms and aligned.finite:
+        aligned.grad_norm = tdt_gradient_norms(utt.logits, utt.labels,
+                                               durations=reader.durations,
+                                               blank=reader.blank, fused=fused, backend=backend)
+    return aligned
+
+
+def tdt_gradient_norms(logits: np.ndarray, targets: np.ndarray, *, durations, blank: int,
+                       fused: bool = True, backend: str = "cpu") -> np.ndarray:
+    """``(T, U+1)`` float64: at each node the norm of the TDT loss's gradient over the
+    node's ``V + D`` logits (``logits`` ``(T, U+1, V + D)``), from ``tdt_loss``'s
+    backward on ``backend``."""
+    import warnings
+
+    import torch
+
+    from .devices import tensor_device
+    from .engine import ImpossibleLossWarning
+    from .tdt import tdt_loss
+
+    device = tensor_device(backend)
+    x = torch.from_numpy(np.ascontiguousarray(logits))[None].to(device).requires_grad_(True)
+    U = int(targets.shape[0])
+    y = torch.from_numpy(_at_least_one(targets))[None].to(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ImpossibleLossWarning)
+        loss = tdt_loss(x, y, torch.tensor([logits.shape[0]]), torch.tensor([U]),
+                        durations=durations, blank=blank, reduction="sum",
+                        fused_log_softmax=fused, backend=backend)
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad[0].double().norm(dim=-1).cpu().numpy()
 
 
 def _at_least_one(labels: np.ndarray) -> np.ndarray:

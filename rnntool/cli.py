@@ -353,7 +353,8 @@ def _progress(quiet: bool):
 def _jobs() -> dict:
     """command -> (table title, float specs, tally class, progress bar's word)."""
     return {
-        "score": ("RNN-T loss per utterance", None, _ScoreTally, "scoring"),
+        # one title for RNN-T and TDT dumps: a merge never opens the inputs to tell
+        "score": ("Loss per utterance", None, _ScoreTally, "scoring"),
         "align": ("Token emission frames", None, _AlignTally, "aligning"),
         "timestamps": ("Word times", None, _TimesTally, "timing"),
     }
@@ -579,7 +580,8 @@ def score(
     resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
-    """Per-utterance RNN-T losses of dumped logits (or of a lattice dump).
+    """Per-utterance RNN-T losses of dumped logits (or of a lattice dump); the TDT
+    loss for a TDT dump (model_kind tdt, with its durations).
 
     One row per utterance: utt_id, T, U, loss (-log P(y|x), nats), loss_per_frame,
     loss_per_token (loss / max(U, 1)); and stored_loss, loss_diff when the dump
@@ -702,7 +704,9 @@ def inspect(
 ) -> None:
     """What each dump holds, and every problem in it: one row per file.
 
-    Fields: file, kind (full or lattice), layout, blank, vocab_size, vocab (true
+    Fields: file, kind (full or lattice), model_kind (rnnt or tdt), durations (a
+    TDT dump's duration set, comma-separated; empty for RNN-T), layout, blank,
+    vocab_size (tokens; a TDT node stores V + D logits), vocab (true
     if token names are stored), input_kind, frame_shift (seconds per logit frame,
     empty when the dump records none), utterances, T_min/T_max, U_min/U_max,
     V_min/V_max, dtypes, with_stored_loss, with_grads, size_bytes, problems (a
@@ -714,7 +718,7 @@ def inspect(
     for input_kind=log_probs, rows that do not normalise: |logsumexp over V| above
     4 * eps * max(1, ln V), eps that of the precision the values carry (float16
     9.8e-4, bfloat16 7.8e-3, float32 1.2e-7, float64 2.2e-16), 8 times what
-    rounding can do.
+    rounding can do (a TDT node's tokens and durations each on their own).
     """
     from .analysis import INSPECT_FIELDS, inspect_dump
     from .output import open_output, render
@@ -727,7 +731,8 @@ def inspect(
         task = bar.add_task("inspecting", total=sum(len(r) for r, _ in selected))
         for reader, _ in selected:
             report = inspect_dump(reader, on_utterance=lambda: bar.advance(task))
-            rows.append(_with_frame_shift(report.facts(), reader, report.problems))
+            rows.append(_with_model(_with_frame_shift(report.facts(), reader, report.problems),
+                                    report))
             problems += report.problems
     with open_output(output, reads) as out:
         render(rows, _inspect_fields(INSPECT_FIELDS), fmt, out, title="Dumps")
@@ -738,9 +743,19 @@ def inspect(
 
 
 def _inspect_fields(fields: list[str]) -> list[str]:
-    """``inspect``'s columns: the report's, with ``frame_shift`` after ``input_kind``."""
+    """``inspect``'s columns: the report's, with ``model_kind`` and ``durations`` after
+    ``kind`` and ``frame_shift`` after ``input_kind``."""
     at = fields.index("input_kind") + 1
-    return [*fields[:at], "frame_shift", *fields[at:]]
+    fields = [*fields[:at], "frame_shift", *fields[at:]]
+    at = fields.index("kind") + 1
+    return [*fields[:at], "model_kind", "durations", *fields[at:]]
+
+
+def _with_model(facts: dict, report) -> dict:
+    """``facts`` with the dump's ``model_kind`` and ``durations`` (comma-separated; None
+    for an RNN-T dump)."""
+    durations = None if report.durations is None else ",".join(map(str, report.durations))
+    return {**facts, "model_kind": report.model_kind, "durations": durations}
 
 
 def _with_frame_shift(facts: dict, reader, problems: list[str]) -> dict:
@@ -753,6 +768,15 @@ def _with_frame_shift(facts: dict, reader, problems: list[str]) -> dict:
     except DumpError as e:
         problems.append(str(e))
         return {**facts, "frame_shift": None, "problems": facts["problems"] + 1}
+
+
+def _refuse_tdt(selected, what: str) -> None:
+    """Exit 2 with one line naming the first TDT dump (model_kind = 'tdt') among the
+    inputs, for a command that does not read TDT dumps yet."""
+    for reader, _ in selected:
+        if reader.model_kind == "tdt":
+            raise fail(f"{reader.name}: is a TDT dump (model_kind = 'tdt'); {what} is not "
+                       "supported for TDT dumps yet")
 
 
 # --------------------------------------------------------------------------- align / plot
@@ -819,8 +843,16 @@ def align_cmd(
     the others are still aligned, and the exit code is 1 (also for a loss below
     0 beyond rounding, whose rows are written). Posteriors are within [0, 1].
     Under torchrun, and with --shard K/N and --resume, as score.
+
+    A TDT dump (model_kind tdt) gets one row per arc of its best path over the
+    duration lattice, tokens and blanks in order: arc (0-based), kind (token or
+    blank), position (the u the arc leaves: a token's 0-based position), token_id,
+    token, frame (the frame the arc leaves: a token's emission frame), duration
+    (frames the arc advances; a token's may be 0, a blank's is >= 1; the last
+    blank lands on frame T), and for tokens expected_frame and frame_posterior
+    (summed over durations); loss is the TDT loss.
     """
-    from .analysis import ALIGN_FIELDS
+    from .analysis import align_fields
 
     reads = _inputs_of(inputs, utt_list)
     fmt = _output_format(fmt, output, reads)
@@ -828,7 +860,8 @@ def align_cmd(
     with _selection(inputs, blank, utts, utt_list, output=output) as selected:
         code = _run_job(
             "align", selected, output=output, fmt=fmt, reads=reads,
-            fields=lambda pairs: _with_file(ALIGN_FIELDS, selected),
+            fields=lambda pairs: _with_file(
+                align_fields(r.model_kind for r, _ in selected), selected),
             options={"--blank": blank, "--device": backend},
             shard=shard, resume=resume, quiet=quiet, backend=backend,
             produce=functools.partial(_align_records, backend=backend))
@@ -900,7 +933,10 @@ def plot(
     (OUT_DIR/<file stem>/<utt_id>.png with several inputs).
 
     Two panels: log node occupancy with the Viterbi path over it, and the
-    per-node gradient norm ||d loss / d logits[t, u, :]||. Long utterances are
+    per-node gradient norm ||d loss / d logits[t, u, :]||. For a TDT dump the
+    path is drawn arc by arc, a dot at each node it visits: a blank of duration
+    d is a horizontal segment d frames long, a token a diagonal (vertical for
+    d = 0), the last blank ending at frame T; the norm is over the V + D logits. Long utterances are
     reduced by block maxima (the figure says so). An utterance whose loss is not
     finite gets no PNG: one line on stderr names it, the others are still drawn,
     and the exit code is 1 (also for a loss below 0 beyond rounding, drawn).
@@ -987,6 +1023,7 @@ def compact(
         ((reader, ids),) = selected
         if reader.kind == "lattice":
             raise fail(f"{reader.name}: is already a lattice dump")
+        _refuse_tdt(selected, "compact")
         if selected.report_empty():  # nothing to convert: no empty lattice dump either
             raise typer.Exit(1)
         task = bar.add_task("compacting", total=len(ids))
@@ -1058,7 +1095,8 @@ def grad_check(
     on stderr. With several inputs a file column first. An utterance whose loss is
     not finite is not checked (no rows): one line on stderr names it, the others
     are still checked, and the exit code is 1 (also for a loss below 0 beyond
-    rounding, whose checks are written). Lattice dumps hold no logits: exit 2.
+    rounding, whose checks are written). Lattice dumps hold no logits: exit 2; TDT
+    dumps are not supported yet: exit 2.
     """
     from .devices import cuda_usable
     from .gradcheck import GRADCHECK_FIELDS, check_utterance
@@ -1080,6 +1118,7 @@ def grad_check(
                 raise fail(f"{reader.name}: is a lattice dump, which holds no logits; "
                            "grad-check needs the full logits (a dump written with "
                            "DumpWriter's default kind=\"full\")")
+        _refuse_tdt(selected, "grad-check")
         compare_cuda = backend == "cpu" and cuda_usable()
         with (_progress(quiet) as bar,
               _rows_out(output, reads, _with_file(GRADCHECK_FIELDS, selected), fmt,
@@ -1178,7 +1217,9 @@ def timestamps_cmd(
     its confidence is the --aggregate (min by default) of its tokens' window
     posteriors, frame_confidence of their frame posteriors. The frame shift is the
     dump's (root attribute frame_shift) or --frame-shift; without either, or
-    outside 1e-6 to 60 seconds: exit 2.
+    outside 1e-6 to 60 seconds: exit 2. A TDT dump's token starts at the frame its
+    arc leaves on the best path over the duration lattice and lasts max(duration, 1)
+    frames.
 
     Formats: tsv/csv/jsonl/json/table, one row per word (per token with --unit
     token) with every field (and a file column first for several inputs); ctm:

@@ -11,9 +11,13 @@ Full dump, keyed layout::
     /                        attrs: format="rnntool.dump", format_version=2,
                                     dump_kind="full", blank, vocab_size (-1: not
                                     recorded), input_kind="logits"|"log_probs",
-                                    optional frame_shift (seconds per logit frame)
+                                    optional frame_shift (seconds per logit frame),
+                                    model_kind="rnnt"|"tdt" (absent: "rnnt"),
+                                    durations (D,) int64 (TDT only: the duration set)
     /vocab                   optional (V,) UTF-8 token names
-    /utts/<utt_id>/logits    (T, U+1, V) float16 | float32 | float64
+    /utts/<utt_id>/logits    (T, U+1, V) float16 | float32 | float64;
+                             TDT: (T, U+1, V + D), the V token logits then D
+                             duration logits (NeMo's joint layout)
     /utts/<utt_id>/labels    (U,) integers
     /utts/<utt_id>           optional attrs text=<str>, loss=<float>
     /utts/<utt_id>/grads     optional, same shape as logits
@@ -39,6 +43,10 @@ a lattice dump scores to the same bits as the full dump of the same logits.
 Padded layout (full kind, read only), as a training loop dumps a batch: root
 datasets ``logits (B, T, U+1, V)``, ``labels (B, Umax)``, ``logit_lengths (B,)``,
 ``label_lengths (B,)``, optional ``utt_ids (B,)``; ids default to the batch index.
+
+A TDT dump (``model_kind="tdt"``) counts V in tokens (``vocab_size``, ``/vocab``,
+``blank``); its padded layout's logits are ``(B, T, U+1, V + D)``. Lattice dumps
+of TDT logits are not written yet (``DumpWriter`` refuses them).
 
 Format version 1 (no ``dump_kind``: full) is still read. ``rnntool/reader.py``
 reads every kind and layout without loading a whole file, one utterance's slice
@@ -70,6 +78,10 @@ FORMAT = "rnntool.dump"
 FORMAT_VERSION = 2
 INPUT_KINDS = ("logits", "log_probs")
 DUMP_KINDS = ("full", "lattice")
+# The transducer the logits come from (root attribute model_kind; absent: "rnnt"):
+# "rnnt" (V token logits per node) or "tdt" (Token-and-Duration Transducer: V token
+# logits then one per entry of the root attribute durations, NeMo's joint layout).
+MODEL_KINDS = ("rnnt", "tdt")
 # A lattice dump's per-utterance datasets, beside labels: name -> shape in (T, U).
 LATTICE_DATASETS = {
     "blank_lp": lambda T, U: (T, U + 1),  # log P(blank | t, u)
@@ -99,6 +111,26 @@ def check_frame_shift(value, what: str = "frame_shift") -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"{what} must be a finite number of seconds > 0, got {seconds!r}")
     return seconds
+
+
+def check_dump_durations(value, what: str = "durations") -> tuple[int, ...]:
+    """A TDT duration set as a tuple of ints, checked as ``tdt_loss`` checks its
+    ``durations`` (``tdt_lattice.check_duration_values``: strictly ascending, >= 0,
+    with 0 and 1), from a list, tuple, 1-D integer array or tensor. TypeError for
+    something that is not integers, ValueError (naming ``what``) otherwise."""
+    from .tdt_lattice import check_duration_values
+
+    if isinstance(value, str | bytes) or not (isinstance(value, list | tuple)
+                                              or hasattr(value, "shape")):
+        raise TypeError(f"{what} must be a list or tuple of integers (e.g. [0, 1, 2, 3, 4]), "
+                        f"got {type(value).__name__}")
+    if not isinstance(value, list | tuple):
+        a = _np(value)
+        if a.ndim != 1:
+            raise ValueError(f"{what} must be 1-D, got shape {a.shape}")
+        value = list(a)
+    values = tuple(_integer(f"{what}[{i}]", v) for i, v in enumerate(value))
+    return check_duration_values(values)
 
 
 def _np(x) -> np.ndarray:
@@ -274,7 +306,7 @@ class DumpWriter:
 
     ``DumpWriter(path, blank=0, vocab=None, input_kind="logits", compression=None, *,
     kind="full", lattice_dtype=None, backend="auto", vocab_size=None,
-    frame_shift=None)``:
+    frame_shift=None, model_kind="rnnt", durations=None)``:
 
     - ``blank``: the blank index, in ``[-V, V)`` (negative counts from the end);
       ``vocab``: a sequence of V token names; ``input_kind``: ``"logits"``
@@ -286,6 +318,15 @@ class DumpWriter:
       subsampling), stored as the root attribute ``frame_shift`` (both kinds), so
       that ``rnntool timestamps`` can give times in seconds; None stores none.
       A finite number > 0: ValueError otherwise (TypeError for a non-number).
+    - ``model_kind`` (one of ``MODEL_KINDS``): ``"rnnt"``, or ``"tdt"`` for a
+      Token-and-Duration Transducer's joint outputs, with ``durations`` its
+      duration set (frames, e.g. ``[0, 1, 2, 3, 4]``; checked as ``tdt_loss``
+      checks it). A TDT utterance's logits are ``(T, U+1, V + D)``: the V token
+      logits (blank among them; ``vocab``, ``vocab_size`` and ``blank`` count
+      tokens only), then one per duration; a last dim that leaves no token, or
+      disagrees with the V known, is a ValueError. Stored as the root attributes
+      ``model_kind`` and ``durations``. TDT lattice dumps (``kind="lattice"``) are
+      not supported yet: ValueError.
     - ``kind`` (one of ``DUMP_KINDS``): ``"full"`` stores the logits ``(T, U+1, V)``
       as given (and gradients, if given); ``"lattice"`` takes the same logits but
       stores only ``blank_lp (T, U+1)``, ``emit_lp (T, U)`` and ``log_p2_others
@@ -323,7 +364,21 @@ class DumpWriter:
         backend: str = "auto",
         vocab_size: int | None = None,
         frame_shift: float | None = None,
+        model_kind: str = "rnnt",
+        durations=None,
     ) -> None:
+        if model_kind not in MODEL_KINDS:
+            raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}")
+        if model_kind == "tdt":
+            if durations is None:
+                raise ValueError("model_kind='tdt' needs durations= (the duration set, e.g. "
+                                 "[0, 1, 2, 3, 4])")
+            durations = check_dump_durations(durations)
+            if kind == "lattice":
+                raise ValueError("lattice dumps of TDT logits are not supported yet; write "
+                                 "a full dump (kind='full')")
+        elif durations is not None:
+            raise ValueError("durations= is for model_kind='tdt' only")
         if frame_shift is not None:
             frame_shift = check_frame_shift(frame_shift)
         if input_kind not in INPUT_KINDS:
@@ -357,6 +412,8 @@ class DumpWriter:
         self.lattice_dtype: np.dtype | None = lattice_dtype
         self.backend = backend
         self.frame_shift: float | None = frame_shift
+        self.model_kind = model_kind
+        self.durations: tuple[int, ...] | None = durations
         self.vocab_size: int | None = None if self.vocab is None else len(self.vocab)
         if vocab_size is not None:
             if isinstance(vocab_size, bool):
@@ -528,6 +585,8 @@ class DumpWriter:
         T, U1, V = shape
         if T == 0:
             raise ValueError(f"utterance {utt_id!r}: T = 0")
+        if self.durations is not None:
+            V = self._tdt_tokens(utt_id, V)
         if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
             raise ValueError(f"utterance {utt_id!r}: labels must be a 1-D integer array")
         y = y.astype(np.int64, copy=False) if y.size == 0 else y
@@ -544,6 +603,19 @@ class DumpWriter:
             raise ValueError(f"utterance {utt_id!r}: labels[{bad.index[0]}] = {bad.value} is out "
                              f"of range or blank (V={V}, blank={blank})")
         return y, int(V)
+
+    def _tdt_tokens(self, utt_id: str, last: int) -> int:
+        """V, the token count of a TDT utterance whose logits' last dim is ``last``
+        (V + D); ValueError when that leaves no token or disagrees with the V known."""
+        D = len(self.durations)
+        V = last - D
+        if V < 1 or (self.vocab_size is not None and self.vocab_size != V):
+            want = ("V + D with V >= 1" if self.vocab_size is None else
+                    f"V + D = {self.vocab_size} + {D} = {self.vocab_size + D}")
+            raise ValueError(f"utterance {utt_id!r}: logits' last dim is {last}, but a TDT "
+                             f"dump's logits are (T, U+1, V + D) with D = {D} durations "
+                             f"{list(self.durations)}: it must be {want}")
+        return V
 
     @staticmethod
     def _attrs(utt_id: str, attrs: dict) -> dict:
@@ -834,6 +906,9 @@ class DumpWriter:
             f.attrs["blank"] = self.blank
             f.attrs["vocab_size"] = -1 if self.vocab_size is None else self.vocab_size
             f.attrs["input_kind"] = self.input_kind
+            f.attrs["model_kind"] = self.model_kind
+            if self.durations is not None:
+                f.attrs["durations"] = np.array(self.durations, np.int64)
             if self.frame_shift is not None:
                 f.attrs["frame_shift"] = np.float64(self.frame_shift)
             if vocab is not None:

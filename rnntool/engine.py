@@ -3,8 +3,13 @@ forward state, and the one table that names the backends.
 
 ``loss.py``, ``align.py`` and ``score.py`` reach the kernels only through an
 ``Engine`` from ``load_engine``; ``cpu.py`` and ``cuda.py`` each export one as
-``ENGINE``, built from their twin host functions. A new lattice variant is its
-kernels, an ``Engine`` built from them, and one entry in ``ENGINES``.
+``ENGINE``, built from their twin host functions. A variant whose forward state is
+RNN-T's (two log-probs per node) would be its kernels, an ``Engine`` built from
+them, and one entry in ``ENGINES``; TDT's state is not (it also carries D duration
+log-probs per node, and its arcs jump frames), so it has its own contract and
+table: ``tdt_lattice.TDTEngine`` / ``TDTState`` and ``tdt_lattice.TDT_ENGINES``
+(``tdt_cpu.TDT_ENGINE``, ``tdt_cuda.TDT_ENGINE``), reached by ``tdt.py``,
+``align.tdt_align`` and, for a TDT dump (``model_kind="tdt"``), ``score.py``.
 
 The twin stages, side by side (``lattice.py`` holds the per-node rules both compile):
 

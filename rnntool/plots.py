@@ -225,13 +225,16 @@ def build_figure(
     grad_norm: np.ndarray,
     tokens: Sequence[str] | None = None,
     labels: Sequence[int] | None = None,
+    path_markers: bool = False,
 ) -> Figure:
     """The figure ``plot_utterance`` saves: two panels sharing the t axis, log10
     occupancy (``OCCUPANCY_RANGE``) with the Viterbi path over it and log10 gradient
     norm (``GRAD_NORM_RANGE``). Arrays are ``(T, U+1)``; t on the x axis, u on the y
     axis (origin lower); ``tokens`` names the U labels, ``labels`` are their ids
     (shown for a name no installed font can draw; without them its characters are
-    escaped). Drawing it prints no warning."""
+    escaped). ``path_markers``: a dot at each node of the path (a TDT path, whose
+    arcs jump frames: ``best_path`` holds the nodes its arcs leave, then the end
+    ``(T, U)``). Drawing it prints no warning."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -266,8 +269,10 @@ def build_figure(
                          interpolation="nearest")
     single = len(best_path) < 2  # one node (T = 1, U = 0): a line would not show
     axes[0].plot(best_path[:, 0], best_path[:, 1], color="red", lw=1.2,
-                 marker="o" if single else None, ms=4,
-                 label=f"best path (log P = {best_log_prob:.3f})")
+                 marker="o" if single else ("." if path_markers else None),
+                 ms=4 if single or not path_markers else 5,
+                 label=f"best path (log P = {best_log_prob:.3f})"
+                 + (", arcs jump frames" if path_markers else ""))
     axes[0].legend(loc="upper left", fontsize=8, framealpha=0.8)
     axes[0].set_title("log10 P(the alignment passes through (t, u))", fontsize=10)
     fig.colorbar(im0, ax=axes[0], fraction=0.03, extend="min",
@@ -326,5 +331,6 @@ def save_png(out_dir: str | os.PathLike, aligned: AlignedUtterance,
     with atomic_file(dest, inputs=inputs) as png:
         plot_utterance(png, utt_id=aligned.utt_id, loss=al.loss, best_log_prob=al.best_log_prob,
                        occupancy=al.occupancy, best_path=al.path, grad_norm=aligned.grad_norm,
-                       tokens=aligned.tokens, labels=aligned.labels)
+                       tokens=aligned.tokens, labels=aligned.labels,
+                       path_markers=hasattr(al, "arcs"))
     return dest

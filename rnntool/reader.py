@@ -32,6 +32,12 @@ says what an utterance holds: "full", its ``(T, U+1, V)`` logits (``read``);
 "lattice", only the three log-probs per lattice node the RNN-T loss needs
 (``read_lattice``), computed with the file's blank, which cannot be
 overridden. A lattice dump is keyed and records the V of its logits.
+
+The model (root attribute ``model_kind``; absent: "rnnt") says what the logits
+are: "tdt" logits are ``(T, U+1, V + D)``, V token logits then one per entry of
+the root attribute ``durations`` (``DumpReader.durations``, checked as
+``tdt_loss`` checks it); ``UttInfo.V`` counts tokens, ``UttInfo.D`` the duration
+logits, ``UttInfo.width`` is what a node stores.
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ from .dump import (
     INPUT_KINDS,
     LATTICE_DATASETS,
     LATTICE_DTYPES,
+    MODEL_KINDS,
     DumpError,
+    check_dump_durations,
 )
 from .storage import RawRegion, StorageChecks, native, preadv_all
 
@@ -81,11 +89,17 @@ class UttInfo:
     has_grads: bool = False
     region: RawRegion | None = None
     kind: str = "full"
+    D: int = 0  # TDT: the duration logits stored after the V token logits of each node
+
+    @property
+    def width(self) -> int:
+        """Logits per lattice node as stored: ``V``, or ``V + D`` in a TDT dump."""
+        return self.V + self.D
 
     @property
     def node_bytes(self) -> int:
-        """Bytes read per lattice node: ``V`` logits, or a lattice's three log-probs."""
-        return (3 if self.kind == "lattice" else self.V) * self.dtype.itemsize
+        """Bytes read per lattice node: ``width`` logits, or a lattice's three log-probs."""
+        return (3 if self.kind == "lattice" else self.width) * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -108,7 +122,8 @@ class LatticeUtterance:
 
 @dataclass
 class Utterance:
-    """One utterance's data: ``logits (T, U+1, V)``, ``labels (U,)`` int64."""
+    """One utterance's data: ``logits (T, U+1, V)`` (a TDT dump's ``(T, U+1, V + D)``),
+    ``labels (U,)`` int64."""
 
     info: UttInfo
     logits: np.ndarray
@@ -241,6 +256,7 @@ class DumpReader:
             raise DumpError(f"{self.name}: format_version {version} is newer than this rnntool "
                             f"reads ({FORMAT_VERSION}); upgrade rnntool")
         self.kind = self._dump_kind(version)
+        self.model_kind, self.durations = self._model()
         utts = self._child(f, "utts")
         if self.kind == "lattice":
             if not isinstance(utts, h5py.Group):
@@ -295,6 +311,31 @@ class DumpReader:
             raise DumpError(f"{self.name}: attribute frame_shift = {_shown(v)} is not a finite "
                             "number of seconds > 0")
         return seconds
+
+    def _model(self) -> tuple[str, tuple[int, ...] | None]:
+        """``(model_kind, durations)``: the root attributes ``model_kind`` (absent:
+        "rnnt") and, for "tdt", ``durations``, checked as ``tdt_loss`` checks them."""
+        raw = self._f.attrs.get("model_kind", "rnnt")
+        model = _attr_str(raw) if isinstance(raw, str | bytes) else None
+        if model not in MODEL_KINDS:
+            raise DumpError(f"{self.name}: attribute model_kind = {_shown(raw)} is not one of "
+                            f"{', '.join(MODEL_KINDS)}")
+        if model == "rnnt":
+            return model, None
+        if self.kind == "lattice":
+            raise DumpError(f"{self.name}: a lattice dump of TDT logits (model_kind = 'tdt'); "
+                            "rnntool does not read TDT lattice dumps yet")
+        if "durations" not in self._f.attrs:
+            raise DumpError(f"{self.name}: attribute model_kind = 'tdt' but no attribute "
+                            "durations (the duration set, e.g. [0, 1, 2, 3, 4])")
+        v = np.asarray(self._f.attrs["durations"])
+        if v.ndim != 1 or not _is_integer(v) or v.size > 4096:
+            raise DumpError(f"{self.name}: attribute durations = {_shown(v)} is not a 1-D "
+                            "integer array (the TDT duration set)")
+        try:
+            return model, check_dump_durations(v)
+        except (ValueError, TypeError) as e:
+            raise DumpError(f"{self.name}: attribute {_first_line(e)}") from None
 
     def _dump_kind(self, version: int) -> str:
         if "dump_kind" not in self._f.attrs:
@@ -418,6 +459,12 @@ class DumpReader:
             return vs
         if self.vocab is not None:
             return len(self.vocab)
+        if self.durations is not None and self._layout.V > 0:
+            D = len(self.durations)
+            if self._layout.V - D < 1:
+                raise DumpError(f"{self.name}: /logits' last dim is {self._layout.V}, which "
+                                f"leaves no token logit beside the D = {D} duration logits")
+            return self._layout.V - D
         return self._layout.V
 
     def _check_unchanged(self, utt_id: str | None = None) -> None:
@@ -487,6 +534,13 @@ class DumpReader:
 
     def _info(self, utt_id: str) -> UttInfo:
         info = self._layout.info(utt_id)
+        if self.durations is not None:
+            D = len(self.durations)
+            if info.V - D < 1:
+                raise self._err(utt_id, f"logits' last dim is {info.V}, but a TDT dump's logits "
+                                f"are (T, U+1, V + D) with D = {D} durations "
+                                f"{list(self.durations)}: no token logit is left")
+            info.V, info.D = info.V - D, D
         if info.kind == "lattice":
             if info.dtype not in LATTICE_DTYPES:
                 raise self._err(utt_id, f"lattice dtype {info.dtype} is not float32/64")
@@ -495,7 +549,9 @@ class DumpReader:
         if info.V < 1:
             raise self._err(utt_id, "V = 0: logits need at least one entry per node")
         if self.vocab_size > 0 and self.vocab_size != info.V:
-            raise self._err(utt_id, f"V = {info.V} but the dump's vocab size is {self.vocab_size}")
+            raise self._err(utt_id, f"V = {info.V} but the dump's vocab size is {self.vocab_size}"
+                            + (f" (TDT: logits' last dim {info.width} = V + D, D = {info.D})"
+                               if info.D else ""))
         if normalise_blank(self.blank, info.V) is None:
             raise DumpError(f"{self.name}: blank = {self.blank} is outside [-V, V) for V = "
                             f"{info.V}")
@@ -547,7 +603,7 @@ class DumpReader:
 
     def _probe(self, info: UttInfo) -> bool:
         """Does a direct read of the first frame give exactly what HDF5 reads?"""
-        one = np.empty((1, info.U + 1, info.V), info.dtype)
+        one = np.empty((1, info.U + 1, info.width), info.dtype)
         try:
             self._pread(info, one)
         except DumpError:
@@ -571,7 +627,7 @@ class DumpReader:
         y = self.labels(utt_id, info)
         check_memory(info.nbytes * (2 if with_grads and info.has_grads else 1),
                      f"{self.name}: utterance {show(utt_id)}: its logits")
-        x = np.empty((info.T, info.U + 1, info.V), info.dtype)
+        x = np.empty((info.T, info.U + 1, info.width), info.dtype)
         self.read_logits_into(utt_id, info, x)
         grads = None
         if with_grads and info.has_grads:

@@ -28,12 +28,13 @@ LATTICE_BATCH_BYTES = 8 << 20  # a lattice dump's batches at most (they are not 
 
 def _load_batch(reader: DumpReader, group: Sequence[tuple[UttInfo, np.ndarray]],
                 store: np.ndarray):
-    """Padded ``(B, T, U+1, V)`` logits (a view of ``store``), ``(B, Umax)`` labels, lengths."""
+    """Padded ``(B, T, U+1, V)`` logits (a view of ``store``; a TDT dump's ``(B, T, U+1,
+    V + D)``), ``(B, Umax)`` labels, lengths."""
     infos = [g[0] for g in group]
     B = len(infos)
     T = max(i.T for i in infos)
     U = max(i.U for i in infos)
-    V = infos[0].V
+    V = infos[0].width
     # Reusing one buffer avoids faulting in fresh pages for every batch; the
     # padding is never read, so it need not be cleared.
     logits = store.view(infos[0].dtype)[: B * T * (U + 1) * V].reshape(B, T, U + 1, V)
@@ -291,20 +292,54 @@ def _to_float32(losses: np.ndarray) -> np.ndarray:
 
 
 def _torch_losses(reader, logits, targets, logit_lengths, target_lengths,
-                  backend) -> np.ndarray:
+                  backend, loss_fn=None, **extra) -> np.ndarray:
+    """Losses of a padded batch by ``loss_fn`` (default ``rnnt_loss``; ``extra`` its other
+    keywords) on ``backend``'s device."""
     import torch
 
     from .devices import tensor_device
-    from .loss import rnnt_loss
 
+    if loss_fn is None:
+        from .loss import rnnt_loss as loss_fn
     tensors = [torch.from_numpy(a) for a in (logits, targets, logit_lengths, target_lengths)]
     if tensor_device(backend) == "cuda":  # else: the simulator's CPU tensors
         tensors = [a.to("cuda", non_blocking=True) for a in tensors]
     with torch.no_grad(), _quiet_nonfinite():
-        return rnnt_loss(
+        return loss_fn(
             *tensors, blank=reader.blank, reduction="none",
             fused_log_softmax=reader.input_kind == "logits", backend=backend, validate=True,
+            **extra,
         ).cpu().numpy()
+
+
+def _batch_losses(reader, batch, backend) -> np.ndarray:
+    """Losses of a padded batch of a full dump, by the dump's model kind."""
+    if reader.model_kind == "tdt":
+        return _tdt_losses(reader, *batch, backend)
+    if backend == "cuda":
+        return _torch_losses(reader, *batch, backend)
+    return _cpu_losses(reader, *batch)
+
+
+def _tdt_losses(reader, logits, targets, logit_lengths, target_lengths,
+                backend) -> np.ndarray:
+    """TDT losses of a padded batch ``(B, T, U+1, V + D)`` with the dump's durations:
+    on the CPU the TDT engine's forward without torch, rounded as ``tdt_loss`` rounds
+    them; on CUDA ``tdt_loss`` itself."""
+    if backend != "cuda":
+        from .tdt_lattice import TDTOptions, load_tdt_engine
+
+        V = logits.shape[3] - len(reader.durations)
+        opts = TDTOptions(blank=reader.blank % V, durations=reader.durations,
+                          fused=reader.input_kind == "logits")
+        state = load_tdt_engine("cpu").forward(logits, targets, logit_lengths,
+                                               target_lengths, opts, False)
+        losses = -state.log_like
+        return losses if logits.dtype == np.float64 else _to_float32(losses)
+    from .tdt import tdt_loss
+
+    return _torch_losses(reader, logits, targets, logit_lengths, target_lengths, backend,
+                         tdt_loss, durations=reader.durations)
 
 
 def _score_batches(reader, groups, backend, on_batch):
@@ -324,10 +359,7 @@ def _score_batches(reader, groups, backend, on_batch):
             batch = pending.result()
             if k + 1 < len(groups):
                 pending = pool.submit(_load_batch, reader, groups[k + 1], stores[(k + 1) % 2])
-            if backend == "cuda":
-                losses = _torch_losses(reader, *batch, backend)
-            else:
-                losses = _cpu_losses(reader, *batch)
+            losses = _batch_losses(reader, batch, backend)
             del batch
             for (info, _), loss in zip(group, losses, strict=True):
                 yield _row(reader, info, float(loss))
@@ -342,18 +374,24 @@ def input_eps(reader: DumpReader, dtype) -> float:
 
 
 def loss_problem(loss: float, T: int, U: int, float64: bool = False,
-                 input_eps: float = 0.0) -> str | None:
+                 input_eps: float = 0.0, tdt: bool = False) -> str | None:
     """Why an utterance's loss cannot be a true ``-log P(y|x)``, in words; None if it can.
 
     NaN (NaN or +inf in the logits), +inf (no alignment has non-zero
     probability), or negative beyond rounding (``negative_loss_tolerance``, with
-    ``input_eps`` from ``input_eps()``).
+    ``input_eps`` from ``input_eps()``; ``tdt``: a TDT lattice's, twice that, as each
+    arc adds a token and a duration log-prob).
     """
     if math.isnan(loss):
         return "loss is nan (NaN or +inf in its logits)"
     if math.isinf(loss):
         return f"loss is {loss} (no alignment has non-zero probability)"
-    tol = negative_loss_tolerance(T, U, float64, input_eps)
+    if tdt:  # each TDT arc adds two rounded log-probs (token and duration)
+        from .tdt_lattice import negative_loss_tolerance as tdt_tolerance
+
+        tol = tdt_tolerance(T, U, float64, input_eps)
+    else:
+        tol = negative_loss_tolerance(T, U, float64, input_eps)
     if loss < -tol:
         return (f"loss is {loss:.6g}, below 0 beyond rounding (tolerance {tol:.2g} nats), which "
                 "-log P(y|x) cannot be: are its log-probs normalised? (rnntool inspect checks)")
@@ -367,7 +405,8 @@ def utterance_problem(reader: DumpReader, info: UttInfo, loss: float,
     float64 (default: when the logits are float64, as the engine does)."""
     if float64 is None:
         float64 = info.dtype == np.float64
-    return loss_problem(loss, info.T, info.U, float64, input_eps(reader, info.dtype))
+    return loss_problem(loss, info.T, info.U, float64, input_eps(reader, info.dtype),
+                        tdt=reader.model_kind == "tdt")
 
 
 def _row(reader: DumpReader, info: UttInfo, loss: float) -> dict:

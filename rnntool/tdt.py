@@ -28,15 +28,20 @@ from .loss import (
     reduction_weights,
     resolve_logits,
 )
-from .tdt_lattice import TDT_ENGINES, TDTEngine, TDTOptions, TDTState, load_tdt_engine
+from .tdt_lattice import (
+    TDT_ENGINES,
+    TDTEngine,
+    TDTOptions,
+    TDTState,
+    check_duration_values,
+    load_tdt_engine,
+)
 from .tdt_lattice import negative_loss_tolerance as _tolerance
 
 __all__ = ["tdt_loss", "TDTLoss", "check_durations"]
 
 
 # --------------------------------------------------------------------------- validation
-_MAX_DURATION = 2**31 - 1  # frames; t + d stays far inside int64 in the kernels
-
 def check_durations(durations) -> tuple[int, ...]:
     """``durations`` as a tuple of ints: strictly ascending, ``>= 0``, with 0 and 1.
 
@@ -55,22 +60,7 @@ def check_durations(durations) -> tuple[int, ...]:
             f"{type(durations).__name__}"
         )
     values = tuple(as_index(f"durations[{i}]", d) for i, d in enumerate(durations))
-    if not values:
-        raise ValueError("durations is empty; TDT needs a duration set with 0 and 1, "
-                         "e.g. [0, 1, 2, 3, 4]")
-    for i, d in enumerate(values):
-        if d < 0:
-            raise ValueError(f"durations[{i}] = {d} is negative in {list(values)}; "
-                             "durations are frame counts >= 0")
-        if d > _MAX_DURATION:
-            raise ValueError(f"durations[{i}] = {d} is larger than {_MAX_DURATION} frames")
-        if i and d <= values[i - 1]:
-            raise ValueError(f"durations must be strictly ascending, got {list(values)} "
-                             f"(durations[{i}] = {d} after {values[i - 1]})")
-    if values[0] != 0 or len(values) < 2 or values[1] != 1:
-        missing = " and ".join(str(d) for d in (0, 1) if d not in values)
-        raise ValueError(f"durations must contain 0 and 1, got {list(values)} (no {missing})")
-    return values
+    return check_duration_values(values)
 
 
 def as_sigma(value) -> float:

@@ -123,6 +123,33 @@ def load_tdt_engine(backend: str) -> TDTEngine:
     return importlib.import_module(TDT_ENGINES[backend]).TDT_ENGINE
 
 
+MAX_DURATION = 2**31 - 1  # frames; t + d stays far inside int64 in the kernels
+
+
+def check_duration_values(values: tuple[int, ...]) -> tuple[int, ...]:
+    """The duration set's rules, on Python ints (torch-free: dumps check theirs with it,
+    ``tdt.check_durations`` after converting its argument): strictly ascending,
+    ``>= 0``, at most ``MAX_DURATION`` frames, containing 0 and 1. Returns ``values``;
+    ``ValueError`` in one line naming the value otherwise (e.g. ``[0, 2, 4]``: no 1).
+    """
+    if not values:
+        raise ValueError("durations is empty; TDT needs a duration set with 0 and 1, "
+                         "e.g. [0, 1, 2, 3, 4]")
+    for i, d in enumerate(values):
+        if d < 0:
+            raise ValueError(f"durations[{i}] = {d} is negative in {list(values)}; "
+                             "durations are frame counts >= 0")
+        if d > MAX_DURATION:
+            raise ValueError(f"durations[{i}] = {d} is larger than {MAX_DURATION} frames")
+        if i and d <= values[i - 1]:
+            raise ValueError(f"durations must be strictly ascending, got {list(values)} "
+                             f"(durations[{i}] = {d} after {values[i - 1]})")
+    if values[0] != 0 or len(values) < 2 or values[1] != 1:
+        missing = " and ".join(str(d) for d in (0, 1) if d not in values)
+        raise ValueError(f"durations must contain 0 and 1, got {list(values)} (no {missing})")
+    return values
+
+
 # --------------------------------------------------------------------------- per-node rules
 def compiled(rule, jit, **names):
     """``rule`` compiled by ``jit`` as a copy whose globals ``names`` (``_lae=...``) are

@@ -27,6 +27,13 @@ Definitions (``f_u`` is the frame at which the Viterbi path emits token ``u``,
   ``prod``, ``max``) of its tokens' window posteriors, ``frame_confidence`` the
   same of their frame posteriors.
 
+A TDT dump's alignment (``align.TDTAlignment``): ``f_u`` is the frame the token's
+arc leaves on the best path over the duration lattice, and the token lasts
+``n_u = max(d_u, 1)`` frames, ``d_u`` that arc's duration (the frames the model
+says the token covers; a ``d = 0`` token still occupies its frame): end
+``(f_u + n_u) * s``, ``end_frame = f_u + n_u``, expected end ``(E[f_u] + n_u) * s``.
+The posteriors sum over the token's durations.
+
 The same Viterbi frames come from every backend (ties break the same way), so
 the times are identical on the CPU and CUDA engines and on a full dump and the
 lattice dump made from it; the posteriors agree to float rounding.
@@ -328,15 +335,17 @@ def utterance_times(alignment: Alignment, labels: np.ndarray, tokens: Sequence[s
     word_of: dict[int, int] = {p: w for w, (_, ps) in enumerate(groups) for p in ps}
     s = frame_shift
     k = int(window)
+    durations = getattr(al, "token_durations", None)  # TDT: a token lasts max(d, 1) frames
     for u in range(al.U):
         f = int(al.frames[u])
+        n = 1 if durations is None else max(int(durations[u]), 1)
         lo, hi = max(0, f - k), min(al.T, f + k + 1)
         win = float(min(1.0, max(0.0, math.fsum(al.emit_posteriors[lo:hi, u].tolist()))))
         e = float(al.expected_frames[u])
         out.tokens.append(TokenTime(
             position=u, token_id=int(labels[u]), token=names[u], word_index=word_of.get(u),
-            start_frame=f, end_frame=f + 1, start=f * s, end=(f + 1) * s,
-            expected_frame=e, expected_start=e * s, expected_end=(e + 1) * s,
+            start_frame=f, end_frame=f + n, start=f * s, end=(f + n) * s,
+            expected_frame=e, expected_start=e * s, expected_end=(e + n) * s,
             frame_posterior=float(al.frame_posteriors[u]), window_posterior=win,
         ))
     for w, (word, ps) in enumerate(groups):

@@ -1,7 +1,7 @@
 """Compile every CUDA kernel to PTX for each input dtype, with no GPU needed.
 
-The kernels and their argument types are ``rnntool.cuda.PTX_SIGNATURES``, kept
-beside the kernels.
+The kernels and their argument types are ``rnntool.cuda.PTX_SIGNATURES`` (RNN-T)
+and ``rnntool.tdt_cuda.PTX_SIGNATURES`` (TDT), kept beside the kernels.
 
 Catches what Numba's simulator cannot: typing and lowering errors of the real
 CUDA target (casts to float16, libdevice calls, shared memory). Needs NVVM and
@@ -22,6 +22,7 @@ from numba import cuda  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rnntool import cuda as rc  # noqa: E402
+from rnntool import tdt_cuda  # noqa: E402
 
 
 def main() -> int:
@@ -30,13 +31,15 @@ def main() -> int:
     cc = tuple(int(v) for v in ap.parse_args().cc.split("."))
     failures = 0
     # Every kernel with the argument types its launches use, for each storage kind.
-    for (kname, kind), (kernel, sig) in rc.PTX_SIGNATURES.items():
+    table = [*rc.PTX_SIGNATURES.items(),
+             *(((f"tdt:{k}", kind), v) for (k, kind), v in tdt_cuda.PTX_SIGNATURES.items())]
+    for (kname, kind), (kernel, sig) in table:
         try:
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
-            print(f"ok    {kname:16s} {kind:9s} {len(ptx):7d} bytes of PTX")
+            print(f"ok    {kname:20s} {kind:9s} {len(ptx):7d} bytes of PTX")
         except Exception as e:  # noqa: BLE001 (report every kernel, then fail)
             failures += 1
-            print(f"FAIL  {kname:16s} {kind:9s} {type(e).__name__}: "
+            print(f"FAIL  {kname:20s} {kind:9s} {type(e).__name__}: "
                   f"{str(e).strip().splitlines()[-1][:200]}")
     return 1 if failures else 0
 

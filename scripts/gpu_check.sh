@@ -7,15 +7,18 @@
 # Runs the `cuda`-marked tests, compares CUDA with CPU on random batches (loss,
 # gradient, and align's Viterbi paths and posteriors),
 # and benchmarks rnntool against torchaudio's CUDA rnnt_loss and warprnnt_numba
-# at B32 T400 U100 V1024 and B16 T1000 U300 V128 in float32 and float16.
+# at B32 T400 U100 V1024 and B16 T1000 U300 V128 in float32 (DTYPES: also float16).
 # Everything it prints is also written to $OUT/gpu_check.log when OUT is set.
-# The `tdt` step compares the TDT loss's CUDA kernels with the CPU's (all dtypes),
+# The `tdt` step compares the TDT loss's CUDA kernels with the CPU's (all dtypes) and
+# the TDT Viterbi paths and posteriors (tdt_align) and a TDT dump's scores likewise,
 # times it against rnnt_loss (benchmarks/bench_tdt.py), and compares it with NeMo's
 # TDT loss where NeMo imports (it is not installed on the GPU machine: skipped).
-# Worst case about 630 s (every step at its timeout); run it with timeout_s=600 and
-# STEPS="tests compare bench" or STEPS=tdt when time is short.
-# QUICK=1 (little device time left): shorter timeouts, float32 and one shape only,
-# worst case about 270 s.
+# The default run fits the device's 600 s per-command limit: worst case about 550 s
+# (every step at its timeout: tests 110 + compare 110 + tdt 2 x 80 + bench 150, plus
+# about 20 s of setup), the benchmark in float32 only; DTYPES="float32 float16"
+# adds 150 s (run that with STEPS=bench). A subset: STEPS="tests compare", STEPS=tdt.
+# QUICK=1 (little device time left): shorter timeouts, one shape only, worst case
+# about 330 s (80 + 70 + 2 x 50 + 60, plus setup).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${OUT:-/tmp}/gpu_check.log
@@ -34,7 +37,8 @@ if not hasattr(np, "row_stack"):
 SITE
 export PYTHONPATH=$PYTHONPATH:/tmp/site
 QUICK=${QUICK:-0}
-t_tests=120; t_cmp=120; t_bench=150; t_tdt=90; dtypes="float32 float16"; shapes="32,400,100,1024 16,1000,300,128"
+t_tests=110; t_cmp=110; t_bench=150; t_tdt=80; dtypes=${DTYPES:-float32}
+shapes="32,400,100,1024 16,1000,300,128"
 if [ "$QUICK" = 1 ]; then
   t_tests=80; t_cmp=70; t_bench=60; t_tdt=50; dtypes=float32; shapes=32,400,100,1024
 fi
@@ -131,6 +135,27 @@ for B, T, U, V, dt in [(4, 50, 20, 40, torch.float32), (3, 33, 300, 129, torch.f
     dl = (res["cpu"][0] - res["cuda"][0]).abs().max().item()
     dg = (res["cpu"][1] - res["cuda"][1]).abs().max().item()
     print(f"TDT B{B} T{T} U{U} V{V} D5 {dt}: max |loss diff| {dl:.3g}  max |grad diff| {dg:.3g}")
+# TDT alignments (Viterbi arcs, posteriors) and a TDT dump's scores, CUDA against CPU
+import tempfile
+from rnntool.align import tdt_align
+from rnntool.reader import DumpReader
+from rnntool.score import score_rows
+x = torch.randn(6, 120, 31, 64 + len(durs)) * 3
+y = torch.randint(1, 64, (6, 30)); Tl = torch.full((6,), 120); Ul = torch.full((6,), 30)
+cpu = tdt_align(x, y, Tl, Ul, durations=durs, blank=0, backend="cpu")
+gpu = tdt_align(x.cuda(), y.cuda(), Tl.cuda(), Ul.cuda(), durations=durs, blank=0, backend="cuda")
+same = sum(a.arcs.tolist() == b.arcs.tolist() for a, b in zip(cpu, gpu))
+dbest = max(abs(a.best_log_prob - b.best_log_prob) for a, b in zip(cpu, gpu))
+docc = max(float(abs(a.occupancy - b.occupancy).max()) for a, b in zip(cpu, gpu))
+print(f"tdt_align: {same}/6 identical Viterbi paths, max |best log P diff| {dbest:.3g}, "
+      f"max |occupancy diff| {docc:.3g}")
+with tempfile.TemporaryDirectory() as d:
+    with rnntool.DumpWriter(f"{d}/tdt.h5", blank=0, model_kind="tdt", durations=durs) as w:
+        w.add_batch(x, y, Tl, Ul)
+    with DumpReader(f"{d}/tdt.h5") as r:
+        sc = {row["utt_id"]: row["loss"] for row in score_rows([(r, r.utt_ids)], backend="cpu")}
+        sg = {row["utt_id"]: row["loss"] for row in score_rows([(r, r.utt_ids)], backend="cuda")}
+    print(f"TDT dump scores: max |CUDA - CPU| {max(abs(sc[k] - sg[k]) for k in sc):.3g}")
 try:  # NeMo's numba TDT loss, where NeMo imports (not on the GPU machine so far)
     from nemo.collections.asr.parts.numba.rnnt_loss.rnnt_pytorch import TDTLossNumba
 except Exception as e:  # noqa: BLE001
