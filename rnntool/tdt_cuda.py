@@ -40,6 +40,7 @@ scans.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numba
@@ -381,6 +382,13 @@ def cuda_check_device(logits: torch.Tensor) -> None:
     _rc.cuda_check_device(logits)
 
 
+@functools.lru_cache(maxsize=64)
+def _device_durations(durations: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The duration set on ``device``, copied once per (set, device): a copy from pageable
+    host memory each forward would make the host wait for the stream."""
+    return torch.tensor(durations, dtype=torch.int64).to(device)
+
+
 def cuda_forward(logits, targets, logit_lengths, target_lengths, opts: TDTOptions,
                  keep_state: bool) -> TDTState:
     """Stages 1 and 2 on the GPU; same contract as ``tdt_cpu.cpu_forward``, the state's
@@ -392,7 +400,7 @@ def cuda_forward(logits, targets, logit_lengths, target_lengths, opts: TDTOption
     D = len(opts.durations)
     targets, logit_lengths, target_lengths, bad_len = _rc._index_tensors(
         targets, logit_lengths, target_lengths, T, U1, device)
-    durations = torch.tensor(opts.durations, dtype=torch.int64).to(device)
+    durations = _device_durations(opts.durations, device)
     lat_dtype = _rc.lattice_dtype(logits)
     blank_lp = torch.empty(B, T, U1, dtype=lat_dtype, device=device)
     emit_lp = torch.empty(B, T, U1, dtype=lat_dtype, device=device)

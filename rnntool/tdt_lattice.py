@@ -124,17 +124,24 @@ def load_tdt_engine(backend: str) -> TDTEngine:
 
 
 MAX_DURATION = 2**31 - 1  # frames; t + d stays far inside int64 in the kernels
+# Viterbi back-pointers are int8 codes +-(i + 1) for duration index i (below), so at most
+# 127 durations (NeMo's models use 5 or so).
+MAX_DURATIONS = 127
 
 
 def check_duration_values(values: tuple[int, ...]) -> tuple[int, ...]:
     """The duration set's rules, on Python ints (torch-free: dumps check theirs with it,
     ``tdt.check_durations`` after converting its argument): strictly ascending,
-    ``>= 0``, at most ``MAX_DURATION`` frames, containing 0 and 1. Returns ``values``;
+    ``>= 0``, at most ``MAX_DURATION`` frames, at most ``MAX_DURATIONS`` of them,
+    containing 0 and 1. Returns ``values``;
     ``ValueError`` in one line naming the value otherwise (e.g. ``[0, 2, 4]``: no 1).
     """
     if not values:
         raise ValueError("durations is empty; TDT needs a duration set with 0 and 1, "
                          "e.g. [0, 1, 2, 3, 4]")
+    if len(values) > MAX_DURATIONS:
+        raise ValueError(f"durations has {len(values)} values; at most {MAX_DURATIONS} are "
+                         "supported (the best path's back-pointers are 8-bit)")
     for i, d in enumerate(values):
         if d < 0:
             raise ValueError(f"durations[{i}] = {d} is negative in {list(values)}; "

@@ -117,9 +117,18 @@ PY
 case " $STEPS " in *" tdt "*)
 echo "== TDT: CUDA vs CPU, timing, NeMo"
 timeout $t_tdt python3 - <<'PY' || echo "TDT COMPARE FAILED"
-import torch, rnntool
+import sys, torch, rnntool
 torch.manual_seed(0)
 durs = [0, 1, 2, 3, 4]
+failed = []
+def expect(ok, what):  # a mismatch fails the step (exit 1), not just a printed number
+    if not ok:
+        failed.append(what)
+        print(f"MISMATCH: {what}")
+# the same input bits on both backends; lattice terms in float32 (float64 for float64
+# input), alpha/beta in float64; 16-bit gradients are stored in 16 bits
+loss_rtol = {torch.float64: 1e-10}
+grad_atol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5, torch.float64: 1e-10}
 for B, T, U, V, dt in [(4, 50, 20, 40, torch.float32), (3, 33, 300, 129, torch.float16),
                        (2, 20, 9, 64, torch.bfloat16), (5, 16, 7, 30, torch.float64)]:
     x = torch.randn(B, T, U + 1, V + len(durs)).to(dt)
@@ -135,6 +144,9 @@ for B, T, U, V, dt in [(4, 50, 20, 40, torch.float32), (3, 33, 300, 129, torch.f
     dl = (res["cpu"][0] - res["cuda"][0]).abs().max().item()
     dg = (res["cpu"][1] - res["cuda"][1]).abs().max().item()
     print(f"TDT B{B} T{T} U{U} V{V} D5 {dt}: max |loss diff| {dl:.3g}  max |grad diff| {dg:.3g}")
+    scale = max(1.0, res["cpu"][0].abs().max().item())
+    expect(dl <= loss_rtol.get(dt, 1e-5) * scale, f"TDT {dt} loss: CUDA vs CPU {dl:.3g}")
+    expect(dg <= grad_atol[dt], f"TDT {dt} gradient: CUDA vs CPU {dg:.3g}")
 # TDT alignments (Viterbi arcs, posteriors) and a TDT dump's scores, CUDA against CPU
 import tempfile
 from rnntool.align import tdt_align
@@ -149,13 +161,17 @@ dbest = max(abs(a.best_log_prob - b.best_log_prob) for a, b in zip(cpu, gpu))
 docc = max(float(abs(a.occupancy - b.occupancy).max()) for a, b in zip(cpu, gpu))
 print(f"tdt_align: {same}/6 identical Viterbi paths, max |best log P diff| {dbest:.3g}, "
       f"max |occupancy diff| {docc:.3g}")
+expect(same == 6, f"tdt_align: {same}/6 identical Viterbi paths")
+expect(dbest <= 1e-3 and docc <= 1e-4, f"tdt_align: best log P {dbest:.3g}, occupancy {docc:.3g}")
 with tempfile.TemporaryDirectory() as d:
     with rnntool.DumpWriter(f"{d}/tdt.h5", blank=0, model_kind="tdt", durations=durs) as w:
         w.add_batch(x, y, Tl, Ul)
     with DumpReader(f"{d}/tdt.h5") as r:
         sc = {row["utt_id"]: row["loss"] for row in score_rows([(r, r.utt_ids)], backend="cpu")}
         sg = {row["utt_id"]: row["loss"] for row in score_rows([(r, r.utt_ids)], backend="cuda")}
-    print(f"TDT dump scores: max |CUDA - CPU| {max(abs(sc[k] - sg[k]) for k in sc):.3g}")
+    dscore = max(abs(sc[k] - sg[k]) / max(1.0, abs(sc[k])) for k in sc)
+    print(f"TDT dump scores: max relative |CUDA - CPU| {dscore:.3g}")
+    expect(dscore <= 1e-5, f"TDT dump scores: CUDA vs CPU {dscore:.3g}")
 try:  # NeMo's numba TDT loss, where NeMo imports (not on the GPU machine so far)
     from nemo.collections.asr.parts.numba.rnnt_loss.rnnt_pytorch import TDTLossNumba
 except Exception as e:  # noqa: BLE001
@@ -171,8 +187,11 @@ else:
         nemo = TDTLossNumba(blank=V - 1, durations=durs, reduction="sum", sigma=0.05)
         theirs = nemo(x, y, Tl, Ul)  # NeMo's layout too: V tokens (blank last), then D
         print(f"NeMo TDT (sum, sigma 0.05): rnntool {float(ours):.6f}  NeMo {float(theirs):.6f}")
+        expect(abs(float(ours) - float(theirs)) <= 1e-4 * max(1.0, abs(float(theirs))),
+               "NeMo TDT loss differs")
     except Exception as e:  # noqa: BLE001
         print(f"NeMo TDT comparison failed to run: {type(e).__name__}: {e}")
+sys.exit(1 if failed else 0)
 PY
 timeout $t_tdt python3 benchmarks/bench_tdt.py --device cuda --repeats 10 \
   --shapes 8,150,40,512 32,400,100,1024 || echo "TDT BENCH FAILED"

@@ -405,12 +405,35 @@ def _call(**over):
     ([], r"durations is empty"),
     ([0], r"must contain 0 and 1, got \[0\] \(no 1\)"),
     ([0, 1, 2**63], r"durations\[2\] = 9223372036854775808 is larger than 2147483647 frames"),
+    (list(range(128)), r"durations has 128 values; at most 127 are supported"),
 ])
 def test_bad_durations_one_clear_line(durations, message):
     logits = torch.zeros(2, 3, 3, 4 + max(len(durations), 1))
     with pytest.raises(ValueError, match=message) as e:
         _call(logits=logits, durations=durations)
     assert "\n" not in str(e.value)
+
+
+def test_127_durations_align_to_the_reference_path():
+    """The largest duration set the 8-bit back-pointers hold: jumps by the last index
+    (code 127) come back as themselves, as the float64 reference finds them."""
+    from rnntool.tdt_lattice import MAX_DURATIONS
+    from rnntool.tdt_reference import tdt_reference_viterbi
+
+    durations = list(range(MAX_DURATIONS))
+    T, V = 2 * durations[-1] + 2, 3
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(T, 2, V + len(durations), dtype=torch.float64, generator=g)
+    logits[..., V + len(durations) - 1] += 30.0  # favour the longest jump
+    labels = torch.tensor([1])
+    best, arcs = tdt_reference_viterbi(logits, labels, durations=durations, blank=0)
+    assert any(d == durations[-1] for *_, d in arcs)
+    from rnntool.align import tdt_align
+
+    (al,) = tdt_align(logits[None], labels[None], torch.tensor([T]), torch.tensor([1]),
+                      durations=durations, blank=0, backend="cpu")
+    assert [tuple(a) for a in al.arcs] == [tuple(a) for a in arcs]
+    assert al.best_log_prob == pytest.approx(float(best), rel=1e-12)
 
 
 @pytest.mark.parametrize("durations", ["012", [0, 1.5], [0, True], 3, None])
