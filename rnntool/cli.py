@@ -787,6 +787,8 @@ def _utterances(selected, with_grads: bool = False, norms: bool = False):
         for utt_id in ids:
             if reader.kind == "lattice":
                 names = ("blank_lp", "emit_lp") + (("log_p2_others",) if norms else ())
+                if reader.model_kind == "tdt":  # (a TDT lattice stores no log_p2_others)
+                    names = reader.lattice_names
                 yield reader, reader.read_lattice(utt_id, names=names)
             else:
                 yield reader, reader.read(utt_id, with_grads=with_grads)
@@ -1023,7 +1025,6 @@ def compact(
         ((reader, ids),) = selected
         if reader.kind == "lattice":
             raise fail(f"{reader.name}: is already a lattice dump")
-        _refuse_tdt(selected, "compact")
         if selected.report_empty():  # nothing to convert: no empty lattice dump either
             raise typer.Exit(1)
         task = bar.add_task("compacting", total=len(ids))
