@@ -770,15 +770,6 @@ def _with_frame_shift(facts: dict, reader, problems: list[str]) -> dict:
         return {**facts, "frame_shift": None, "problems": facts["problems"] + 1}
 
 
-def _refuse_tdt(selected, what: str) -> None:
-    """Exit 2 with one line naming the first TDT dump (model_kind = 'tdt') among the
-    inputs, for a command that does not read TDT dumps yet."""
-    for reader, _ in selected:
-        if reader.model_kind == "tdt":
-            raise fail(f"{reader.name}: is a TDT dump (model_kind = 'tdt'); {what} is not "
-                       "supported for TDT dumps yet")
-
-
 # --------------------------------------------------------------------------- align / plot
 def _utterances(selected, with_grads: bool = False, norms: bool = False):
     """Yield ``(reader, Utterance)`` one at a time, validated, in input order (a
@@ -1096,8 +1087,9 @@ def grad_check(
     on stderr. With several inputs a file column first. An utterance whose loss is
     not finite is not checked (no rows): one line on stderr names it, the others
     are still checked, and the exit code is 1 (also for a loss below 0 beyond
-    rounding, whose checks are written). Lattice dumps hold no logits: exit 2; TDT
-    dumps are not supported yet: exit 2.
+    rounding, whose checks are written). Lattice dumps hold no logits: exit 2. A TDT
+    dump (model_kind tdt) is checked with the TDT loss over each node's V + D logits
+    (tokens and durations), against tdt_reference_gradients.
     """
     from .devices import cuda_usable
     from .gradcheck import GRADCHECK_FIELDS, check_utterance
@@ -1119,7 +1111,6 @@ def grad_check(
                 raise fail(f"{reader.name}: is a lattice dump, which holds no logits; "
                            "grad-check needs the full logits (a dump written with "
                            "DumpWriter's default kind=\"full\")")
-        _refuse_tdt(selected, "grad-check")
         compare_cuda = backend == "cpu" and cuda_usable()
         with (_progress(quiet) as bar,
               _rows_out(output, reads, _with_file(GRADCHECK_FIELDS, selected), fmt,

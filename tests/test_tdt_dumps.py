@@ -22,6 +22,7 @@ from rnntool.score import score_reader
 from rnntool.tdt import check_durations, tdt_loss
 from rnntool.tdt_reference import (
     tdt_enumerate_paths,
+    tdt_reference_gradients,
     tdt_reference_loss,
     tdt_reference_viterbi,
 )
@@ -438,16 +439,6 @@ def test_sample_tdt_dump_scores_to_its_trainers_losses():
         ("j", "0", "3"), ("b", "4", "1"), ("g", "8", "1")]
 
 
-# --------------------------------------------------------------------------- refused
-@pytest.mark.parametrize("cmd", [["grad-check"]])
-def test_commands_without_tdt_support_say_so(tmp_path, cmd):
-    path = _write(tmp_path / "t.h5", _random_utts([(3, 1)], V=5, D=4, blank=0))
-    args = [str(tmp_path / "out.h5") if a == "OUT" else a for a in cmd]
-    one_line_error(invoke(args[0], path, *args[1:]), "t.h5",
-                   "not supported for TDT dumps yet")
-    assert not (tmp_path / "out.h5").exists()
-
-
 # --------------------------------------------------------------------------- lattice dumps
 def _lattice_pair(tmp_path, backend, *, dtype=np.float32, blank=-1, durations=(0, 1, 2),
                   shapes=((5, 2), (1, 0), (4, 3), (6, 1)), **kw):
@@ -612,3 +603,86 @@ def test_hostile_lattice_arrays_are_one_line(tmp_path, how, needle):
     # The other utterance still reads.
     ok = invoke("score", lat, "--utt", "u1")
     assert ok.exit_code == 0, ok.stderr
+
+
+# --------------------------------------------------------------------------- grad-check
+def _grad_dump(tmp_path, *, dtype=np.float32, durations=(0, 1, 2), spoil=None):
+    """A TDT dump whose stored grads are tdt_reference_gradients' (float64, cast to the
+    logits' dtype), one entry changed by ``spoil(grads, V)`` when given."""
+    utts = _random_utts([(4, 2), (2, 0), (5, 3)], V=5, D=len(durations), blank=-1, seed=7,
+                        dtype=dtype)
+    path = tmp_path / "g.h5"
+    with DumpWriter(path, blank=-1, model_kind="tdt", durations=list(durations)) as w:
+        for utt_id, (x, y) in utts.items():
+            _, g = tdt_reference_gradients(
+                torch.from_numpy(x)[None].double(),
+                torch.from_numpy(y if y.size else np.zeros(1, np.int64))[None],
+                torch.tensor([x.shape[0]]), torch.tensor([y.size]), durations=list(durations),
+                blank=-1)
+            g = g[0].numpy().astype(dtype)
+            if spoil is not None and utt_id == "u0":
+                spoil(g, 5)
+            w.add(utt_id, x, y, grads=g)
+    return utts, path
+
+
+def test_grad_check_passes_tdt_dumps_in_rnnt_rows(tmp_path):
+    utts, path = _grad_dump(tmp_path)
+    result = invoke("grad-check", path, "--format", "tsv", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    rows = rows_of(result.stdout)
+    from rnntool.gradcheck import GRADCHECK_FIELDS
+
+    assert list(rows[0]) == GRADCHECK_FIELDS
+    for utt_id in utts:
+        checks = [r["check"] for r in rows if r["utt_id"] == utt_id]
+        # (and CPU against CUDA where CUDA runs: the simulator here, a GPU)
+        assert checks[:4] == ["cpu-vs-float64", "float64-vs-finite-diff",
+                              "float64-vs-reference", "stored-vs-reference"]
+        assert checks[4:] in ([], ["cpu-vs-cuda"])
+    assert all(r["result"] == "PASS" for r in rows)
+
+
+def test_grad_check_covers_the_duration_logits(tmp_path, backend):
+    """Every V + D entry is compared: a stored gradient wrong in one duration entry
+    fails; the float64 engine agrees with the reference and finite differences at
+    duration entries too."""
+    from rnntool.gradcheck import (
+        check_utterance,
+        engine_gradient,
+        finite_differences,
+        grad_check_utterance,
+    )
+
+    def spoil(g, V):
+        g[2, 1, V + 1] += 0.01  # a duration entry
+
+    utts, path = _grad_dump(tmp_path, spoil=spoil)
+    with DumpReader(path) as r:
+        checked = check_utterance(r, r.read("u0", with_grads=True), backend=backend,
+                                  compare_cuda=False)
+    result = {row["check"]: row["result"] for row in checked.rows}
+    assert result == {f"{backend}-vs-float64": "PASS", "float64-vs-finite-diff": "PASS",
+                      "float64-vs-reference": "PASS", "stored-vs-reference": "FAIL"}
+    bad = next(row for row in checked.rows if row["check"] == "stored-vs-reference")
+    assert bad["max_abs_err"] == pytest.approx(0.01, rel=1e-3)
+    x, y = utts["u0"]
+    x64 = x.astype(np.float64)
+    checks = grad_check_utterance(x64, y, blank=-1, backend=backend, samples=8,
+                                  durations=(0, 1, 2))
+    assert all(c.passed for c in checks)
+    ref = next(c for c in checks if c.check == "float64-vs-reference")
+    assert ref.n == x.size and ref.worst_ratio < 1e-3  # tokens and durations
+    # The engine's float64 gradient at every duration entry against finite differences.
+    g = engine_gradient(x64, y, 4, True, backend, durations=(0, 1, 2))
+    idx = np.flatnonzero((np.arange(x.size) % x.shape[-1]) >= 5)
+    fd = finite_differences(torch.from_numpy(x64.copy())[None], torch.from_numpy(y)[None], idx,
+                            blank=4, fused=True, backend=backend, step=1e-4,
+                            durations=(0, 1, 2))
+    np.testing.assert_allclose(g.reshape(-1)[idx], fd, rtol=1e-6, atol=1e-8)
+    assert np.abs(fd).max() > 0.1  # durations carry real gradient here
+
+
+def test_grad_check_refuses_a_tdt_lattice_dump(tmp_path):
+    _, _, lat = _lattice_pair(tmp_path, "cpu", shapes=((3, 1),))
+    one_line_error(invoke("grad-check", lat), "lat.h5", "holds no logits")
