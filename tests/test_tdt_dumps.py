@@ -439,6 +439,32 @@ def test_sample_tdt_dump_scores_to_its_trainers_losses():
         ("j", "0", "3"), ("b", "4", "1"), ("g", "8", "1")]
 
 
+def test_the_bundled_tdt_lattice_sample_is_the_tdt_sample_compacted(tmp_path):
+    """sample_data/sample-tdt-lattice.h5 is `rnntool compact` of sample-tdt.h5: the same
+    stored arrays as compacting it again gives, and the same score, align and
+    timestamps rows to the last digit."""
+    from helpers import ROOT
+
+    full = ROOT / "sample_data" / "sample-tdt.h5"
+    lattice = full.with_name("sample-tdt-lattice.h5")
+    assert lattice.stat().st_size < 100_000
+    again = tmp_path / "again.h5"
+    assert invoke("compact", full, "-o", again, "--device", "cpu", "-q").exit_code == 0
+    with h5py.File(lattice) as f, h5py.File(again) as g:
+        assert sorted(f["utts"]) == sorted(g["utts"])
+        for u in f["utts"]:
+            for name in ("blank_lp", "emit_lp", "dur_lp", "labels"):
+                np.testing.assert_array_equal(f["utts"][u][name][()], g["utts"][u][name][()])
+    for cmd, extra in (("score", ()), ("align", ()), ("timestamps", ("--frame-shift", "0.04"))):
+        want = invoke(cmd, full, "-f", "tsv", "-q", *extra)
+        got = invoke(cmd, lattice, "-f", "tsv", "-q", *extra)
+        assert want.exit_code == got.exit_code == 0, (want.stderr, got.stderr)
+        assert got.stdout == want.stdout and len(rows_of(got.stdout)) >= 12
+    with DumpReader(lattice) as r:
+        assert (r.kind, r.model_kind, len(r)) == ("lattice", "tdt", 12)
+        assert r.vocab is not None and r.durations is not None
+
+
 # --------------------------------------------------------------------------- lattice dumps
 def _lattice_pair(tmp_path, backend, *, dtype=np.float32, blank=-1, durations=(0, 1, 2),
                   shapes=((5, 2), (1, 0), (4, 3), (6, 1)), **kw):
