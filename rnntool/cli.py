@@ -998,6 +998,8 @@ def compact(
     score, align, plot and inspect need (grad-check needs the logits). Stage 1 of
     the engine runs on --device, one batch at a time; stored losses, texts and
     the vocab (and the frame shift) carry over. The output appears only when complete.
+    A TDT dump (model_kind tdt) keeps the blank and next-label log-probs and the D
+    duration log-probs per node instead (no gradient-norm panel in plot).
     """
     from .compact import compact_dump, lattice_writer_for
     from .reader import show
