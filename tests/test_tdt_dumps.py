@@ -712,3 +712,20 @@ def test_grad_check_covers_the_duration_logits(tmp_path, backend):
 def test_grad_check_refuses_a_tdt_lattice_dump(tmp_path):
     _, _, lat = _lattice_pair(tmp_path, "cpu", shapes=((3, 1),))
     one_line_error(invoke("grad-check", lat), "lat.h5", "holds no logits")
+
+
+def test_compact_dump_on_every_backend_scores_like_the_full_dump(tmp_path, backend):
+    from rnntool.compact import compact_dump, lattice_writer_for
+
+    utts, full, _ = _lattice_pair(tmp_path, backend)
+    out = tmp_path / "c.h5"
+    with DumpReader(full) as r:
+        with lattice_writer_for(r, out, backend=backend) as w:
+            assert compact_dump(r, r.utt_ids, w, backend=backend) == len(utts)
+        want = {row["utt_id"]: row["loss"] for row in score_reader(r, r.utt_ids,
+                                                                  backend=backend)}
+    with DumpReader(out) as r:
+        assert (r.model_kind, r.durations) == ("tdt", (0, 1, 2))
+        got = {row["utt_id"]: row["loss"] for row in score_reader(r, r.utt_ids,
+                                                                 backend=backend)}
+    assert got == want
