@@ -929,7 +929,8 @@ def plot(
     per-node gradient norm ||d loss / d logits[t, u, :]||. For a TDT dump the
     path is drawn arc by arc, a dot at each node it visits: a blank of duration
     d is a horizontal segment d frames long, a token a diagonal (vertical for
-    d = 0), the last blank ending at frame T; the norm is over the V + D logits. Long utterances are
+    d = 0), the last blank ending at frame T; the norm is over the V + D logits (a
+    TDT lattice dump stores too little for it: the first panel alone). Long utterances are
     reduced by block maxima (the figure says so). An utterance whose loss is not
     finite gets no PNG: one line on stderr names it, the others are still drawn,
     and the exit code is 1 (also for a loss below 0 beyond rounding, drawn).
