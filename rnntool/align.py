@@ -245,6 +245,33 @@ def tdt_align(
     return _tdt_alignments(state, best, last, from_arc, blank, logits.dtype == torch.float64)
 
 
+def tdt_align_compact(blank_lp: np.ndarray, emit_lp: np.ndarray, dur_lp: np.ndarray,
+                      targets: np.ndarray, logit_lengths: np.ndarray,
+                      target_lengths: np.ndarray, *, durations, blank: int,
+                      backend: str = "cpu") -> list[TDTAlignment]:
+    """``tdt_align`` of a TDT lattice dump's compact arrays, on ``backend`` ("cpu" or
+    "cuda"): ``blank_lp``, ``emit_lp`` ``(B, T, U+1)`` and ``dur_lp`` ``(B, T, U+1, D)``
+    float32/float64 numpy (entries outside the lengths, and ``emit_lp`` at u = U_b,
+    are never read), targets ``(B, S)`` and lengths ``(B,)`` int64, already validated
+    (``DumpReader.read_lattice``); ``durations`` the dump's, ``blank`` in ``[0, V)``
+    (only names the blank arcs). The same alignments as ``tdt_align`` of the logits
+    the arrays came from (stage 2 and the Viterbi read nothing else).
+    """
+    from .tdt_lattice import load_tdt_engine
+
+    arrays = (blank_lp, emit_lp, dur_lp, targets, logit_lengths, target_lengths)
+    if backend == "cuda":
+        from .devices import tensor_device
+
+        arrays = [torch.from_numpy(np.ascontiguousarray(a)).to(tensor_device(backend))
+                  for a in arrays]
+    engine = load_tdt_engine(backend)
+    b_lp, e_lp, d_lp, *index = arrays
+    state = engine.forward_compact(b_lp, e_lp, d_lp, durations, *index, True)
+    best, last, from_arc = engine.best_path(state)
+    return _tdt_alignments(state, best, last, from_arc, blank, blank_lp.dtype == np.float64)
+
+
 def _tdt_alignments(state, best, last, from_arc, blank: int,
                     float64: bool) -> list[TDTAlignment]:
     """``TDTAlignment``s from a kept TDT forward state and its Viterbi tables, in float64

@@ -211,7 +211,8 @@ class AlignedUtterance:
     ``tokens`` (the dump's vocab names, None without a vocab); ``problem``: why
     the loss cannot be true (``score.loss_problem``), None if it can;
     ``grad_norm`` ``(T, U+1)``: ``||d loss / d logits[t, u, :]||``, when asked for
-    and the loss is finite.
+    and the loss is finite; ``without_grad_norms``: True for a TDT lattice dump's
+    utterance, whose arrays give none (no ``log_p2_others``; plot draws one panel).
     """
 
     utt_id: str
@@ -220,6 +221,7 @@ class AlignedUtterance:
     alignment: Alignment
     problem: str | None
     grad_norm: np.ndarray | None = None
+    without_grad_norms: bool = False  # a TDT lattice dump's: none can be computed
     blank_name: str | None = None  # the blank's name in the vocab (TDT rows name it)
 
     @property
@@ -338,19 +340,33 @@ def align_utterance(reader: DumpReader, utt: Utterance | LatticeUtterance, *,
     return aligned
 
 
-def _align_tdt_utterance(reader: DumpReader, utt: Utterance, *, backend: str,
-                         grad_norms: bool) -> AlignedUtterance:
-    """``align_utterance`` of a TDT dump's utterance (``align.tdt_align``); its gradient
-    norms are over the V + D logits of each node (``tdt_gradient_norms``)."""
+def _align_tdt_utterance(reader: DumpReader, utt: Utterance | LatticeUtterance, *,
+                         backend: str, grad_norms: bool) -> AlignedUtterance:
+    """``align_utterance`` of a TDT dump's utterance (``align.tdt_align``; a TDT lattice
+    dump's: ``align.tdt_align_compact``); its gradient norms are over the V + D logits
+    of each node (``tdt_gradient_norms``), none for a lattice dump's (it stores no
+    ``log_p2_others``)."""
     from .align import tdt_align
+    from .reader import LatticeUtterance
     from .score import utterance_problem
 
     fused = reader.input_kind == "logits"
-    x, y, t_len, u_len = _tensors(utt, backend)
-    if y.shape[1] == 0:
-        y = y.new_zeros((1, 1))
-    (al,) = tdt_align(x, y, t_len, u_len, durations=reader.durations, blank=reader.blank,
-                      fused_log_softmax=fused, backend=backend)
+    if isinstance(utt, LatticeUtterance):
+        from .align import tdt_align_compact
+
+        T, U1 = utt.blank_lp.shape
+        emit = np.full((T, U1), -np.inf, utt.blank_lp.dtype)
+        emit[:, : U1 - 1] = utt.emit_lp
+        (al,) = tdt_align_compact(utt.blank_lp[None], emit[None], utt.dur_lp[None],
+                                  _at_least_one(utt.labels)[None], np.array([T]),
+                                  np.array([U1 - 1]), durations=reader.durations,
+                                  blank=reader.blank % utt.info.V, backend=backend)
+    else:
+        x, y, t_len, u_len = _tensors(utt, backend)
+        if y.shape[1] == 0:
+            y = y.new_zeros((1, 1))
+        (al,) = tdt_align(x, y, t_len, u_len, durations=reader.durations, blank=reader.blank,
+                          fused_log_softmax=fused, backend=backend)
     vocab = reader.vocab
     aligned = AlignedUtterance(
         utt_id=utt.info.utt_id, labels=utt.labels,
@@ -358,7 +374,10 @@ def _align_tdt_utterance(reader: DumpReader, utt: Utterance, *, backend: str,
         alignment=al, problem=utterance_problem(reader, utt.info, al.loss),
         blank_name=vocab[reader.blank % utt.info.V] if vocab else None,
     )
-    if grad_norms and aligned.finite:
+    # A TDT lattice dump stores no log_p2_others: no gradient norms (plot leaves
+    # that panel out).
+    aligned.without_grad_norms = isinstance(utt, LatticeUtterance)
+    if grad_norms and aligned.finite and not isinstance(utt, LatticeUtterance):
         aligned.grad_norm = tdt_gradient_norms(utt.logits, utt.labels,
                                                durations=reader.durations,
                                                blank=reader.blank, fused=fused, backend=backend)

@@ -770,15 +770,6 @@ def _with_frame_shift(facts: dict, reader, problems: list[str]) -> dict:
         return {**facts, "frame_shift": None, "problems": facts["problems"] + 1}
 
 
-def _refuse_tdt(selected, what: str) -> None:
-    """Exit 2 with one line naming the first TDT dump (model_kind = 'tdt') among the
-    inputs, for a command that does not read TDT dumps yet."""
-    for reader, _ in selected:
-        if reader.model_kind == "tdt":
-            raise fail(f"{reader.name}: is a TDT dump (model_kind = 'tdt'); {what} is not "
-                       "supported for TDT dumps yet")
-
-
 # --------------------------------------------------------------------------- align / plot
 def _utterances(selected, with_grads: bool = False, norms: bool = False):
     """Yield ``(reader, Utterance)`` one at a time, validated, in input order (a
@@ -787,6 +778,8 @@ def _utterances(selected, with_grads: bool = False, norms: bool = False):
         for utt_id in ids:
             if reader.kind == "lattice":
                 names = ("blank_lp", "emit_lp") + (("log_p2_others",) if norms else ())
+                if reader.model_kind == "tdt":  # (a TDT lattice stores no log_p2_others)
+                    names = reader.lattice_names
                 yield reader, reader.read_lattice(utt_id, names=names)
             else:
                 yield reader, reader.read(utt_id, with_grads=with_grads)
@@ -936,7 +929,8 @@ def plot(
     per-node gradient norm ||d loss / d logits[t, u, :]||. For a TDT dump the
     path is drawn arc by arc, a dot at each node it visits: a blank of duration
     d is a horizontal segment d frames long, a token a diagonal (vertical for
-    d = 0), the last blank ending at frame T; the norm is over the V + D logits. Long utterances are
+    d = 0), the last blank ending at frame T; the norm is over the V + D logits (a
+    TDT lattice dump stores too little for it: the first panel alone). Long utterances are
     reduced by block maxima (the figure says so). An utterance whose loss is not
     finite gets no PNG: one line on stderr names it, the others are still drawn,
     and the exit code is 1 (also for a loss below 0 beyond rounding, drawn).
@@ -1005,6 +999,8 @@ def compact(
     score, align, plot and inspect need (grad-check needs the logits). Stage 1 of
     the engine runs on --device, one batch at a time; stored losses, texts and
     the vocab (and the frame shift) carry over. The output appears only when complete.
+    A TDT dump (model_kind tdt) keeps the blank and next-label log-probs and the D
+    duration log-probs per node instead (no gradient-norm panel in plot).
     """
     from .compact import compact_dump, lattice_writer_for
     from .reader import show
@@ -1023,7 +1019,6 @@ def compact(
         ((reader, ids),) = selected
         if reader.kind == "lattice":
             raise fail(f"{reader.name}: is already a lattice dump")
-        _refuse_tdt(selected, "compact")
         if selected.report_empty():  # nothing to convert: no empty lattice dump either
             raise typer.Exit(1)
         task = bar.add_task("compacting", total=len(ids))
@@ -1095,8 +1090,9 @@ def grad_check(
     on stderr. With several inputs a file column first. An utterance whose loss is
     not finite is not checked (no rows): one line on stderr names it, the others
     are still checked, and the exit code is 1 (also for a loss below 0 beyond
-    rounding, whose checks are written). Lattice dumps hold no logits: exit 2; TDT
-    dumps are not supported yet: exit 2.
+    rounding, whose checks are written). Lattice dumps hold no logits: exit 2. A TDT
+    dump (model_kind tdt) is checked with the TDT loss over each node's V + D logits
+    (tokens and durations), against tdt_reference_gradients.
     """
     from .devices import cuda_usable
     from .gradcheck import GRADCHECK_FIELDS, check_utterance
@@ -1118,7 +1114,6 @@ def grad_check(
                 raise fail(f"{reader.name}: is a lattice dump, which holds no logits; "
                            "grad-check needs the full logits (a dump written with "
                            "DumpWriter's default kind=\"full\")")
-        _refuse_tdt(selected, "grad-check")
         compare_cuda = backend == "cpu" and cuda_usable()
         with (_progress(quiet) as bar,
               _rows_out(output, reads, _with_file(GRADCHECK_FIELDS, selected), fmt,

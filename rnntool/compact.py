@@ -3,7 +3,9 @@
 A full dump holds each utterance's ``(T, U+1, V)`` logits; its lattice dump (see
 ``dump.py``) only ``blank_lp (T, U+1)``, ``emit_lp (T, U)`` and ``log_p2_others
 (T, U+1)``, computed by the engine's stage 1 (``Engine.lattice_terms``) with the
-dump's blank and input_kind. ``compact_dump`` reads the selected utterances in
+dump's blank and input_kind; a TDT dump's (``model_kind="tdt"``, logits ``(T,
+U+1, V + D)``) ``blank_lp``, ``emit_lp`` and ``dur_lp (T, U+1, D)``, by the TDT
+engine's stage 1 with the dump's durations. ``compact_dump`` reads the selected utterances in
 padded batches within a memory budget, as ``score`` does (one reused buffer, raw
 data with ``preadv``), and hands each batch to a ``DumpWriter(kind="lattice")``,
 which runs the engine on the batch's device and keeps only the small arrays: the
@@ -57,7 +59,8 @@ def lattice_writer_for(reader: DumpReader, path: str | os.PathLike, **kw) -> Dum
             raise DumpError(f"{reader.name}: blank = {reader.blank} is outside [-V, V) for "
                             f"V = {V}")
     return DumpWriter(path, blank=blank, vocab=reader.vocab, input_kind=reader.input_kind,
-                      kind="lattice", vocab_size=V, frame_shift=reader.frame_shift, **kw)
+                      kind="lattice", vocab_size=V, frame_shift=reader.frame_shift,
+                      model_kind=reader.model_kind, durations=reader.durations, **kw)
 
 
 def _check_pair(reader: DumpReader, writer: DumpWriter, backend: str) -> None:
@@ -68,6 +71,11 @@ def _check_pair(reader: DumpReader, writer: DumpWriter, backend: str) -> None:
         raise ValueError(f"backend must be 'cpu' or 'cuda', got {backend!r}")
     if getattr(writer, "kind", None) != "lattice":
         raise ValueError("compact_dump writes into a DumpWriter(kind='lattice')")
+    if (getattr(writer, "model_kind", "rnnt"), getattr(writer, "durations", None)) != (
+            reader.model_kind, reader.durations):
+        raise ValueError(f"the writer's model_kind {writer.model_kind!r} (durations "
+                         f"{writer.durations}) is not the dump's {reader.model_kind!r} "
+                         f"(durations {reader.durations})")
     if writer.input_kind != reader.input_kind:
         raise ValueError(f"the writer's input_kind {writer.input_kind!r} is not the dump's "
                          f"{reader.input_kind!r}")

@@ -45,8 +45,19 @@ datasets ``logits (B, T, U+1, V)``, ``labels (B, Umax)``, ``logit_lengths (B,)``
 ``label_lengths (B,)``, optional ``utt_ids (B,)``; ids default to the batch index.
 
 A TDT dump (``model_kind="tdt"``) counts V in tokens (``vocab_size``, ``/vocab``,
-``blank``); its padded layout's logits are ``(B, T, U+1, V + D)``. Lattice dumps
-of TDT logits are not written yet (``DumpWriter`` refuses them).
+``blank``); its padded layout's logits are ``(B, T, U+1, V + D)``. A TDT lattice
+dump (``TDT_LATTICE_DATASETS``) stores, computed by the TDT engine's stage 1
+(``tdt_lattice.TDTEngine.forward``, sigma 0) with the file's blank, durations and
+input_kind::
+
+    /utts/<utt_id>/blank_lp         (T, U+1)    log P(blank | t, u)
+    /utts/<utt_id>/emit_lp          (T, U)      log P(y_{u+1} | t, u)
+    /utts/<utt_id>/dur_lp           (T, U+1, D) log Q(durations[i] | t, u): each row
+                                                a distribution over the D durations
+    /utts/<utt_id>/labels           (U,) integers
+
+and no ``log_p2_others`` (``align --grad-norms`` and plot's gradient-norm panel
+need a full TDT dump).
 
 Format version 1 (no ``dump_kind``: full) is still read. ``rnntool/reader.py``
 reads every kind and layout without loading a whole file, one utterance's slice
@@ -88,6 +99,22 @@ LATTICE_DATASETS = {
     "emit_lp": lambda T, U: (T, U),  # log P(y_{u+1} | t, u)
     "log_p2_others": lambda T, U: (T, U + 1),  # log sum of p_v^2 over v not blank, y_{u+1}
 }
+# A TDT lattice dump's (model_kind "tdt"): name -> shape in (T, U, D), D durations.
+TDT_LATTICE_DATASETS = {
+    "blank_lp": lambda T, U, D: (T, U + 1),  # log P(blank | t, u)
+    "emit_lp": lambda T, U, D: (T, U),  # log P(y_{u+1} | t, u)
+    "dur_lp": lambda T, U, D: (T, U + 1, D),  # log Q(durations[i] | t, u)
+}
+
+
+def lattice_shapes(model_kind: str, T: int, U: int, D: int = 0) -> dict[str, tuple]:
+    """``{name: shape}`` of one utterance's lattice arrays in a lattice dump of
+    ``model_kind`` ("rnnt": ``LATTICE_DATASETS``; "tdt": ``TDT_LATTICE_DATASETS``, with
+    ``D`` durations), in the order they are written."""
+    if model_kind == "tdt":
+        return {name: f(T, U, D) for name, f in TDT_LATTICE_DATASETS.items()}
+    return {name: f(T, U) for name, f in LATTICE_DATASETS.items()}
+
 LATTICE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _CHUNK_BYTES = 1 << 20  # target size of one HDF5 chunk (chunks run along T)
@@ -325,8 +352,10 @@ class DumpWriter:
       logits (blank among them; ``vocab``, ``vocab_size`` and ``blank`` count
       tokens only), then one per duration; a last dim that leaves no token, or
       disagrees with the V known, is a ValueError. Stored as the root attributes
-      ``model_kind`` and ``durations``. TDT lattice dumps (``kind="lattice"``) are
-      not supported yet: ValueError.
+      ``model_kind`` and ``durations``. A TDT lattice dump (``kind="lattice"``)
+      stores ``blank_lp (T, U+1)``, ``emit_lp (T, U)`` and ``dur_lp (T, U+1, D)``
+      (``TDT_LATTICE_DATASETS``), computed by the TDT engine's forward (stage 1)
+      on the logits' device.
     - ``kind`` (one of ``DUMP_KINDS``): ``"full"`` stores the logits ``(T, U+1, V)``
       as given (and gradients, if given); ``"lattice"`` takes the same logits but
       stores only ``blank_lp (T, U+1)``, ``emit_lp (T, U)`` and ``log_p2_others
@@ -374,9 +403,6 @@ class DumpWriter:
                 raise ValueError("model_kind='tdt' needs durations= (the duration set, e.g. "
                                  "[0, 1, 2, 3, 4])")
             durations = check_dump_durations(durations)
-            if kind == "lattice":
-                raise ValueError("lattice dumps of TDT logits are not supported yet; write "
-                                 "a full dump (kind='full')")
         elif durations is not None:
             raise ValueError("durations= is for model_kind='tdt' only")
         if frame_shift is not None:
@@ -658,22 +684,73 @@ class DumpWriter:
         return "cuda" if hasattr(x, "detach") and x.device.type == "cuda" else "cpu"
 
     def _lattice_pending(self, x, rows: Sequence[tuple], V: int) -> list[_Pending]:
-        """Run the engine's stage 1 on padded logits ``x`` ``(B, T, U+1, V)`` (validated:
-        ``rows`` holds each utterance's ``(utt_id, labels (U,), T, U, attrs)``) on their
-        device, and trim what comes back to the host into one ``_Pending`` each.
-        Raises ValueError for an utterance with NaN or +inf in its logits."""
+        """Run the engine's stage 1 on padded logits ``x`` ``(B, T, U+1, V)`` (TDT:
+        ``V + D``; validated: ``rows`` holds each utterance's ``(utt_id, labels (U,), T,
+        U, attrs)``) on their device, and trim what comes back to the host into one
+        ``_Pending`` each. Raises ValueError for an utterance with NaN or +inf in its
+        logits."""
         if not rows:
             return []
-        from .engine import LossOptions, load_engine
-
         backend = self._lattice_backend(x)
-        engine = load_engine(backend)
         B = len(rows)
         targets = np.zeros((B, max(1, max(r[3] for r in rows))), np.int64)
         for b, r in enumerate(rows):
             targets[b, : r[3]] = r[1]
         t_len = np.array([r[2] for r in rows], np.int64)
         u_len = np.array([r[3] for r in rows], np.int64)
+        if self.model_kind == "tdt":
+            terms = self._tdt_terms(x, backend, targets, t_len, u_len, V)
+        else:
+            terms = self._rnnt_terms(x, backend, targets, t_len, u_len, V)
+        # An upper bound: float64 keeps what the engine computed (float32 for all but
+        # float64 logits: widening adds no information and the loss would lose the
+        # float32 rounding that scoring the logits applies).
+        dtype = np.dtype(terms["blank_lp"].dtype)
+        if self.lattice_dtype is not None and self.lattice_dtype.itemsize < dtype.itemsize:
+            dtype = self.lattice_dtype
+        D = 0 if self.durations is None else len(self.durations)
+        pending = []
+        for b, (utt_id, y, T, U, attrs) in enumerate(rows):
+            arrays = {}
+            for name, shape in lattice_shapes(self.model_kind, T, U, D).items():
+                arrays[name] = np.ascontiguousarray(
+                    terms[name][(b, *(slice(0, n) for n in shape))], dtype)
+            with np.errstate(all="ignore"):
+                broken = any((np.isnan(a) | np.isposinf(a)).any() for a in arrays.values())
+            if bool(terms["bad"][b]) or broken:
+                raise ValueError(f"utterance {utt_id!r}: NaN or +inf in its logits; a lattice "
+                                 "dump cannot store them (score the full logits to find where)")
+            pending.append(_Pending(utt_id, arrays, y, attrs, V))
+        return pending
+
+    def _tdt_terms(self, x, backend: str, targets, t_len, u_len, V: int) -> dict:
+        """A TDT lattice dump's padded arrays (numpy, on the host) and ``bad``: the TDT
+        engine's forward (stage 1 on the logits' device; sigma 0) keeping ``blank_lp``,
+        ``emit_lp`` ``(B, T, U+1)`` and ``dur_lp`` ``(B, T, U+1, D)``."""
+        from .tdt_lattice import TDTOptions, load_tdt_engine
+
+        engine = load_tdt_engine(backend)
+        opts = TDTOptions(blank=check_blank(self.blank, V), durations=self.durations,
+                          fused=self.input_kind == "logits")
+        if backend == "cuda":
+            import torch
+
+            xt = x if hasattr(x, "detach") else torch.from_numpy(x)
+            index = [torch.from_numpy(a).to(xt.device) for a in (targets, t_len, u_len)]
+            state = engine.forward(xt, *index, opts, False)
+        else:
+            if hasattr(x, "detach"):
+                engine.check_device(x)
+            state = engine.forward(x, targets, t_len, u_len, opts, False)
+        return {name: _np(getattr(state, name))
+                for name in ("blank_lp", "emit_lp", "dur_lp", "bad")}
+
+    def _rnnt_terms(self, x, backend: str, targets, t_len, u_len, V: int) -> dict:
+        """An RNN-T lattice dump's padded arrays (numpy) and ``bad``:
+        ``Engine.lattice_terms`` on the logits' device."""
+        from .engine import LossOptions, load_engine
+
+        engine = load_engine(backend)
         opts = LossOptions(blank=check_blank(self.blank, V), fused=self.input_kind == "logits")
         if backend == "cuda":
             import torch
@@ -686,26 +763,7 @@ class DumpWriter:
             if hasattr(x, "detach"):
                 engine.check_device(x)
             terms = engine.lattice_terms(x, targets, t_len, u_len, opts)
-        # An upper bound: float64 keeps what the engine computed (float32 for all but
-        # float64 logits: widening adds no information and the loss would lose the
-        # float32 rounding that scoring the logits applies).
-        dtype = np.dtype(terms.blank_lp.dtype)
-        if self.lattice_dtype is not None and self.lattice_dtype.itemsize < dtype.itemsize:
-            dtype = self.lattice_dtype
-        padded = {name: getattr(terms, name) for name in LATTICE_DATASETS}
-        pending = []
-        for b, (utt_id, y, T, U, attrs) in enumerate(rows):
-            arrays = {}
-            for name, shape in LATTICE_DATASETS.items():
-                T_, U_ = shape(T, U)
-                arrays[name] = np.ascontiguousarray(padded[name][b, :T_, :U_], dtype)
-            with np.errstate(all="ignore"):
-                broken = any((np.isnan(a) | np.isposinf(a)).any() for a in arrays.values())
-            if bool(terms.bad[b]) or broken:
-                raise ValueError(f"utterance {utt_id!r}: NaN or +inf in its logits; a lattice "
-                                 "dump cannot store them (score the full logits to find where)")
-            pending.append(_Pending(utt_id, arrays, y, attrs, V))
-        return pending
+        return terms._asdict()
 
     def _write(self, items: Sequence[_Pending]) -> None:
         """Create every prepared utterance, or (on any exception) none of them.
@@ -854,7 +912,7 @@ class DumpWriter:
                      "text": None if texts is None else texts[b]}
             if lattice:
                 utt_id = self._new_id(utt_ids[b], taken)
-                y_b, _ = self._check_utterance(utt_id, (T_b, U_b + 1, shape[3]), dtype,
+                y_b, V = self._check_utterance(utt_id, (T_b, U_b + 1, shape[3]), dtype,
                                                y[b, :U_b])
                 rows.append((utt_id, y_b, T_b, U_b, self._attrs(utt_id, attrs)))
             else:
@@ -864,7 +922,7 @@ class DumpWriter:
                 pending.append(it)
             taken.add(utt_id)
         if lattice:
-            pending = self._lattice_pending(x, rows, shape[3])
+            pending = self._lattice_pending(x, rows, V if rows else shape[3])
         self._write(pending)
         return [it.utt_id for it in pending]
 

@@ -81,6 +81,18 @@ reference costs about 3-15 ns times (T·(U+1))²·V (each of its 2·T·(U+1) sca
 index operations back-propagates a dense ``(T, U+1, V)`` tensor): 0.65 s of CPU
 at T=100, U=20, V=50 (2.2e8) on a quiet moment, 4 s under load, and 3e10 for
 T=201, U=37, V=512. ``REFERENCE_MAX_WORK`` = 2.5e8 keeps it to a few seconds.
+
+**TDT.** With ``durations`` (a TDT dump: logits ``(T, U+1, V + D)``, V token
+logits then D duration logits) every check is of ``tdt_loss`` (sigma 0, no
+clamp, no FastEmit) instead of ``rnnt_loss``, over all ``V + D`` entries of each
+node, tokens and durations alike, in the same rows; the reference is
+``tdt_reference.tdt_reference_gradients`` (its own loops and autograd), run when
+``(T·(U+1))²·(V + D)`` is at most ``REFERENCE_MAX_WORK``. The finite-difference
+bound is the same (a duration logit enters the loss through its own softmax, in
+the same ``log(a·e^x + b)`` form, and a path has at most T+U arcs). The
+precision scale ``m`` of a token entry is as above with the TDT alignment's
+occupancy and arc posteriors (summed over durations); of a duration entry
+``occ·(Q_i + 1)``, a bound on ``occ·Q_i + post_i`` (``post_i <= occ``).
 """
 
 from __future__ import annotations
@@ -97,6 +109,8 @@ from .devices import cuda_usable, tensor_device
 from .engine import ImpossibleLossWarning
 from .loss import rnnt_loss
 from .reference import reference_gradients
+from .tdt import tdt_loss
+from .tdt_reference import tdt_reference_gradients
 
 if TYPE_CHECKING:
     from .reader import DumpReader, Utterance
@@ -198,53 +212,67 @@ def runs_reference(shape: tuple[int, int, int], reference: bool | None = None) -
     return reference_work(*shape) <= REFERENCE_MAX_WORK
 
 
+def _loss(x, y, T: int, U: int, *, blank: int, fused: bool, backend: str, durations=None):
+    """The engine's summed loss of a batch of one: ``rnnt_loss``, or with ``durations``
+    ``tdt_loss`` (logits ``(1, T, U+1, V + D)``; sigma 0)."""
+    kw = dict(blank=blank, reduction="sum", fused_log_softmax=fused, backend=backend)
+    if y.shape[1] == 0:  # the kernels want a non-empty targets row
+        y = y.new_zeros((1, 1))
+    if durations is None:
+        return rnnt_loss(x, y, torch.tensor([T]), torch.tensor([U]), **kw)
+    return tdt_loss(x, y, torch.tensor([T]), torch.tensor([U]), durations=durations, **kw)
+
+
 def utterance_gradient(logits: np.ndarray, targets: np.ndarray, *, blank: int,
-                       fused: bool = True, backend: str = "cpu") -> torch.Tensor:
+                       fused: bool = True, backend: str = "cpu",
+                       durations=None) -> torch.Tensor:
     """d loss / d logits ``(T, U+1, V)`` of one utterance from the engine, as a trainer
-    would get it: in the logits' own dtype, on ``backend``'s device (``tensor_device``)."""
+    would get it: in the logits' own dtype, on ``backend``'s device (``tensor_device``).
+    With ``durations``: ``tdt_loss``'s, over ``(T, U+1, V + D)`` logits."""
     device = tensor_device(backend)
     x = torch.from_numpy(np.ascontiguousarray(logits))[None].to(device).requires_grad_(True)
     y = torch.from_numpy(np.asarray(targets, np.int64))[None].to(device)
     T, U1 = logits.shape[:2]
-    loss = rnnt_loss(x, y, torch.tensor([T]), torch.tensor([U1 - 1]), blank=blank,
-                     reduction="sum", fused_log_softmax=fused, backend=backend)
+    loss = _loss(x, y, T, U1 - 1, blank=blank, fused=fused, backend=backend,
+                 durations=durations)
     loss.backward()
     return x.grad[0]
 
 
 def engine_gradient(logits: np.ndarray, targets: np.ndarray, blank: int, fused: bool,
-                    backend: str) -> np.ndarray:
+                    backend: str, durations=None) -> np.ndarray:
     """``utterance_gradient`` as a float64 numpy array."""
-    return utterance_gradient(logits, targets, blank=blank, fused=fused,
-                              backend=backend).double().cpu().numpy()
+    return utterance_gradient(logits, targets, blank=blank, fused=fused, backend=backend,
+                              durations=durations).double().cpu().numpy()
 
 
 def engine_loss(logits: torch.Tensor, targets: torch.Tensor, blank: int, fused: bool,
-                backend: str) -> float:
+                backend: str, durations=None) -> float:
     """The engine's loss of one utterance, forward only: ``logits`` ``(1, T, U+1, V)``
-    on ``backend``'s device, ``targets`` ``(1, U)``."""
+    (TDT, with ``durations``: ``(1, T, U+1, V + D)``) on ``backend``'s device,
+    ``targets`` ``(1, U)``."""
     T, U1 = logits.shape[1:3]
     with torch.no_grad():
-        loss = rnnt_loss(logits, targets, torch.tensor([T]), torch.tensor([U1 - 1]),
-                         blank=blank, reduction="sum", fused_log_softmax=fused,
-                         backend=backend)
+        loss = _loss(logits, targets, T, U1 - 1, blank=blank, fused=fused, backend=backend,
+                     durations=durations)
     return float(loss)
 
 
 def finite_differences(x: torch.Tensor, targets: torch.Tensor, idx: np.ndarray, *,
-                       blank: int, fused: bool, backend: str, step: float) -> np.ndarray:
+                       blank: int, fused: bool, backend: str, step: float,
+                       durations=None) -> np.ndarray:
     """Central differences of ``engine_loss`` at flat indices ``idx`` of ``x``
     ``(1, T, U+1, V)`` float64, each divided by the probed points' own distance.
-    ``x`` is changed one entry at a time and restored."""
+    ``x`` is changed one entry at a time and restored. ``durations``: of the TDT loss."""
     flat = x.view(-1)
     fd = np.empty(idx.size)
     for k, i in enumerate(idx.tolist()):
         old = float(flat[i])
         up, down = old + step, old - step
         flat[i] = up
-        f_up = engine_loss(x, targets, blank, fused, backend)
+        f_up = engine_loss(x, targets, blank, fused, backend, durations)
         flat[i] = down
-        f_down = engine_loss(x, targets, blank, fused, backend)
+        f_down = engine_loss(x, targets, blank, fused, backend, durations)
         flat[i] = old
         fd[k] = (f_up - f_down) / (up - down)
     return fd
@@ -258,10 +286,13 @@ def finite_difference_error(T: int, U: int, loss: float, max_abs_logit: float,
 
 
 def precision_scale(logits: np.ndarray, targets: np.ndarray, blank: int,
-                    fused: bool) -> np.ndarray:
+                    fused: bool, durations=None) -> np.ndarray:
     """``m_v = occ·p_v + γ_∅[v = ∅] + γ_y[v = y]`` ``(T, U+1, V)`` from the float64
     engine's alignment (CPU): the size of the terms of each gradient entry, the
-    scale of its float32 rounding (module doc)."""
+    scale of its float32 rounding (module doc). With ``durations``: ``(T, U+1, V + D)``
+    from the TDT alignment (module doc, *TDT*)."""
+    if durations is not None:
+        return _tdt_precision_scale(logits, targets, blank, fused, durations)
     from .align import align
 
     x = np.asarray(logits, np.float64)
@@ -273,6 +304,29 @@ def precision_scale(logits: np.ndarray, targets: np.ndarray, blank: int,
         m = torch.softmax(torch.from_numpy(x), -1).numpy() * a.occupancy[:, :, None]
     else:
         m = np.zeros_like(x)
+    m[:, :, blank] += a.blank_posteriors
+    u = np.arange(U1 - 1)
+    m[:, u, y.numpy()] += a.emit_posteriors
+    return m
+
+
+def _tdt_precision_scale(logits, targets, blank: int, fused: bool, durations) -> np.ndarray:
+    """``precision_scale`` of TDT logits ``(T, U+1, V + D)``."""
+    from .align import tdt_align
+
+    x = np.asarray(logits, np.float64)
+    T, U1, W = x.shape
+    V = W - len(durations)
+    y = torch.from_numpy(np.asarray(targets, np.int64))
+    a = tdt_align(torch.from_numpy(x)[None], (y if y.numel() else y.new_zeros(1))[None],
+                  torch.tensor([T]), torch.tensor([U1 - 1]), durations=durations,
+                  blank=blank, fused_log_softmax=fused, backend="cpu")[0]
+    occ = a.occupancy[:, :, None]
+    m = np.zeros_like(x)
+    if fused:
+        m[..., :V] = torch.softmax(torch.from_numpy(x[..., :V]), -1).numpy() * occ
+        m[..., V:] = torch.softmax(torch.from_numpy(x[..., V:]), -1).numpy() * occ
+    m[..., V:] += occ  # post_i <= occ
     m[:, :, blank] += a.blank_posteriors
     u = np.arange(U1 - 1)
     m[:, u, y.numpy()] += a.emit_posteriors
@@ -309,10 +363,12 @@ def grad_check_utterance(
     backend: str = "cpu", samples: int = 20, rtol: float = 1e-3, atol: float = 1e-5,
     stored: np.ndarray | None = None, compare_cuda: bool = False, fd_step: float = 1e-4,
     reference: bool | None = None, on_step: Callable[[str], None] | None = None,
+    durations=None,
 ) -> Checks:
     """Every check that applies to one utterance, in the order of the module doc.
 
-    ``logits`` ``(T, U+1, V)`` float16/32/64; ``stored`` a gradient the user's
+    ``logits`` ``(T, U+1, V)`` float16/32/64 (with ``durations``, a TDT duration set:
+    ``(T, U+1, V + D)`` and the TDT loss; module doc, *TDT*); ``stored`` a gradient the user's
     trainer wrote; ``compare_cuda``: also CPU against CUDA (when both backends run
     here); ``samples``: finite-difference probes (0: no such row); ``fd_step``: their
     step; ``reference``: run the slow float64 reference (None: when
@@ -322,9 +378,11 @@ def grad_check_utterance(
     alignment) no gradient exists to check and the result is empty.
     """
     step = on_step or (lambda name: None)
-    T, U1, V = logits.shape
+    T, U1, W = logits.shape
     U = U1 - 1
-    blank = blank % V
+    blank = blank % (W - (0 if durations is None else len(durations)))
+    # Passed only for TDT: the RNN-T calls stay what they were (tests stand in for them).
+    tdt = {} if durations is None else {"durations": durations}
     dtype = np.asarray(logits).dtype
     x64 = np.asarray(logits, np.float64)
     device = tensor_device(backend)
@@ -333,10 +391,10 @@ def grad_check_utterance(
     with warnings.catch_warnings():
         # A NaN, inf or negative loss is the caller's finding (``score.loss_problem``).
         warnings.simplefilter("ignore", ImpossibleLossWarning)
-        checks = Checks(engine_loss(x, y, blank, fused, backend))
+        checks = Checks(engine_loss(x, y, blank, fused, backend, **tdt))
         if not np.isfinite(checks.loss):
             return checks
-        checks.reference = runs_reference((T, U1, V), reference)
+        checks.reference = runs_reference((T, U1, W), reference)
         scale = []  # precision_scale, computed on the first failure that needs it
 
         def hint(c: Check, got, expected, dtypes, copies=1) -> Check:
@@ -344,7 +402,7 @@ def grad_check_utterance(
             if c.passed or reduced is None:
                 return c
             if not scale:
-                scale.append(precision_scale(x64, targets, blank, fused))
+                scale.append(precision_scale(x64, targets, blank, fused, **tdt))
             if precision_limited(got, expected, g64, scale[0], T, U, reduced, c.rtol, c.atol,
                                  copies):
                 c.precision_limited = True
@@ -358,9 +416,9 @@ def grad_check_utterance(
 
         name = f"{backend}-vs-float64"
         step(name)
-        g64 = engine_gradient(x64, targets, blank, fused, backend)
+        g64 = engine_gradient(x64, targets, blank, fused, backend, **tdt)
         got = g64 if dtype == np.float64 else engine_gradient(logits, targets, blank, fused,
-                                                              backend)
+                                                              backend, **tdt)
         checks.append(hint(compare(name, got, g64, rtol, atol), got, g64, [dtype]))
 
         if samples > 0:
@@ -369,7 +427,7 @@ def grad_check_utterance(
             finite = np.isfinite(x64.reshape(-1))
             idx = idx[finite[idx]]  # a -inf logit (a token ruled out) has no neighbourhood
             fd = finite_differences(x, y, idx, blank=blank, fused=fused, backend=backend,
-                                    step=fd_step)
+                                    step=fd_step, **tdt)
             largest = float(np.abs(x64.reshape(-1)[finite]).max(initial=0.0))
             fd_atol = max(atol, finite_difference_error(T, U, checks.loss, largest, fd_step))
             checks.append(compare("float64-vs-finite-diff", g64.reshape(-1)[idx], fd, rtol,
@@ -379,9 +437,17 @@ def grad_check_utterance(
         if checks.reference:
             step("float64-vs-reference")
             with np.errstate(all="ignore"):
-                _, ref = reference_gradients(
-                    torch.from_numpy(x64)[None], y.cpu(), torch.tensor([T]),
-                    torch.tensor([U]), blank=blank, fused_log_softmax=fused)
+                if durations is None:
+                    _, ref = reference_gradients(
+                        torch.from_numpy(x64)[None], y.cpu(), torch.tensor([T]),
+                        torch.tensor([U]), blank=blank, fused_log_softmax=fused)
+                else:
+                    _, ref = tdt_reference_gradients(
+                        torch.from_numpy(x64)[None],
+                        y.cpu() if U else torch.zeros((1, 1), dtype=torch.int64),
+                        torch.tensor([T]),
+                        torch.tensor([U]), durations=durations, blank=blank,
+                        fused_log_softmax=fused)
             expected, against = ref[0].numpy(), "reference"
             checks.append(compare("float64-vs-reference", g64, expected, rtol, atol))
 
@@ -394,7 +460,7 @@ def grad_check_utterance(
 
         if compare_cuda and backend != "cuda":
             step("cpu-vs-cuda")
-            cuda_grad = engine_gradient(logits, targets, blank, fused, "cuda")
+            cuda_grad = engine_gradient(logits, targets, blank, fused, "cuda", **tdt)
             checks.append(hint(compare("cpu-vs-cuda", got, cuda_grad, rtol, atol), got,
                                cuda_grad, [dtype], copies=2))
     return checks
@@ -425,7 +491,8 @@ def check_utterance(
 ) -> CheckedUtterance:
     """``grad_check_utterance`` on one utterance of ``reader`` (read with
     ``reader.read(..., with_grads=True)``: a stored ``grads`` is checked too), with the
-    dump's blank and input kind. ``compare_cuda`` None: CPU against CUDA whenever
+    dump's blank and input kind (a TDT dump: its durations and the TDT loss).
+    ``compare_cuda`` None: CPU against CUDA whenever
     the backend is not CUDA and CUDA runs here (``cuda_usable``); ``reference`` and
     ``on_step`` as ``grad_check_utterance``'s."""
     from .score import utterance_problem
@@ -436,6 +503,7 @@ def check_utterance(
         utt.logits, utt.labels, blank=reader.blank, fused=reader.input_kind == "logits",
         backend=backend, samples=samples, rtol=rtol, atol=atol, stored=utt.grads,
         compare_cuda=compare_cuda, reference=reference, on_step=on_step,
+        durations=reader.durations if reader.model_kind == "tdt" else None,
     )
     utt_id = utt.info.utt_id
     return CheckedUtterance(

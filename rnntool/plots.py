@@ -222,7 +222,7 @@ def build_figure(
     best_log_prob: float,
     occupancy: np.ndarray,
     best_path: np.ndarray,
-    grad_norm: np.ndarray,
+    grad_norm: np.ndarray | None,
     tokens: Sequence[str] | None = None,
     labels: Sequence[int] | None = None,
     path_markers: bool = False,
@@ -234,16 +234,18 @@ def build_figure(
     (shown for a name no installed font can draw; without them its characters are
     escaped). ``path_markers``: a dot at each node of the path (a TDT path, whose
     arcs jump frames: ``best_path`` holds the nodes its arcs leave, then the end
-    ``(T, U)``). Drawing it prints no warning."""
+    ``(T, U)``). ``grad_norm`` None (a TDT lattice dump stores none): the first panel
+    alone. Drawing it prints no warning."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     T, U1 = occupancy.shape
     ft, fu = max(1, math.ceil(T / MAX_T)), max(1, math.ceil(U1 / MAX_U))
     log_occ = np.log10(np.maximum(occupancy, 1e-12))
-    gnorm = np.log10(np.maximum(grad_norm, 1e-12))
+    gnorm = None if grad_norm is None else np.log10(np.maximum(grad_norm, 1e-12))
     if ft > 1 or fu > 1:
-        log_occ, gnorm = _block_max(log_occ, ft, fu), _block_max(gnorm, ft, fu)
+        log_occ = _block_max(log_occ, ft, fu)
+        gnorm = None if gnorm is None else _block_max(gnorm, ft, fu)
 
     ticks, names, ylabel = _u_axis(U1, tokens)
     title_id = display_name(str(utt_id), ID_CHARS)
@@ -260,9 +262,10 @@ def build_figure(
     font = {"fontfamily": family} if family else {}
 
     width = min(16.0, 5.5 + log_occ.shape[0] / 12)
-    height = min(12.0, 2.0 + 2 * (1.2 + log_occ.shape[1] / 10))
+    panels = 1 if gnorm is None else 2
+    height = min(12.0, 2.0 + panels * (1.2 + log_occ.shape[1] / 10))
     fig = Figure(figsize=(width, height), layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True)
+    axes = list(np.atleast_1d(fig.subplots(panels, 1, sharex=True)))
     extent = (-0.5, T - 0.5, -0.5, U1 - 0.5)
     im0 = axes[0].imshow(log_occ.T, origin="lower", aspect="auto", cmap="viridis",
                          vmin=OCCUPANCY_RANGE[0], vmax=OCCUPANCY_RANGE[1], extent=extent,
@@ -277,14 +280,15 @@ def build_figure(
     axes[0].set_title("log10 P(the alignment passes through (t, u))", fontsize=10)
     fig.colorbar(im0, ax=axes[0], fraction=0.03, extend="min",
                  label="log10 P")
-    im1 = axes[1].imshow(gnorm.T, origin="lower", aspect="auto", cmap="magma",
-                         vmin=GRAD_NORM_RANGE[0], vmax=GRAD_NORM_RANGE[1], extent=extent,
-                         interpolation="nearest")
-    axes[1].set_title("log10 ||d loss / d logits[t, u, :]||", fontsize=10)
-    fig.colorbar(im1, ax=axes[1], fraction=0.03, extend="min", label="log10 norm")
-    axes[1].set_xlabel("frame t")
+    if gnorm is not None:
+        im1 = axes[1].imshow(gnorm.T, origin="lower", aspect="auto", cmap="magma",
+                             vmin=GRAD_NORM_RANGE[0], vmax=GRAD_NORM_RANGE[1], extent=extent,
+                             interpolation="nearest")
+        axes[1].set_title("log10 ||d loss / d logits[t, u, :]||", fontsize=10)
+        fig.colorbar(im1, ax=axes[1], fraction=0.03, extend="min", label="log10 norm")
+    axes[-1].set_xlabel("frame t")
     # Integer ticks only, also when there is one frame / one row (T = 1, U = 0).
-    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     for ax in axes:
         ax.set_xlim(-0.5, T - 0.5)
         ax.set_ylim(-0.5, U1 - 0.5)
@@ -319,11 +323,12 @@ def save_png(out_dir: str | os.PathLike, aligned: AlignedUtterance,
     a temporary file renamed onto the name on success, so the PNG is there whole
     or not at all, and a symbolic link planted at the name is replaced, never
     written through. A name that is one of ``inputs`` is refused (OutputError).
-    ``aligned`` must have a finite loss and its ``grad_norm``.
+    ``aligned`` must have a finite loss and its ``grad_norm`` (but for a TDT lattice
+    dump's alignment, ``grad_norm`` None: the occupancy panel alone).
     """
     from .output import atomic_file, confined_name
 
-    if aligned.grad_norm is None:
+    if aligned.grad_norm is None and not aligned.without_grad_norms:
         raise ValueError(f"utterance {aligned.utt_id!r}: no gradient norms to plot "
                          "(align_utterance(..., grad_norms=True) of a finite loss)")
     dest = Path(out_dir) / confined_name(aligned.utt_id, ".png")

@@ -37,7 +37,9 @@ The model (root attribute ``model_kind``; absent: "rnnt") says what the logits
 are: "tdt" logits are ``(T, U+1, V + D)``, V token logits then one per entry of
 the root attribute ``durations`` (``DumpReader.durations``, checked as
 ``tdt_loss`` checks it); ``UttInfo.V`` counts tokens, ``UttInfo.D`` the duration
-logits, ``UttInfo.width`` is what a node stores.
+logits, ``UttInfo.width`` is what a node stores. A TDT lattice dump holds
+``blank_lp``, ``emit_lp`` and ``dur_lp (T, U+1, D)`` (``dump.TDT_LATTICE_DATASETS``);
+each ``dur_lp`` row must normalise (``read_lattice``).
 """
 
 from __future__ import annotations
@@ -62,8 +64,11 @@ from .dump import (
     LATTICE_DATASETS,
     LATTICE_DTYPES,
     MODEL_KINDS,
+    TDT_LATTICE_DATASETS,
     DumpError,
     check_dump_durations,
+    lattice_shapes,
+    log_prob_tolerance,
 )
 from .storage import RawRegion, StorageChecks, native, preadv_all
 
@@ -98,8 +103,11 @@ class UttInfo:
 
     @property
     def node_bytes(self) -> int:
-        """Bytes read per lattice node: ``width`` logits, or a lattice's three log-probs."""
-        return (3 if self.kind == "lattice" else self.width) * self.dtype.itemsize
+        """Bytes read per lattice node: ``width`` logits, or a lattice's log-probs (three;
+        a TDT lattice's ``2 + D``)."""
+        if self.kind == "lattice":
+            return (2 + self.D if self.D else 3) * self.dtype.itemsize
+        return self.width * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -111,13 +119,15 @@ class LatticeUtterance:
     """One utterance of a lattice dump, in the stored dtype: ``blank_lp (T, U+1)``
     log P(blank | t, u), ``emit_lp (T, U)`` log P(y_{u+1} | t, u), ``log_p2_others
     (T, U+1)`` log of the sum of p_v^2 over v neither blank nor y_{u+1};
-    ``labels (U,)`` int64."""
+    ``labels (U,)`` int64. A TDT lattice dump's: ``dur_lp (T, U+1, D)`` log Q(d_i |
+    t, u) instead of ``log_p2_others`` (None)."""
 
     info: UttInfo
     labels: np.ndarray
     blank_lp: np.ndarray | None = None
     emit_lp: np.ndarray | None = None
     log_p2_others: np.ndarray | None = None  # (not read when only the loss is wanted)
+    dur_lp: np.ndarray | None = None  # TDT lattice dumps only
 
 
 @dataclass
@@ -322,9 +332,6 @@ class DumpReader:
                             f"{', '.join(MODEL_KINDS)}")
         if model == "rnnt":
             return model, None
-        if self.kind == "lattice":
-            raise DumpError(f"{self.name}: a lattice dump of TDT logits (model_kind = 'tdt'); "
-                            "rnntool does not read TDT lattice dumps yet")
         if "durations" not in self._f.attrs:
             raise DumpError(f"{self.name}: attribute model_kind = 'tdt' but no attribute "
                             "durations (the duration set, e.g. [0, 1, 2, 3, 4])")
@@ -534,7 +541,9 @@ class DumpReader:
 
     def _info(self, utt_id: str) -> UttInfo:
         info = self._layout.info(utt_id)
-        if self.durations is not None:
+        if self.durations is not None and info.kind == "lattice":
+            info.D = len(self.durations)  # V is the dump's vocab_size: tokens already
+        elif self.durations is not None:
             D = len(self.durations)
             if info.V - D < 1:
                 raise self._err(utt_id, f"logits' last dim is {info.V}, but a TDT dump's logits "
@@ -640,12 +649,23 @@ class DumpReader:
             self._check_unchanged(utt_id)
         return Utterance(info, x, y, grads)
 
+    @property
+    def lattice_names(self) -> tuple[str, ...]:
+        """The per-utterance arrays of this dump's lattice kind: ``LATTICE_DATASETS``, or
+        a TDT dump's ``TDT_LATTICE_DATASETS``."""
+        return tuple(TDT_LATTICE_DATASETS if self.model_kind == "tdt" else LATTICE_DATASETS)
+
     def read_lattice(self, utt_id: str, info: UttInfo | None = None,
-                     names: Sequence[str] = tuple(LATTICE_DATASETS)) -> LatticeUtterance:
+                     names: Sequence[str] | None = None) -> LatticeUtterance:
         """One utterance of a lattice dump, validated: labels as ``labels`` checks them,
-        and no NaN or +inf in its log-probs (-inf is a probability of 0). ``names``:
-        the arrays to read (the others are None), e.g. ``("blank_lp", "emit_lp")``
-        for its loss alone."""
+        and no NaN or +inf in its log-probs (-inf is a probability of 0); in a TDT
+        lattice dump every ``dur_lp`` row a distribution over the durations (logsumexp
+        within ``dump.log_prob_tolerance`` of 0: the stored dtype's epsilon, float16's
+        for a dump made from log-probs). ``names``: the arrays to read (the others are
+        None; default ``lattice_names``: all), e.g. ``("blank_lp", "emit_lp")`` for an
+        RNN-T loss alone. Raises ``DumpError`` (one line) for anything else."""
+        if names is None:
+            names = self.lattice_names
         info = info or self.info(utt_id)
         if info.kind != "lattice":
             raise self._err(utt_id, "a full dump holds logits, not a lattice (read it with "
@@ -657,7 +677,7 @@ class DumpReader:
             for name, (ds, run) in self._layout.lattice(utt_id).items():
                 if name not in names:
                     continue
-                shape = LATTICE_DATASETS[name](info.T, info.U)
+                shape = lattice_shapes(self.model_kind, info.T, info.U, info.D)[name]
                 if run is not None and self._lattice_direct(ds, run, shape, info.dtype):
                     arrays[name] = self._pread_array(utt_id, name, run, shape, info.dtype)
                     continue
@@ -671,12 +691,36 @@ class DumpReader:
         for name, a in arrays.items():
             bad = np.isnan(a) | np.isposinf(a)
             if bad.any():
-                t, u = (int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+                at = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+                where = ", ".join(f"{k}={i}" for k, i in zip(("t", "u", "i"), at, strict=False))
                 more = int(bad.sum()) - 1
-                raise self._err(utt_id, f"{name}[t={t}, u={u}] = {float(a[t, u])!r}"
+                raise self._err(utt_id, f"{name}[{where}] = {float(a[at])!r}"
                                 + (f" (and {more} more)" if more else "")
                                 + "; a lattice dump holds finite log-probs or -inf")
+        if "dur_lp" in arrays:
+            self._check_durations_normalise(utt_id, arrays["dur_lp"])
         return LatticeUtterance(info, y, **arrays)
+
+    def _check_durations_normalise(self, utt_id: str, dur_lp: np.ndarray) -> None:
+        """``DumpError`` naming the first ``dur_lp[t, u]`` row whose logsumexp is not 0
+        within rounding (``log_prob_tolerance``): stage 2 reads Q(d | t, u) as a
+        distribution over the durations."""
+        D = dur_lp.shape[-1]
+        eps = np.finfo(np.float16 if self.input_kind == "log_probs" else dur_lp.dtype).eps
+        tol = log_prob_tolerance(float(eps), D)
+        c = dur_lp.astype(np.float64)
+        m = c.max(axis=-1, initial=-np.inf)
+        with np.errstate(all="ignore"):
+            lse = np.where(np.isfinite(m), m + np.log(np.exp(c - m[..., None]).sum(axis=-1)),
+                           -np.inf)
+        off = ~(np.abs(lse) <= tol)
+        if off.any():
+            t, u = (int(i) for i in np.unravel_index(int(np.argmax(off)), off.shape))
+            more = int(off.sum()) - 1
+            raise self._err(utt_id, f"dur_lp[t={t}, u={u}, :] has logsumexp {float(lse[t, u]):.6g}"
+                            + (f" (and {more} more rows)" if more else "")
+                            + f", not 0 within {tol:.2g}: not the log-probs of a distribution "
+                            f"over the {D} durations")
 
     def _lattice_direct(self, ds, run, shape, dtype) -> bool:
         """May a lattice array stored raw be read with ``pread``? Once per file, the first
@@ -864,21 +908,24 @@ class _KeyedLayout:
 
 
 _NO_LOGITS = 'a lattice dump holds no logits (it was written with kind="lattice")'
-_LATTICE_FORMS = {"blank_lp": "(T, U+1)", "emit_lp": "(T, U)", "log_p2_others": "(T, U+1)"}
+_LATTICE_FORMS = {"blank_lp": "(T, U+1)", "emit_lp": "(T, U)", "log_p2_others": "(T, U+1)",
+                  "dur_lp": "(T, U+1, D)"}
 
 
 class _LatticeLayout(_KeyedLayout):
-    """``/utts/<utt_id>/{blank_lp,emit_lp,log_p2_others,labels}`` of a lattice dump:
-    keyed, attributes as a full dump's; no logits, no grads. V is the dump's
-    vocab_size (required)."""
+    """``/utts/<utt_id>/{blank_lp,emit_lp,log_p2_others,labels}`` of a lattice dump
+    (a TDT one's: ``{blank_lp,emit_lp,dur_lp,labels}``): keyed, attributes as a full
+    dump's; no logits, no grads. V is the dump's vocab_size (required)."""
 
     def info(self, utt_id: str) -> UttInfo:
         r = self._r
         g = self._group(utt_id)
-        *arrays, y = self._datasets(utt_id, g, (*LATTICE_DATASETS, "labels"))
-        named = dict(zip(LATTICE_DATASETS, arrays, strict=True))
+        names = r.lattice_names
+        D = 0 if r.durations is None else len(r.durations)
+        *arrays, y = self._datasets(utt_id, g, (*names, "labels"))
+        named = dict(zip(names, arrays, strict=True))
         for name, ds in named.items():
-            if ds.ndim != 2:
+            if ds.ndim != (3 if name == "dur_lp" else 2):
                 raise r._err(utt_id, f"{name} must be {_LATTICE_FORMS[name]}, got shape "
                              f"{ds.shape}")
         if y.ndim != 1:
@@ -887,11 +934,14 @@ class _LatticeLayout(_KeyedLayout):
         T, U = b.shape[0], y.shape[0]
         if T == 0:
             raise r._err(utt_id, "T = 0, an utterance needs T >= 1")
+        shapes = lattice_shapes(r.model_kind, T, U, D)
         for name, ds in named.items():
-            want = LATTICE_DATASETS[name](T, U)
+            want = shapes[name]
             if ds.shape != want:
                 source = (f"labels {y.shape}" if name == "blank_lp"
                           else f"blank_lp {b.shape} and labels {y.shape}")
+                if name == "dur_lp":
+                    source += f" and the {D} durations"
                 raise r._err(utt_id, f"{name} has shape {ds.shape}, but {source} make it "
                              f"{_LATTICE_FORMS[name]} = {want}")
         stored = {name: ds.dtype for name, ds in named.items()}  # (h5py builds it per call)
@@ -927,9 +977,9 @@ class _LatticeLayout(_KeyedLayout):
             _, named, regions = cached
         else:
             g = self._group(utt_id)
-            named = {name: self._r._child(g, name) for name in LATTICE_DATASETS}
+            named = {name: self._r._child(g, name) for name in self._r.lattice_names}
             regions = {name: self._r._checks.raw_run(ds, name) for name, ds in named.items()}
-        return {name: (named[name], regions[name]) for name in LATTICE_DATASETS}
+        return {name: (named[name], regions[name]) for name in self._r.lattice_names}
 
 
 class _PaddedLayout:

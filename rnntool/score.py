@@ -67,7 +67,7 @@ def _read_lattices(reader: DumpReader, ids: Iterator[str], budget_bytes: int,
             if u is None:
                 break
             try:
-                lat = reader.read_lattice(u, names=("blank_lp", "emit_lp"))
+                lat = reader.read_lattice(u, names=_LOSS_ARRAYS[reader.model_kind])
             except DumpError as e:
                 if not skip_bad:
                     raise
@@ -81,13 +81,19 @@ def _read_lattices(reader: DumpReader, ids: Iterator[str], budget_bytes: int,
     return got
 
 
+# The lattice arrays a loss reads, by model kind (the rest is for gradient norms).
+_LOSS_ARRAYS = {"rnnt": ("blank_lp", "emit_lp"), "tdt": ("blank_lp", "emit_lp", "dur_lp")}
+
+
 def _lattice_batch_bytes(lats: Sequence) -> int:
-    """Bytes of the two padded ``(B, T, U+1)`` arrays ``_pad_lattices`` makes of ``lats``
-    (at most: a batch of mixed dtypes is padded per dtype)."""
+    """Bytes of the padded ``(B, T, U+1)`` arrays ``_pad_lattices`` makes of ``lats``
+    (two; a TDT lattice's also ``dur_lp``, D per node), at most: a batch of mixed
+    dtypes is padded per dtype."""
     T = max(lat.info.T for lat in lats)
     U1 = max(lat.info.U for lat in lats) + 1
     item = max(lat.info.dtype.itemsize for lat in lats)
-    return 2 * len(lats) * T * U1 * item
+    per_node = 2 + max(lat.info.D for lat in lats)
+    return per_node * len(lats) * T * U1 * item
 
 
 def _pad_lattices(lats: Sequence, dtype):
@@ -107,7 +113,12 @@ def _pad_lattices(lats: Sequence, dtype):
         labels[b, :U_b] = lat.labels
     t_len = np.array([lat.info.T for lat in lats], np.int64)
     u_len = np.array([lat.info.U for lat in lats], np.int64)
-    return blank_lp, emit_lp, labels, t_len, u_len
+    if lats[0].dur_lp is None:
+        return blank_lp, emit_lp, labels, t_len, u_len
+    dur_lp = np.empty((B, T, U1, lats[0].info.D), dtype)
+    for b, lat in enumerate(lats):
+        dur_lp[b, : lat.info.T, : lat.info.U + 1] = lat.dur_lp
+    return blank_lp, emit_lp, labels, t_len, u_len, dur_lp
 
 
 def _score_lattices(reader, utt_ids, backend, budget_bytes, on_batch, skip_bad=False):
@@ -144,7 +155,8 @@ def _score_lattices(reader, utt_ids, backend, budget_bytes, on_batch, skip_bad=F
             # Groups of one dtype (a dump may mix float32 and float64 utterances).
             for dtype in dict.fromkeys(lat.info.dtype for lat in lats):
                 group = [lat for lat in lats if lat.info.dtype == dtype]
-                losses = _lattice_losses(*_pad_lattices(group, dtype), backend)
+                losses = _lattice_losses(*_pad_lattices(group, dtype), backend=backend,
+                                         durations=reader.durations)
                 for lat, loss in zip(group, losses, strict=True):
                     rows[id(lat)] = _row(reader, lat.info, float(loss))
             for g in got:  # in input order, the bad ones where they were
@@ -262,21 +274,31 @@ def _cpu_losses(reader, logits, targets, logit_lengths, target_lengths) -> np.nd
     return losses if logits.dtype == np.float64 else _to_float32(losses)
 
 
-def _lattice_losses(blank_lp, emit_lp, targets, logit_lengths, target_lengths,
-                    backend) -> np.ndarray:
+def _lattice_losses(blank_lp, emit_lp, targets, logit_lengths, target_lengths, dur_lp=None,
+                    *, backend, durations=None) -> np.ndarray:
     """Losses of a lattice dump's padded batch: stage 2 alone on ``backend`` (no torch on
     the CPU), rounded as scoring the logits rounds them, so a lattice dump scores to
-    the bits of the full dump it came from."""
+    the bits of the full dump it came from. With ``dur_lp`` ``(B, T, U+1, D)`` (a TDT
+    lattice dump) the TDT engine's ``forward_compact`` with ``durations``."""
     from .engine import load_engine
 
     arrays = (blank_lp, emit_lp, targets, logit_lengths, target_lengths)
+    if dur_lp is not None:
+        arrays = (blank_lp, emit_lp, dur_lp, targets, logit_lengths, target_lengths)
     if backend == "cuda":
         import torch
 
         from .devices import tensor_device
 
         arrays = [torch.from_numpy(a).to(tensor_device(backend)) for a in arrays]
-    state = load_engine(backend).forward_compact(*arrays, False)
+    if dur_lp is not None:
+        from .tdt_lattice import load_tdt_engine
+
+        blank, emit, dur, *index = arrays
+        state = load_tdt_engine(backend).forward_compact(blank, emit, dur, durations, *index,
+                                                         False)
+    else:
+        state = load_engine(backend).forward_compact(*arrays, False)
     log_like = state.log_like
     if not isinstance(log_like, np.ndarray):
         log_like = log_like.cpu().numpy()

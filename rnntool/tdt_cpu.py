@@ -14,7 +14,8 @@ storage types are ``cpu.py``'s (``floatbits.py``): the same bits rules hold.
 3. ``cpu_gradient``   one fused pass over ``V + D`` per node, in ``backward()``.
 
 ``cpu_viterbi`` is stage 2's max-product twin, for alignments. ``cpu_forward``
-(stages 1-2), ``cpu_backward`` (3) and ``cpu_best_path`` (Viterbi) make ``TDT_ENGINE``.
+(stages 1-2), ``cpu_backward`` (3), ``cpu_best_path`` (Viterbi) and
+``cpu_forward_compact`` (stage 2 on a lattice dump's arrays) make ``TDT_ENGINE``.
 
 Shapes: ``B`` utterances padded to ``T`` frames and ``U1 = U+1`` label positions,
 ``V`` tokens then ``D`` durations along the last dim. Every sum runs in an order
@@ -364,5 +365,33 @@ def cpu_best_path(state: TDTState):
     return best, last, from_arc
 
 
+def cpu_forward_compact(blank_lp, emit_lp, dur_lp, durations, targets, logit_lengths,
+                        target_lengths, keep_state: bool) -> TDTState:
+    """Stage 2 alone on a TDT lattice dump's padded arrays: ``blank_lp``, ``emit_lp``
+    ``(B, T, U1)`` and ``dur_lp`` ``(B, T, U1, D)`` numpy float32/float64 (entries
+    outside the lengths, and ``emit_lp`` at u = U_b, are never read); ``durations``
+    ``(D,)``; targets and lengths as for ``cpu_forward``. Returns the state
+    ``cpu_forward`` gives for the logits the arrays came from (the same bits: stage 2
+    reads nothing else), ``lse`` None, ``bad`` where the loss is NaN."""
+    durations = _durations_array(durations)
+    targets, logit_lengths, target_lengths = (
+        np.ascontiguousarray(np.asarray(a), dtype=np.int64)
+        for a in (targets, logit_lengths, target_lengths))
+    B, T, U1 = blank_lp.shape
+    alpha = np.empty((B, T, U1), np.float64)
+    beta = np.empty((B, T, U1) if keep_state else (0, 0, 0), np.float64)
+    log_like = np.empty(B, np.float64)
+    with kernel_lock():
+        cpu_alpha_beta(blank_lp, emit_lp, dur_lp, durations, logit_lengths, target_lengths,
+                       keep_state, alpha, beta, log_like)
+    return TDTState(
+        log_like=log_like, bad=np.isnan(log_like), blank_lp=blank_lp, emit_lp=emit_lp,
+        dur_lp=dur_lp, durations=durations, targets=targets, logit_lengths=logit_lengths,
+        target_lengths=target_lengths, alpha=alpha if keep_state else None,
+        beta=beta if keep_state else None,
+    )
+
+
 TDT_ENGINE = TDTEngine(name="cpu", check_device=cpu_check_device, forward=cpu_forward,
-                       backward=cpu_backward, best_path=cpu_best_path, guards_indices=False)
+                       backward=cpu_backward, best_path=cpu_best_path, guards_indices=False,
+                       forward_compact=cpu_forward_compact)

@@ -476,8 +476,41 @@ def cuda_best_path(state: TDTState):
     return best, last, from_arc
 
 
+def cuda_forward_compact(blank_lp, emit_lp, dur_lp, durations, targets, logit_lengths,
+                         target_lengths, keep_state: bool) -> TDTState:
+    """Stage 2 alone on a TDT lattice dump's padded arrays; same contract as
+    ``tdt_cpu.cpu_forward_compact``. Tensors on one device (CPU tensors in the
+    simulator); numpy arrays are taken as CPU tensors. Lengths outside the padded
+    dims make that utterance's loss NaN."""
+    blank_lp, emit_lp, dur_lp = (torch.as_tensor(a) for a in (blank_lp, emit_lp, dur_lp))
+    cuda_check_device(blank_lp)
+    B, T, U1 = blank_lp.shape
+    device = blank_lp.device
+    targets, logit_lengths, target_lengths, bad_len = _rc._index_tensors(
+        *(torch.as_tensor(a) for a in (targets, logit_lengths, target_lengths)), T, U1, device)
+    durations = torch.as_tensor(np.asarray(durations, dtype=np.int64)).to(device)
+    alpha = torch.empty(B, T, U1, dtype=torch.float64, device=device)
+    beta = torch.empty((B, T, U1) if keep_state else (0, 0, 0), dtype=torch.float64,
+                       device=device)
+    log_like = torch.empty(B, dtype=torch.float64, device=device)
+    a = _rc.storage_view
+    if B > 0:  # a grid of 0 blocks is a launch error
+        nt = _rc.CONFIG["threads_diag"]
+        cuda_alpha_beta[B, nt, _rc._stream(), 2 * nt * 8](
+            a(blank_lp), a(emit_lp), a(dur_lp), a(durations), a(logit_lengths),
+            a(target_lengths), keep_state, a(alpha), a(beta), a(log_like))
+    log_like = torch.where(bad_len, torch.full_like(log_like, math.nan), log_like)
+    return TDTState(
+        log_like=log_like, bad=torch.isnan(log_like), blank_lp=blank_lp, emit_lp=emit_lp,
+        dur_lp=dur_lp, durations=durations, targets=targets, logit_lengths=logit_lengths,
+        target_lengths=target_lengths, alpha=alpha if keep_state else None,
+        beta=beta if keep_state else None,
+    )
+
+
 TDT_ENGINE = TDTEngine(name="cuda", check_device=cuda_check_device, forward=cuda_forward,
-                       backward=cuda_backward, best_path=cuda_best_path, guards_indices=True)
+                       backward=cuda_backward, best_path=cuda_best_path, guards_indices=True,
+                       forward_compact=cuda_forward_compact)
 
 
 # --------------------------------------------------------------------------- PTX signatures

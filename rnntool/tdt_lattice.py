@@ -108,6 +108,11 @@ class TDTEngine(NamedTuple):
     - ``best_path(state) -> (best (B,), last (B,), from_arc (B, T, U1))``: the Viterbi
       twin of stage 2 on a forward state (``backtrack`` reads one utterance's path).
     - ``guards_indices``: whether the kernels survive unchecked label values and lengths.
+    - ``forward_compact(blank_lp, emit_lp, dur_lp, durations, targets, logit_lengths,
+      target_lengths, keep_state) -> TDTState``: stage 2 alone on a TDT lattice dump's
+      padded arrays (``(B, T, U1)``, ``(B, T, U1)``, ``(B, T, U1, D)``); the state
+      ``forward`` gives for the logits they came from (same bits), without ``lse``
+      (so no ``backward``), ``bad`` where the loss is NaN.
     """
 
     name: str
@@ -116,6 +121,7 @@ class TDTEngine(NamedTuple):
     backward: Callable[[Any, TDTState, TDTOptions, Any], Any]
     best_path: Callable[[TDTState], tuple[Any, Any, Any]]
     guards_indices: bool
+    forward_compact: Callable[..., TDTState]
 
 
 def load_tdt_engine(backend: str) -> TDTEngine:

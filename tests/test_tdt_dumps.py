@@ -22,6 +22,7 @@ from rnntool.score import score_reader
 from rnntool.tdt import check_durations, tdt_loss
 from rnntool.tdt_reference import (
     tdt_enumerate_paths,
+    tdt_reference_gradients,
     tdt_reference_loss,
     tdt_reference_viterbi,
 )
@@ -113,7 +114,7 @@ def test_writer_checks_durations_as_tdt_loss_does(tmp_path):
     ({"model_kind": "tdt"}, "needs durations"),
     ({"durations": [0, 1]}, "model_kind='tdt' only"),
     ({"model_kind": "ctc"}, "model_kind must be one of"),
-    ({"model_kind": "tdt", "durations": [0, 1], "kind": "lattice"}, "not supported yet"),
+    ({"model_kind": "tdt", "durations": [0, 2], "kind": "lattice"}, "must contain 0 and 1"),
 ])
 def test_writer_refuses_bad_options(tmp_path, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -154,16 +155,6 @@ def test_bad_stored_model_attributes_are_one_line(tmp_path, attrs, needle):
         DumpReader(path)
     for cmd in ("score", "align", "inspect"):
         one_line_error(invoke(cmd, path), "bad.h5", needle)
-
-
-def test_tdt_lattice_dump_is_refused_by_the_reader(tmp_path):
-    path = tmp_path / "lat.h5"
-    with h5py.File(path, "w") as f:
-        f.create_group("utts")
-        f.attrs.update({"format": "rnntool.dump", "format_version": 2, "dump_kind": "lattice",
-                        "blank": 0, "vocab_size": 5, "model_kind": "tdt",
-                        "durations": np.array([0, 1])})
-    one_line_error(invoke("score", path), "lat.h5", "does not read TDT lattice dumps yet")
 
 
 # --------------------------------------------------------------------------- score
@@ -448,11 +439,293 @@ def test_sample_tdt_dump_scores_to_its_trainers_losses():
         ("j", "0", "3"), ("b", "4", "1"), ("g", "8", "1")]
 
 
-# --------------------------------------------------------------------------- refused
-@pytest.mark.parametrize("cmd", [["grad-check"], ["compact", "-o", "OUT"]])
-def test_commands_without_tdt_support_say_so(tmp_path, cmd):
-    path = _write(tmp_path / "t.h5", _random_utts([(3, 1)], V=5, D=4, blank=0))
-    args = [str(tmp_path / "out.h5") if a == "OUT" else a for a in cmd]
-    one_line_error(invoke(args[0], path, *args[1:]), "t.h5",
-                   "not supported for TDT dumps yet")
-    assert not (tmp_path / "out.h5").exists()
+def test_the_bundled_tdt_lattice_sample_is_the_tdt_sample_compacted(tmp_path):
+    """sample_data/sample-tdt-lattice.h5 is `rnntool compact` of sample-tdt.h5: the same
+    stored arrays as compacting it again gives, and the same score, align and
+    timestamps rows to the last digit."""
+    from helpers import ROOT
+
+    full = ROOT / "sample_data" / "sample-tdt.h5"
+    lattice = full.with_name("sample-tdt-lattice.h5")
+    assert lattice.stat().st_size < 100_000
+    again = tmp_path / "again.h5"
+    assert invoke("compact", full, "-o", again, "--device", "cpu", "-q").exit_code == 0
+    with h5py.File(lattice) as f, h5py.File(again) as g:
+        assert sorted(f["utts"]) == sorted(g["utts"])
+        for u in f["utts"]:
+            for name in ("blank_lp", "emit_lp", "dur_lp", "labels"):
+                np.testing.assert_array_equal(f["utts"][u][name][()], g["utts"][u][name][()])
+    for cmd, extra in (("score", ()), ("align", ()), ("timestamps", ("--frame-shift", "0.04"))):
+        want = invoke(cmd, full, "-f", "tsv", "-q", *extra)
+        got = invoke(cmd, lattice, "-f", "tsv", "-q", *extra)
+        assert want.exit_code == got.exit_code == 0, (want.stderr, got.stderr)
+        assert got.stdout == want.stdout and len(rows_of(got.stdout)) >= 12
+    with DumpReader(lattice) as r:
+        assert (r.kind, r.model_kind, len(r)) == ("lattice", "tdt", 12)
+        assert r.vocab is not None and r.durations is not None
+
+
+# --------------------------------------------------------------------------- lattice dumps
+def _lattice_pair(tmp_path, backend, *, dtype=np.float32, blank=-1, durations=(0, 1, 2),
+                  shapes=((5, 2), (1, 0), (4, 3), (6, 1)), **kw):
+    """A full TDT dump and its lattice dump (written by ``DumpWriter(kind="lattice")`` on
+    ``backend``) of the same random logits; returns ``(utts, full path, lattice path)``."""
+    utts = _random_utts(list(shapes), V=5, D=len(durations), blank=blank, seed=11,
+                        dtype=dtype)
+    full = _write(tmp_path / "full.h5", utts, durations=list(durations), blank=blank, **kw)
+    lat = _write(tmp_path / "lat.h5", utts, durations=list(durations), blank=blank,
+                 kind="lattice", backend=backend, **kw)
+    return utts, full, lat
+
+
+def test_lattice_dump_stores_the_engines_arrays(tmp_path):
+    utts, full, lat = _lattice_pair(tmp_path, "cpu")
+    from rnntool.tdt_lattice import TDTOptions, load_tdt_engine
+
+    with h5py.File(lat) as f:
+        assert f.attrs["dump_kind"] == "lattice" and f.attrs["model_kind"] == "tdt"
+        assert f.attrs["durations"].tolist() == [0, 1, 2]
+        assert f.attrs["vocab_size"] == 5
+        for utt_id, (x, y) in utts.items():
+            g = f["utts"][utt_id]
+            assert sorted(g) == ["blank_lp", "dur_lp", "emit_lp", "labels"]
+            T, U = x.shape[0], y.size
+            state = load_tdt_engine("cpu").forward(
+                x[None], (y if U else np.zeros(1, np.int64))[None], np.array([T]),
+                np.array([U]), TDTOptions(blank=4, durations=(0, 1, 2)), False)
+            assert g["blank_lp"].shape == (T, U + 1) and g["emit_lp"].shape == (T, U)
+            assert g["dur_lp"].shape == (T, U + 1, 3) and g["dur_lp"].dtype == np.float32
+            np.testing.assert_array_equal(g["blank_lp"][()], state.blank_lp[0])
+            np.testing.assert_array_equal(g["emit_lp"][()], state.emit_lp[0, :, :U])
+            np.testing.assert_array_equal(g["dur_lp"][()], state.dur_lp[0])
+            # Each dur_lp row is a distribution over the durations.
+            lse = np.logaddexp.reduce(g["dur_lp"][()].astype(np.float64), axis=-1)
+            assert np.abs(lse).max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lattice_dump_scores_and_aligns_like_its_full_dump(tmp_path, backend, dtype):
+    utts, full, lat = _lattice_pair(tmp_path, backend, dtype=dtype)
+    rows = {}
+    for name, path in (("full", full), ("lat", lat)):
+        with DumpReader(path) as r:
+            rows[name] = {row["utt_id"]: row for row in score_reader(r, r.utt_ids,
+                                                                    backend=backend)}
+    for utt_id, (x, y) in utts.items():
+        # The same bits: stage 2 on the stored arrays is stage 2 of the logits.
+        assert rows["lat"][utt_id]["loss"] == rows["full"][utt_id]["loss"]
+        ref = float(tdt_reference_loss(
+            torch.from_numpy(x)[None].double(),
+            torch.from_numpy(y if y.size else np.zeros(1, np.int64))[None],
+            torch.tensor([x.shape[0]]), torch.tensor([y.size]), durations=[0, 1, 2],
+            blank=-1)[0])
+        assert rows["lat"][utt_id]["loss"] == pytest.approx(
+            ref, rel=1e-5 if dtype == np.float32 else 1e-10)
+    with DumpReader(full) as rf, DumpReader(lat) as rl:
+        for utt_id in utts:
+            a = align_utterance(rf, rf.read(utt_id), backend=backend).alignment
+            b = align_utterance(rl, rl.read_lattice(utt_id), backend=backend).alignment
+            assert a.loss == b.loss and a.best_log_prob == b.best_log_prob
+            np.testing.assert_array_equal(a.arcs, b.arcs)
+            np.testing.assert_array_equal(a.frames, b.frames)
+            np.testing.assert_array_equal(a.token_durations, b.token_durations)
+            for field in ("emit_posteriors", "blank_posteriors", "occupancy",
+                          "expected_frames"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_compact_command_writes_the_writers_lattice(tmp_path):
+    utts, full, lat = _lattice_pair(tmp_path, "cpu", frame_shift=0.04,
+                                    vocab=[f"t{v}" for v in range(5)])
+    out = tmp_path / "compact.h5"
+    result = invoke("compact", full, "-o", out, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f, h5py.File(lat) as g:
+        assert f.attrs["model_kind"] == "tdt" and f.attrs["durations"].tolist() == [0, 1, 2]
+        assert f.attrs["frame_shift"] == 0.04
+        for utt_id in utts:
+            for name in ("blank_lp", "emit_lp", "dur_lp", "labels"):
+                np.testing.assert_array_equal(f["utts"][utt_id][name][()],
+                                              g["utts"][utt_id][name][()])
+    for cmd, extra in (("score", ()), ("align", ()), ("timestamps", ())):
+        a = invoke(cmd, full, "--format", "tsv", *extra)
+        b = invoke(cmd, out, "--format", "tsv", *extra)
+        assert a.exit_code == b.exit_code == 0, (a.stderr, b.stderr)
+        assert a.stdout == b.stdout
+    inspected = invoke("inspect", out, "--format", "json")
+    assert inspected.exit_code == 0, inspected.stderr
+    report = json.loads(inspected.stdout)
+    report = report[0] if isinstance(report, list) else report
+    assert (report["kind"], report["model_kind"], report["problems"]) == ("lattice", "tdt", 0)
+
+
+def test_plot_of_a_lattice_dump_draws_the_occupancy_panel_alone(tmp_path):
+    _, full, lat = _lattice_pair(tmp_path, "cpu", shapes=((5, 2),))
+    for name, path in (("full", full), ("lat", lat)):
+        result = invoke("plot", path, "-d", tmp_path / name)
+        assert result.exit_code == 0, result.stderr
+        assert (tmp_path / name / "u0.png").stat().st_size > 0
+    from PIL import Image
+
+    # One panel where the full dump's plot has two: a shorter figure.
+    with Image.open(tmp_path / "full" / "u0.png") as a, Image.open(tmp_path / "lat" / "u0.png") as b:
+        assert b.size[1] < a.size[1]
+
+
+def test_lattice_writer_refuses_nan_logits(tmp_path):
+    x = np.zeros((3, 2, 5 + 3), np.float32)
+    x[1, 0, 6] = np.nan  # a duration logit
+    with (pytest.raises(ValueError, match="'u0': NaN or \\+inf in its logits"),
+          DumpWriter(tmp_path / "l.h5", model_kind="tdt", durations=[0, 1, 2],
+                     kind="lattice") as w):
+        w.add("u0", x, np.array([1]))
+    assert not list(tmp_path.iterdir())
+
+
+def _hostile(path, how):
+    with h5py.File(path, "a") as f:
+        g = f["utts/u0"]
+        d = g["dur_lp"][()]
+        del g["dur_lp"]
+        if how == "shape":
+            g["dur_lp"] = d[:, :, :2]
+        elif how == "2d":
+            g["dur_lp"] = d[:, :, 0]
+        elif how == "nan":
+            d[2, 1, 1] = np.nan
+            g["dur_lp"] = d
+        elif how == "posinf":
+            d[0, 0, 0] = np.inf
+            g["dur_lp"] = d
+        elif how == "unnormalised":
+            d[3, 0] += 0.5
+            g["dur_lp"] = d
+        elif how == "all-inf":
+            d[1, 2] = -np.inf
+            g["dur_lp"] = d
+        elif how == "dtype":
+            g["dur_lp"] = d.astype(np.float64)
+        # "missing": left out
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("shape", "dur_lp has shape (5, 3, 2), but blank_lp (5, 3) and labels (2,) and the 3 "
+              "durations make it (T, U+1, D) = (5, 3, 3)"),
+    ("2d", "dur_lp must be (T, U+1, D), got shape (5, 3)"),
+    ("nan", "dur_lp[t=2, u=1, i=1] = nan"),
+    ("posinf", "dur_lp[t=0, u=0, i=0] = inf"),
+    ("unnormalised", "dur_lp[t=3, u=0, :] has logsumexp 0.5"),
+    ("all-inf", "dur_lp[t=1, u=2, :] has logsumexp -inf"),
+    ("dtype", "dur_lp dtype float64 differs from blank_lp's float32"),
+    ("missing", "dur_lp"),
+])
+def test_hostile_lattice_arrays_are_one_line(tmp_path, how, needle):
+    _, _, lat = _lattice_pair(tmp_path, "cpu", shapes=((5, 2), (3, 1)),
+                              vocab=[f"t{v}" for v in range(5)])
+    _hostile(lat, how)
+    for cmd in ("score", "align", "timestamps"):
+        extra = ("--frame-shift", "0.04", "--word-sep", "t1") if cmd == "timestamps" else ()
+        one_line_error(invoke(cmd, lat, "--utt", "u0", *extra), "lat.h5", "u0", needle)
+    # The other utterance still reads.
+    ok = invoke("score", lat, "--utt", "u1")
+    assert ok.exit_code == 0, ok.stderr
+
+
+# --------------------------------------------------------------------------- grad-check
+def _grad_dump(tmp_path, *, dtype=np.float32, durations=(0, 1, 2), spoil=None):
+    """A TDT dump whose stored grads are tdt_reference_gradients' (float64, cast to the
+    logits' dtype), one entry changed by ``spoil(grads, V)`` when given."""
+    utts = _random_utts([(4, 2), (2, 0), (5, 3)], V=5, D=len(durations), blank=-1, seed=7,
+                        dtype=dtype)
+    path = tmp_path / "g.h5"
+    with DumpWriter(path, blank=-1, model_kind="tdt", durations=list(durations)) as w:
+        for utt_id, (x, y) in utts.items():
+            _, g = tdt_reference_gradients(
+                torch.from_numpy(x)[None].double(),
+                torch.from_numpy(y if y.size else np.zeros(1, np.int64))[None],
+                torch.tensor([x.shape[0]]), torch.tensor([y.size]), durations=list(durations),
+                blank=-1)
+            g = g[0].numpy().astype(dtype)
+            if spoil is not None and utt_id == "u0":
+                spoil(g, 5)
+            w.add(utt_id, x, y, grads=g)
+    return utts, path
+
+
+def test_grad_check_passes_tdt_dumps_in_rnnt_rows(tmp_path):
+    utts, path = _grad_dump(tmp_path)
+    result = invoke("grad-check", path, "--format", "tsv", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    rows = rows_of(result.stdout)
+    from rnntool.gradcheck import GRADCHECK_FIELDS
+
+    assert list(rows[0]) == GRADCHECK_FIELDS
+    for utt_id in utts:
+        checks = [r["check"] for r in rows if r["utt_id"] == utt_id]
+        # (and CPU against CUDA where CUDA runs: the simulator here, a GPU)
+        assert checks[:4] == ["cpu-vs-float64", "float64-vs-finite-diff",
+                              "float64-vs-reference", "stored-vs-reference"]
+        assert checks[4:] in ([], ["cpu-vs-cuda"])
+    assert all(r["result"] == "PASS" for r in rows)
+
+
+def test_grad_check_covers_the_duration_logits(tmp_path, backend):
+    """Every V + D entry is compared: a stored gradient wrong in one duration entry
+    fails; the float64 engine agrees with the reference and finite differences at
+    duration entries too."""
+    from rnntool.gradcheck import (
+        check_utterance,
+        engine_gradient,
+        finite_differences,
+        grad_check_utterance,
+    )
+
+    def spoil(g, V):
+        g[2, 1, V + 1] += 0.01  # a duration entry
+
+    utts, path = _grad_dump(tmp_path, spoil=spoil)
+    with DumpReader(path) as r:
+        checked = check_utterance(r, r.read("u0", with_grads=True), backend=backend,
+                                  compare_cuda=False)
+    result = {row["check"]: row["result"] for row in checked.rows}
+    assert result == {f"{backend}-vs-float64": "PASS", "float64-vs-finite-diff": "PASS",
+                      "float64-vs-reference": "PASS", "stored-vs-reference": "FAIL"}
+    bad = next(row for row in checked.rows if row["check"] == "stored-vs-reference")
+    assert bad["max_abs_err"] == pytest.approx(0.01, rel=1e-3)
+    x, y = utts["u0"]
+    x64 = x.astype(np.float64)
+    checks = grad_check_utterance(x64, y, blank=-1, backend=backend, samples=8,
+                                  durations=(0, 1, 2))
+    assert all(c.passed for c in checks)
+    ref = next(c for c in checks if c.check == "float64-vs-reference")
+    assert ref.n == x.size and ref.worst_ratio < 1e-3  # tokens and durations
+    # The engine's float64 gradient at every duration entry against finite differences.
+    g = engine_gradient(x64, y, 4, True, backend, durations=(0, 1, 2))
+    idx = np.flatnonzero((np.arange(x.size) % x.shape[-1]) >= 5)
+    fd = finite_differences(torch.from_numpy(x64.copy())[None], torch.from_numpy(y)[None], idx,
+                            blank=4, fused=True, backend=backend, step=1e-4,
+                            durations=(0, 1, 2))
+    np.testing.assert_allclose(g.reshape(-1)[idx], fd, rtol=1e-6, atol=1e-8)
+    assert np.abs(fd).max() > 0.1  # durations carry real gradient here
+
+
+def test_grad_check_refuses_a_tdt_lattice_dump(tmp_path):
+    _, _, lat = _lattice_pair(tmp_path, "cpu", shapes=((3, 1),))
+    one_line_error(invoke("grad-check", lat), "lat.h5", "holds no logits")
+
+
+def test_compact_dump_on_every_backend_scores_like_the_full_dump(tmp_path, backend):
+    from rnntool.compact import compact_dump, lattice_writer_for
+
+    utts, full, _ = _lattice_pair(tmp_path, backend)
+    out = tmp_path / "c.h5"
+    with DumpReader(full) as r:
+        with lattice_writer_for(r, out, backend=backend) as w:
+            assert compact_dump(r, r.utt_ids, w, backend=backend) == len(utts)
+        want = {row["utt_id"]: row["loss"] for row in score_reader(r, r.utt_ids,
+                                                                  backend=backend)}
+    with DumpReader(out) as r:
+        assert (r.model_kind, r.durations) == ("tdt", (0, 1, 2))
+        got = {row["utt_id"]: row["loss"] for row in score_reader(r, r.utt_ids,
+                                                                 backend=backend)}
+    assert got == want
