@@ -8,8 +8,8 @@ times smaller).
 
 Full dump, keyed layout::
 
-    /                        attrs: format="rnntool.dump", format_version=2,
-                                    dump_kind="full", blank, vocab_size (-1: not
+    /                        attrs: format="rnntool.dump", format_version=2 (3 for
+                                    TDT), dump_kind="full", blank, vocab_size (-1: not
                                     recorded), input_kind="logits"|"log_probs",
                                     optional frame_shift (seconds per logit frame),
                                     model_kind="rnnt"|"tdt" (absent: "rnnt"),
@@ -85,8 +85,12 @@ from .files import OutputError, finish_temp, resolve_target
 
 FORMAT = "rnntool.dump"
 # 1: full dumps only (no dump_kind attribute); 2: the root attribute dump_kind names
-# the kind, "full" or "lattice". Every version up to this one is read.
-FORMAT_VERSION = 2
+# the kind, "full" or "lattice"; 3: TDT dumps (model_kind "tdt", durations). Every
+# version up to FORMAT_VERSION is read. RNN-T dumps are still written as 2, so an
+# rnntool that predates TDT reads them; it refuses a TDT dump (version 3) instead of
+# reading its V + D logits as V + D tokens.
+FORMAT_VERSION = 3
+RNNT_FORMAT_VERSION = 2
 INPUT_KINDS = ("logits", "log_probs")
 DUMP_KINDS = ("full", "lattice")
 # The transducer the logits come from (root attribute model_kind; absent: "rnnt"):
@@ -959,7 +963,8 @@ class DumpWriter:
             else:
                 self._reserve(_RESERVE_BASE)
             f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["format_version"] = (FORMAT_VERSION if self.model_kind == "tdt"
+                                         else RNNT_FORMAT_VERSION)
             f.attrs["dump_kind"] = self.kind
             f.attrs["blank"] = self.blank
             f.attrs["vocab_size"] = -1 if self.vocab_size is None else self.vocab_size

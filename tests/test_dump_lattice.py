@@ -100,7 +100,8 @@ def test_root_attributes(tmp_path):
         w.add_batch(x, np.where(y == V - 1, 1, y), t_len, u_len)
     root, utts = read_lattice_dump(tmp_path / "lat.h5")
     assert root == {"format": "rnntool.dump", "format_version": 2, "dump_kind": "lattice",
-                    "blank": -1, "vocab_size": V, "input_kind": "log_probs", "vocab": None}
+                    "blank": -1, "vocab_size": V, "input_kind": "log_probs", "vocab": None,
+                    "model_kind": "rnnt"}
     assert sorted(utts) == ["0", "1", "2", "3"]
     with DumpWriter(tmp_path / "full.h5") as w:
         w.add_batch(x, y, t_len, u_len)

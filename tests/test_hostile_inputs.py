@@ -297,7 +297,7 @@ def test_user_block_region_read_directly_matches_hdf5(tmp_path):
     ({"blank": 1.5}, "attribute blank = 1.5 is not an integer"),
     ({"blank": "x"}, "attribute blank = 'x' is not an integer"),
     ({"blank": True}, "attribute blank = True is not an integer"),
-    ({"format_version": 3}, "format_version 3 is newer"),
+    ({"format_version": 4}, "format_version 4 is newer"),
     ({"format": "other"}, "attribute format = 'other'"),
     ({"input_kind": 3}, "attribute input_kind = 3"),
     ({"vocab_size": 0}, "attribute vocab_size = 0"),
