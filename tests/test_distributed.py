@@ -461,6 +461,20 @@ def test_timestamps_merge_takes_another_row_format_but_keeps_ctm(timed, tmp_path
                    "made without --ref")
 
 
+@pytest.mark.parametrize(("own", "into"), [
+    ("tsv", "ctm"), ("jsonl", "lhotse"), ("table", "ctm"), ("ctm", "lhotse"),
+    ("lhotse", "ctm"), ("lhotse", "json"), ("ctm", "csv")])
+def test_timestamps_merge_refuses_a_format_change_into_or_out_of_ctm_and_lhotse(
+        timed, tmp_path, own, into):
+    inputs, _ = timed
+    out = tmp_path / f"t.{own}"
+    parts = _timestamps_shards(inputs, out, 2, "-f", own)
+    dest = tmp_path / f"merged.{into}"
+    r = invoke("merge", *parts, "-f", into, "-o", dest)
+    one_line_error(r, f"--format {own}'", f"not {into}")
+    assert not dest.exists()
+
+
 def test_timestamps_torchrun_on_two_cpu_ranks_writes_the_single_process_output(timed,
                                                                                tmp_path):
     inputs, ref = timed
