@@ -355,7 +355,7 @@ def _jobs() -> dict:
     return {
         # one title for RNN-T and TDT dumps: a merge never opens the inputs to tell
         "score": ("Loss per utterance", None, _ScoreTally, "scoring"),
-        "align": ("Token emission frames", None, _AlignTally, "aligning"),
+        "align": ("Alignment (best path)", None, _AlignTally, "aligning"),  # tokens or arcs
         "timestamps": ("Word times", None, _TimesTally, "timing"),
     }
 

@@ -630,3 +630,18 @@ def test_a_damaged_timestamps_part_is_one_line(timed, tmp_path, fmt, opts, chang
     one_line_error(invoke("merge", *parts, "-o", merged, "-q"), parts[0],
                    "is not an rnntool part file", needle)
     assert not merged.exists()
+
+
+@pytest.mark.parametrize("dump", ["sample.h5", "sample-tdt.h5"])
+def test_align_table_title_fits_token_and_arc_rows_single_and_merged(tmp_path, dump):
+    """TDT align rows are arcs (tokens and blanks), not token emissions: one title fits
+    both, and the merge (which never opens the inputs) gives the single run's."""
+    path = ROOT / "sample_data" / dump
+    want = invoke("align", path, "-f", "table", "-q").stdout
+    assert want.splitlines()[0].strip() == "Alignment (best path)"
+    out = tmp_path / "a.txt"
+    for k in range(2):
+        assert invoke("align", path, "-f", "table", "--shard", f"{k}/2", "-o", out,
+                      "-q").exit_code == 0
+    parts = [part_path(str(out), Share(k, 2)) for k in range(2)]
+    assert invoke("merge", *parts, "-q").stdout == want
