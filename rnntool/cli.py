@@ -355,7 +355,7 @@ def _jobs() -> dict:
     return {
         # one title for RNN-T and TDT dumps: a merge never opens the inputs to tell
         "score": ("Loss per utterance", None, _ScoreTally, "scoring"),
-        "align": ("Token emission frames", None, _AlignTally, "aligning"),
+        "align": ("Alignment (best path)", None, _AlignTally, "aligning"),  # tokens or arcs
         "timestamps": ("Word times", None, _TimesTally, "timing"),
     }
 
@@ -1669,6 +1669,9 @@ def _delay_report(delays, summary_out, ref_name, unit, quiet) -> None:
 
 
 # --------------------------------------------------------------------------- merge
+_LINE_FORMATS = ("ctm", "lhotse")  # timestamps' formats whose parts hold finished lines
+
+
 @app.command()
 @command
 def merge(
@@ -1678,7 +1681,8 @@ def merge(
     fmt: Annotated[str | None, typer.Option(
         "--format", "-f", metavar="FORMAT",
         help="tsv|csv|jsonl|json|table (default: the run's own; timestamps' ctm and lhotse "
-        "parts merge only into their own format).")] = None,
+        "parts merge only into their own format, and row parts never into ctm or lhotse)."
+        )] = None,
     summary: Annotated[str | None, typer.Option(
         "--summary", metavar="FILE.json", help="timestamps --ref parts: write the delay "
         "statistics of every share's offsets here as JSON (as 'timestamps --summary').")
@@ -1712,9 +1716,13 @@ def merge(
     tally_args: dict = {}
     if command == "timestamps":
         options = fp.get("options") or {}
-        if fmt is not None and fmt != fp["format"] and fp["format"] not in FORMATS:
-            raise fail(f"{paths[0]}: parts of 'rnntool timestamps --format {fp['format']}' "
-                       f"merge into {fp['format']}, not {fmt}")
+        # ctm and lhotse parts hold finished lines, row parts hold rows: neither becomes
+        # the other, so a format change into or out of ctm/lhotse is refused.
+        own = fp["format"]
+        if fmt is not None and fmt != own and (own not in FORMATS or fmt in _LINE_FORMATS):
+            into = own if own not in FORMATS else "|".join(FORMATS)
+            raise fail(f"{paths[0]}: parts of 'rnntool timestamps --format {own}' merge "
+                       f"into {into}, not {fmt} (rerun timestamps with --format {fmt})")
         tally_args["options"] = options
         if summary is not None and options.get("--ref") is None:
             raise fail(f"--summary writes the delay statistics of --ref; {paths[0]} was "

@@ -343,6 +343,88 @@ class PartWriter:
             self._f = None
 
 
+# --------------------------------------------------------------------------- checking records
+# A part is untrusted input: every record is checked against what its command writes
+# before a tally sees it, so a damaged or edited part is one line (exit 2), never a
+# traceback or a wrong cell. Row dicts (tsv, csv, jsonl, json, table): keys among the
+# header's fields and "file"; "utt_id" and "file" (and score's columns, which its summary
+# adds up) present; string columns strings, every other column a number; null allowed
+# where a row may leave a cell empty. ``timestamps`` CTM parts hold [start, line] items,
+# lhotse parts JSON lines (strings).
+STRING_COLUMNS = frozenset({"utt_id", "file", "token", "word", "tokens", "ref_word", "kind"})
+REQUIRED_COLUMNS = {
+    "score": ("utt_id", "T", "U", "loss", "loss_per_frame", "loss_per_token", "file"),
+}
+_ANY_REQUIRED = ("utt_id", "file")
+_LINE_FORMATS = ("ctm", "lhotse")
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float)
+
+
+def _cell_problem(name: str, v) -> str | None:
+    if name in STRING_COLUMNS:
+        ok = isinstance(v, str) or (v is None and name not in _ANY_REQUIRED)
+    else:
+        ok = v is None or _is_number(v)
+    return None if ok else f"a row's {name} is {type(v).__name__} {_short(v)}"
+
+
+def _short(v) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _record_problem(rows: list, info: dict, header: dict) -> str | None:
+    """Why the record ``rows``/``info`` is not one its part's command writes, or None."""
+    fp = header.get("fingerprint") or {}
+    command, fmt = fp.get("command"), fp.get("format")
+    for key in ("problem", "bad", "where", "utt_id"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            return f"its {key} is not a string"
+    if info.get("problem") and not (rows if command == "score" else info.get("where")):
+        return "a record names a problem but not where"
+    summary = info.get("summary")
+    if summary is not None and not (
+            isinstance(summary, list) and len(summary) == 4 and isinstance(summary[0], str)
+            and all(_is_number(x) for x in summary[1:])):
+        return "a record's summary is not [utt_id, best, loss, share]"
+    delays = info.get("delays")
+    if delays is not None:
+        from .timestamps import SUMMARY_KEYS
+
+        if not (isinstance(delays, list) and all(
+                isinstance(d, dict) and all(_is_number(d.get(k)) for k in SUMMARY_KEYS)
+                for d in delays)):
+            return "a record's delays are not offsets"
+    if command == "timestamps" and fmt in _LINE_FORMATS:
+        if fmt == "lhotse":
+            return None if all(isinstance(r, str) for r in rows) else \
+                "a lhotse line is not a string"
+        if rows and not isinstance(info.get("utt_id"), str):
+            return "CTM lines without their utterance id"
+        ok = all(isinstance(r, list) and len(r) == 2 and _is_number(r[0])
+                 and isinstance(r[1], str) for r in rows)
+        return None if ok else "a CTM item is not [start, line]"
+    fields = set(header.get("fields") or ()) | {"file"}
+    required = REQUIRED_COLUMNS.get(command, _ANY_REQUIRED)
+    for r in rows:
+        if not isinstance(r, dict):
+            return f"a row is {type(r).__name__}, not an object"
+        extra = [k for k in r if k not in fields]
+        if extra:
+            return f"a row has a column {_short(extra[0])} not in its header"
+        missing = [k for k in required if k not in r]
+        if missing:
+            return f"a row has no {missing[0]}"
+        for name, v in r.items():
+            why = _cell_problem(name, v)
+            if why is not None:
+                return why
+    return None
+
+
 # --------------------------------------------------------------------------- reading parts
 @dataclass
 class Part:
@@ -388,9 +470,12 @@ class Part:
                           and isinstance(rows, list) and isinstance(info, dict))
                 except (KeyError, TypeError):
                     ok = False
-                if not ok:
-                    raise ShareError(f"{where}: is not an rnntool part file (a line is not "
-                                     "an utterance's record)")
+                if ok:
+                    why = _record_problem(rows, info, self.header)
+                else:
+                    why = "a line is not an utterance's record"
+                if why is not None:
+                    raise ShareError(f"{where}: is not an rnntool part file ({why})")
                 if last is not None and key <= last:
                     raise ShareError(f"{where}: utterance records are out of order or "
                                      "repeated; the file was edited")

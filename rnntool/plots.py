@@ -234,8 +234,10 @@ def build_figure(
     (shown for a name no installed font can draw; without them its characters are
     escaped). ``path_markers``: a dot at each node of the path (a TDT path, whose
     arcs jump frames: ``best_path`` holds the nodes its arcs leave, then the end
-    ``(T, U)``). ``grad_norm`` None (a TDT lattice dump stores none): the first panel
-    alone. Drawing it prints no warning."""
+    ``(T, U)``). A path that ends past the last frame (a TDT path's end, at t = T)
+    widens the t axis to show it, past the heatmaps' last column, and its end node is
+    marked (a square, "end (t, u)" in the legend). ``grad_norm`` None (a TDT lattice
+    dump stores none): the first panel alone. Drawing it prints no warning."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -276,6 +278,13 @@ def build_figure(
                  ms=4 if single or not path_markers else 5,
                  label=f"best path (log P = {best_log_prob:.3f})"
                  + (", arcs jump frames" if path_markers else ""))
+    # A TDT path ends at (T, U), after the last frame: the t axis runs on to show it.
+    x_max = T - 0.5
+    if len(best_path) and best_path[-1, 0] > T - 1:
+        end_t, end_u = best_path[-1]
+        x_max = max(x_max, float(end_t) + 0.5)
+        axes[0].plot([end_t], [end_u], color="red", ls="none", marker="s", ms=5,
+                     label=f"end ({int(end_t)}, {int(end_u)}), after the last frame")
     axes[0].legend(loc="upper left", fontsize=8, framealpha=0.8)
     axes[0].set_title("log10 P(the alignment passes through (t, u))", fontsize=10)
     fig.colorbar(im0, ax=axes[0], fraction=0.03, extend="min",
@@ -290,7 +299,7 @@ def build_figure(
     # Integer ticks only, also when there is one frame / one row (T = 1, U = 0).
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     for ax in axes:
-        ax.set_xlim(-0.5, T - 0.5)
+        ax.set_xlim(-0.5, x_max)
         ax.set_ylim(-0.5, U1 - 0.5)
         ax.set_ylabel(ylabel, fontsize=10 if "\n" not in ylabel else 8)
         if tokens is None:

@@ -740,33 +740,42 @@ def _praat_string(text: str) -> str:
 
 
 def frame_shares(times: UtteranceTimes) -> list[tuple[float, float]]:
-    """``(start, end)`` in seconds of each token's share of its frame: the n tokens
-    emitted in one frame split it evenly, in order (a token alone keeps the whole
-    frame, ``[start, end)``). Shares never overlap, so they can be drawn as
-    intervals (``textgrid``)."""
+    """``(start, end)`` in seconds of each token as a TextGrid interval: the token's own
+    ``[start, end)`` (one frame for RNN-T, ``max(d, 1)`` frames for TDT), except that
+    the n tokens emitted in one frame split its first frame evenly, in order (the
+    last of them then runs on to its end). Shares never overlap (an end past the next
+    token's start is cut there, a safeguard: no alignment makes one), so they can be
+    drawn as intervals (``textgrid``)."""
     s = times.frame_shift
-    count: dict[int, int] = {}
-    for t in times.tokens:
-        count[t.start_frame] = count.get(t.start_frame, 0) + 1
-    seen: dict[int, int] = {}
+    tokens = times.tokens
     out = []
-    for t in times.tokens:
-        f, n = t.start_frame, count[t.start_frame]
-        j = seen.get(f, 0)
-        seen[f] = j + 1
-        out.append(((f + j / n) * s, (f + (j + 1) / n) * s))
+    i = 0
+    while i < len(tokens):
+        f = tokens[i].start_frame
+        k = i
+        while k < len(tokens) and tokens[k].start_frame == f:
+            k += 1
+        n = k - i
+        for j, t in enumerate(tokens[i:k]):
+            start = t.start if j == 0 else (f + j / n) * s
+            end = t.end if j == n - 1 else (f + (j + 1) / n) * s
+            if k < len(tokens):
+                end = min(end, tokens[k].start)
+            out.append((start, max(end, start)))
+        i = k
     return out
 
 
 def textgrid(times: UtteranceTimes) -> str:
     """The utterance as a Praat TextGrid (long text format): interval tiers ``words``
     and ``tokens`` over ``[0, T * frame shift]``, the gaps between items as empty
-    intervals. A tier cannot hold overlapping intervals, so each token is drawn
-    over its share of its frame (``frame_shares``: tokens emitted in one frame
-    split it evenly, in order) and each word from its first token's share to its
-    last one's: a word whose first token is emitted in the frame of the previous
-    word's last token starts in that frame, as its start says. The exact times
-    are in the other formats."""
+    intervals. Each token is drawn from its start to its end, as the other formats
+    give them (a TDT token over its ``max(d, 1)`` frames), and each word from its
+    first token's start to its last token's end; but a tier cannot hold overlapping
+    intervals, so the tokens emitted in one frame split that frame evenly, in order
+    (``frame_shares``), and a word whose first token is emitted in the frame of the
+    previous word's last token starts in that frame, as its start says. The exact
+    times are in the other formats."""
     xmax = times.duration
     shares = frame_shares(times)
     tiers = [("words", [(shares[w.positions[0]][0], shares[w.positions[-1]][1], w.word)

@@ -461,6 +461,20 @@ def test_timestamps_merge_takes_another_row_format_but_keeps_ctm(timed, tmp_path
                    "made without --ref")
 
 
+@pytest.mark.parametrize(("own", "into"), [
+    ("tsv", "ctm"), ("jsonl", "lhotse"), ("table", "ctm"), ("ctm", "lhotse"),
+    ("lhotse", "ctm"), ("lhotse", "json"), ("ctm", "csv")])
+def test_timestamps_merge_refuses_a_format_change_into_or_out_of_ctm_and_lhotse(
+        timed, tmp_path, own, into):
+    inputs, _ = timed
+    out = tmp_path / f"t.{own}"
+    parts = _timestamps_shards(inputs, out, 2, "-f", own)
+    dest = tmp_path / f"merged.{into}"
+    r = invoke("merge", *parts, "-f", into, "-o", dest)
+    one_line_error(r, f"--format {own}'", f"not {into}")
+    assert not dest.exists()
+
+
 def test_timestamps_torchrun_on_two_cpu_ranks_writes_the_single_process_output(timed,
                                                                                tmp_path):
     inputs, ref = timed
@@ -542,3 +556,92 @@ def test_timestamps_help_tells_of_shards():
     assert "--shard K/N" in text and "--resume" in text and "torchrun" in text
     text = invoke("merge", "--help").stdout
     assert "--summary" in text and "timestamps" in text
+
+
+def _damage(part, change):
+    """Rewrite the first utterance record of ``part`` (a complete part file) as
+    ``change(record)`` returns it, the header and end line kept."""
+    lines = Path(part).read_text(encoding="utf-8").splitlines(keepends=True)
+    rec = json.loads(lines[1])
+    lines[1] = json.dumps(change(rec)) + "\n"
+    Path(part).write_text("".join(lines), encoding="utf-8")
+
+
+def _rows(change_row):
+    def change(rec):
+        rec["rows"] = [change_row(dict(r)) for r in rec["rows"]]
+        return rec
+    return change
+
+
+HOSTILE_RECORDS = {
+    "missing keys": ("score", _rows(lambda r: {"utt_id": r["utt_id"]}), "has no T"),
+    "no file": ("score", _rows(lambda r: {k: v for k, v in r.items() if k != "file"}),
+                "has no file"),
+    "string loss": ("score", _rows(lambda r: {**r, "loss": "0.5"}), "loss is str"),
+    "bool T": ("score", _rows(lambda r: {**r, "T": True}), "T is bool"),
+    "list utt_id": ("score", _rows(lambda r: {**r, "utt_id": [r["utt_id"]]}),
+                    "utt_id is list"),
+    "null utt_id": ("score", _rows(lambda r: {**r, "utt_id": None}), "utt_id is NoneType"),
+    "dict token": ("align", _rows(lambda r: {**r, "token": {"a": 1}}), "token is dict"),
+    "extra key": ("score", _rows(lambda r: {**r, "bogus": 1}), "column \"bogus\""),
+    "non-dict row": ("align", lambda rec: {**rec, "rows": [5]}, "a row is int"),
+    "string row": ("score", lambda rec: {**rec, "rows": ["utt000"]}, "a row is str"),
+    "problem not a string": ("score", lambda rec: {**rec, "info": {"problem": 3}},
+                             "problem is not a string"),
+    "problem without where": ("align", lambda rec: {**rec, "info": {"problem": "inf"}},
+                              "not where"),
+    "bad summary": ("align", lambda rec: {**rec, "info": {"summary": [1, 2]}}, "summary"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_RECORDS))
+def test_a_damaged_part_record_is_one_line_and_nothing_is_written(shards, tmp_path, case):
+    command, change, needle = HOSTILE_RECORDS[case]
+    out = tmp_path / "s.tsv"
+    for k in range(2):
+        assert invoke(command, *shards, "--shard", f"{k}/2", "-o", out, "-q").exit_code in (0, 1)
+    parts = [part_path(str(out), Share(k, 2)) for k in range(2)]
+    _damage(parts[1], change)
+    merged = tmp_path / "m.tsv"
+    for fmt in ("tsv", "table"):
+        one_line_error(invoke("merge", *parts, "-o", merged, "-f", fmt, "-q"),
+                       parts[1], "is not an rnntool part file", needle)
+    assert not merged.exists() and not list(tmp_path.glob(".rnntool-*"))
+
+
+@pytest.mark.parametrize(("fmt", "opts", "change", "needle"), [
+    ("ctm", [], lambda rec: {**rec, "rows": [["0.1", "u 1 0.1 0.1 w 1.0"]]}, "CTM item"),
+    ("ctm", [], lambda rec: {**rec, "rows": [[0.1]]}, "CTM item"),
+    ("ctm", [], lambda rec: {**rec, "info": {}}, "without their utterance id"),
+    ("lhotse", [], lambda rec: {**rec, "rows": [{"id": "x"}]}, "lhotse line"),
+    ("jsonl", ["REF"], lambda rec: {**rec, "info": {"delays": [{"start_offset_ms": "1"}]}},
+     "delays"),
+    ("tsv", [], _rows(lambda r: {**r, "start": "0.1"}), "start is str"),
+])
+def test_a_damaged_timestamps_part_is_one_line(timed, tmp_path, fmt, opts, change, needle):
+    inputs, ref = timed
+    opts = [ref if o == "REF" else o for o in opts]
+    opts = ["--ref", *opts] if opts else []
+    out = tmp_path / f"t.{fmt}"
+    parts = _timestamps_shards(inputs, out, 2, "-f", fmt, *opts)
+    _damage(parts[0], change)
+    merged = tmp_path / f"m.{fmt}"
+    one_line_error(invoke("merge", *parts, "-o", merged, "-q"), parts[0],
+                   "is not an rnntool part file", needle)
+    assert not merged.exists()
+
+
+@pytest.mark.parametrize("dump", ["sample.h5", "sample-tdt.h5"])
+def test_align_table_title_fits_token_and_arc_rows_single_and_merged(tmp_path, dump):
+    """TDT align rows are arcs (tokens and blanks), not token emissions: one title fits
+    both, and the merge (which never opens the inputs) gives the single run's."""
+    path = ROOT / "sample_data" / dump
+    want = invoke("align", path, "-f", "table", "-q").stdout
+    assert want.splitlines()[0].strip() == "Alignment (best path)"
+    out = tmp_path / "a.txt"
+    for k in range(2):
+        assert invoke("align", path, "-f", "table", "--shard", f"{k}/2", "-o", out,
+                      "-q").exit_code == 0
+    parts = [part_path(str(out), Share(k, 2)) for k in range(2)]
+    assert invoke("merge", *parts, "-q").stdout == want

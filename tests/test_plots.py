@@ -327,3 +327,43 @@ def test_save_png_with_a_cjk_vocab_warns_nothing(tmp_path, kind):
         dest = plots.save_png(out, a)
     assert [str(w.message) for w in caught] == []
     assert dest.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(("T", "U"), [(1, 0), (4, 2), (9, 3)])
+def test_a_path_ending_after_the_last_frame_is_shown_and_marked(T, U):
+    """A TDT path ends at (T, U), past the heatmaps' last column (t = T - 1): the t axis
+    runs on to show it, and the end is marked; an RNN-T path keeps the heatmap's edge."""
+    steps = [(t, min(t, U)) for t in range(T)]
+    path = np.array([*steps, (T, U)])
+    fig = plots.build_figure(**{**arrays(T, U), "best_path": path}, path_markers=True)
+    for ax in fig.axes[:2]:
+        lo, hi = ax.get_xlim()
+        assert lo == -0.5 and hi == T + 0.5 > T  # the end node inside the axes
+    lines = fig.axes[0].get_lines()
+    assert lines[0].get_xydata().tolist() == path.tolist()
+    (end,) = [ln for ln in lines if ln.get_marker() == "s"]
+    assert end.get_xydata().tolist() == [[T, U]]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert f"end ({T}, {U}), after the last frame" in legend
+    drawn_quietly(fig)
+    rnnt = plots.build_figure(**arrays(T, U))  # ends at (T - 1, U): nothing added
+    assert all(ax.get_xlim() == (-0.5, T - 0.5) for ax in rnnt.axes[:2])
+    assert [ln.get_marker() for ln in rnnt.axes[0].get_lines()] != ["s"]
+    assert len(rnnt.axes[0].get_lines()) == 1
+
+
+def test_the_sample_tdt_paths_end_inside_the_figure():
+    from helpers import ROOT
+
+    with DumpReader(ROOT / "sample_data" / "sample-tdt.h5") as r:
+        for utt_id in r.utt_ids[:3]:
+            aligned = align_utterance(r, r.read(utt_id), backend="cpu", grad_norms=True)
+            al = aligned.alignment
+            fig = plots.build_figure(utt_id=utt_id, loss=al.loss,
+                                     best_log_prob=al.best_log_prob, occupancy=al.occupancy,
+                                     best_path=al.path, grad_norm=aligned.grad_norm,
+                                     path_markers=True)
+            T = al.occupancy.shape[0]
+            assert al.path[-1, 0] == T
+            lo, hi = fig.axes[0].get_xlim()
+            assert lo < al.path[:, 0].min() and al.path[:, 0].max() < hi

@@ -883,3 +883,100 @@ def test_lhotse_text_is_a_transcript_with_unit_token(tmp_path):
     # The dump's own text wins.
     got = invoke("timestamps", full, "-f", "lhotse", "--unit", "token", "-q", "--utt", "u1")
     assert json.loads(got.stdout)["text"] == "the cats sat"
+
+
+def _tiers(grid: str) -> dict:
+    """A TextGrid's tiers, ``name -> [(xmin, xmax, text)]`` of the non-empty intervals."""
+    tiers = {}
+    for tier in grid.split("    item [")[1:]:
+        name = re.search(r'^ {8}name = "(.*)"$', tier, re.M).group(1)
+        found = re.findall(r"^ {12}xmin = (\S+)\n {12}xmax = (\S+)\n {12}text = \"(.*)\"$",
+                           tier, re.M)
+        tiers[name] = [(float(a), float(b), t) for a, b, t in found if t]
+    return tiers
+
+
+def test_textgrid_draws_tdt_tokens_over_their_durations_as_the_other_formats(tmp_path):
+    """A TDT token lasts max(d, 1) frames in TSV and CTM; the TextGrid used to draw every
+    token one frame wide (sample-tdt utt004's "j": TSV 0.00-0.12 s, TextGrid 0.00-0.04)."""
+    from helpers import ROOT
+
+    dump = ROOT / "sample_data" / "sample-tdt.h5"
+    out = tmp_path / "grids"
+    r = invoke("timestamps", dump, "--frame-shift", "0.04", "-f", "textgrid", "-d", out, "-q")
+    assert r.exit_code in (0, 1), r.stderr
+    def rows_of_unit(unit):
+        return [json.loads(line) for line in invoke(
+            "timestamps", dump, "--frame-shift", "0.04", "-f", "jsonl", "--unit", unit,
+            "-q").stdout.splitlines()]
+
+    token_rows = rows_of_unit("token")
+    in_frame: dict = {}  # (utt_id, frame) -> how many tokens are emitted there
+    for row in token_rows:
+        key = (row["utt_id"], row["start_frame"])
+        in_frame[key] = in_frame.get(key, 0) + 1
+    for unit, tier, rows in (("token", "tokens", token_rows),
+                             ("word", "words", rows_of_unit("word"))):
+        longer = 0
+        for utt_id in sorted({r["utt_id"] for r in rows}):
+            got = _tiers((out / f"{utt_id}.TextGrid").read_text(encoding="utf-8"))[tier]
+            mine = [r for r in rows if r["utt_id"] == utt_id]
+            assert [g[2] for g in got] == [r[unit] for r in mine]
+            for g, row in zip(got, mine, strict=True):
+                assert row["start"] - 1e-12 <= g[0] < g[1] <= row["end"] + 1e-12
+                assert g[1] == pytest.approx(row["end"])  # every item ends where TSV says
+                longer += row["end_frame"] - row["start_frame"] > 1
+                if in_frame[utt_id, row["start_frame"]] == 1:  # its frame not shared
+                    assert g[0] == pytest.approx(row["start"])
+        assert longer > 0  # the sample holds tokens of several frames
+
+
+@settings(deadline=None, max_examples=60)
+@given(data=st.data())
+def test_textgrid_intervals_of_tdt_paths_are_the_tokens_times(data):
+    """On any TDT-shaped path (tokens of max(d, 1) frames; a d = 0 token lets the next
+    one in its frame), each token's interval is its [start, end) except that tokens
+    sharing a frame split that frame in order, the last running on to its end; the
+    intervals never overlap and a word spans its tokens'."""
+    from rnntool.timestamps import TokenTime, UtteranceTimes, WordTime, frame_shares, textgrid
+
+    s = 0.04
+    steps = data.draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3)), min_size=1,
+                               max_size=8))  # (blank frames before, duration d)
+    tokens, f = [], 0
+    for u, (gap, d) in enumerate(steps):
+        f += gap
+        n = max(d, 1)
+        tokens.append(TokenTime(u, 1, f"t{u}", None, f, f + n, f * s, (f + n) * s, f, f * s,
+                                (f + n) * s, 1.0, 1.0))
+        f += d
+    T = max(t.end_frame for t in tokens) + data.draw(st.integers(0, 2))
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(tokens) - 1), max_size=3)))
+                  if len(tokens) > 1 else [])
+    bounds = [0, *cuts, len(tokens)]
+    words = []
+    for w, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        first, last = tokens[a], tokens[b - 1]
+        words.append(WordTime(w, f"w{w}", tuple(range(a, b)), first.start_frame,
+                              last.end_frame, first.start, last.end, first.start, last.end,
+                              1.0, 1.0))
+    times = UtteranceTimes("u", T, len(tokens), s, 1.0, None, tokens, words)
+    shares = frame_shares(times)
+    for (a, b), tok in zip(shares, tokens, strict=True):
+        group = [t for t in tokens if t.start_frame == tok.start_frame]
+        j, n = group.index(tok), len(group)
+        assert a == pytest.approx((tok.start_frame + j / n) * s)
+        assert b == pytest.approx(tok.end if j == n - 1 else (tok.start_frame + (j + 1) / n) * s)
+        if n == 1:
+            assert (a, b) == (tok.start, tok.end)
+    assert all(shares[i][1] <= shares[i + 1][0] for i in range(len(tokens) - 1))
+    tiers = _tiers(textgrid(times))
+    assert tiers["tokens"] == [(a, b, t.token) for (a, b), t in zip(shares, tokens,
+                                                                    strict=True)]
+    assert tiers["words"] == [(shares[w.positions[0]][0], shares[w.positions[-1]][1], w.word)
+                              for w in words]
+    for w in words:  # a word ends where its last token does, unless the next word's
+        last = tokens[w.positions[-1]]  # first token shares that token's frame
+        if w.positions[-1] + 1 == len(tokens) or \
+                tokens[w.positions[-1] + 1].start_frame != last.start_frame:
+            assert tiers["words"][w.index][1] == w.end
