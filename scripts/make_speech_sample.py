@@ -37,16 +37,20 @@ stride-2 convolutions (16 channels) with batch norm (4x subsampling: 40 ms
 frames) -> linear
 (192) -> five residual 1-D convolution blocks (kernel 5, batch norm, ReLU:
 about 1 s of receptive field) -> one bidirectional LSTM layer (96 per direction,
-residual) -> joiner (tanh of encoder + prediction projections, 192) -> V; the
-prediction network is an embedding and a 1-layer LSTM (192) started from the
-blank. Labels are SentencePiece BPE pieces (``--vocab-size`` 512, blank = id 0,
+residual) -> layer norm: the encoder states h. The prediction network is an
+embedding and a 1-layer LSTM (192) started from the blank, giving p. The joiner:
+``ctc(h) + joint(tanh(enc_out(h) + pred_out(p)))`` -> V, where ``ctc`` is the
+linear CTC head over h (so the transducer starts from what CTC pre-training taught
+the encoder; with the tanh term alone the transducer stayed at the level of its
+prediction network's language model, 100 % WER) and the tanh term (192) carries the
+label context. Labels are SentencePiece BPE pieces (``--vocab-size`` 512, blank = id 0,
 trained on the training text: most words are one ``▁word`` piece). Training:
 ``--ctc-epochs`` epochs of CTC (``torch.nn.functional.ctc_loss``, same blank) on a
 linear head over the encoder, then ``--epochs`` epochs of ``rnntool.rnnt_loss``
-(blank 0) plus that CTC loss (weight 0.3); the CTC head is not used after
-training. Adam (3e-3, warm-up, cosine decay), batches of 16 utterances of similar
-length, SpecAugment-style frequency masks, fixed seeds and a fixed number of
-epochs; greedy decoding (at most 5 symbols a frame) for the WER.
+(blank 0) plus that CTC loss (weight 0.3). Adam (3e-3, warm-up, cosine decay),
+batches of 16 utterances of similar length, SpecAugment-style frequency masks,
+fixed seeds and a fixed number of epochs; greedy decoding (at most 5 symbols a
+frame) for the WER.
 
 Needs, beside rnntool: torch, torchaudio, sentencepiece, h5py, and the Debian
 packages espeak-ng and wamerican::
@@ -57,8 +61,8 @@ packages espeak-ng and wamerican::
     nice -n 5 .bench/bin/python scripts/make_speech_sample.py
 
 The output is the same for the same seed, espeak-ng version, torch version and
-torch thread count (``--threads``, default 1: the same bits on any machine, and
-the second core runs espeak-ng during synthesis). The wall time of the committed
+torch thread count (``--threads``, default 1, so that the result does not depend
+on the machine's core count). The wall time of the committed
 sample's run is in the README (``info.json`` has its training minutes).
 """
 
@@ -219,23 +223,26 @@ class Transducer(nn.Module):
         self.proj = nn.Linear(C * 19, H)  # 80 -> 39 -> 19 frequency bins
         self.blocks = nn.Sequential(*[ConvBlock(H, kernel) for _ in range(blocks)])
         self.lstm = nn.LSTM(H, H // 2, 1, batch_first=True, bidirectional=True)
+        self.norm = nn.LayerNorm(H)
         self.embed = nn.Embedding(V, 128)
         self.predictor = nn.LSTM(128, P, 1, batch_first=True)
         self.enc_out = nn.Linear(H, J)
         self.pred_out = nn.Linear(P, J)
         self.joint = nn.Linear(J, V)
-        self.ctc = nn.Linear(H, V)  # CTC head: pre-training and auxiliary loss only
+        self.ctc = nn.Linear(H, V)  # CTC head, also the joiner's encoder-only term
 
     def hidden(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, N, 80) normalised fbank -> (B, T, H) encoder states, T = subsampled(N)."""
         x = self.conv(feats[:, None])  # (B, C, T, 19)
         x = self.proj(x.permute(0, 2, 1, 3).flatten(2))
         x = self.blocks(x.transpose(1, 2)).transpose(1, 2)
-        return x + self.lstm(x)[0]
+        return self.norm(x + self.lstm(x)[0])
 
-    def encode(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, N, 80) normalised fbank -> (B, T, J)."""
-        return self.enc_out(self.hidden(feats))
+    def join(self, hidden: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Joint logits (..., V) of encoder states (..., H) and prediction outputs (..., J)
+        (broadcast): the CTC head's logits plus joint(tanh(enc_out(hidden) + pred)), so
+        that the transducer starts from what CTC pre-training taught the encoder."""
+        return self.ctc(hidden) + self.joint(torch.tanh(self.enc_out(hidden) + pred))
 
     def predict(self, labels: torch.Tensor, state=None):
         """(B, S) labels -> (B, S, J); the caller puts the blank (0) first."""
@@ -249,21 +256,20 @@ class Transducer(nn.Module):
     def forward(self, feats, labels):
         """Joint logits (B, T, S+1, V) and the CTC head's log-probabilities (B, T, V)."""
         h = self.hidden(feats)
-        enc = self.enc_out(h)
         start = torch.zeros(labels.shape[0], 1, dtype=labels.dtype)
         pred, _ = self.predict(torch.cat([start, labels], 1))
-        return (self.joint(torch.tanh(enc[:, :, None] + pred[:, None])),
-                self.ctc_log_probs(h))
+        return self.join(h[:, :, None], pred[:, None]), self.ctc_log_probs(h)
 
 
 @torch.no_grad()
 def greedy(model: Transducer, feats: torch.Tensor, max_symbols: int = 5) -> list[int]:
-    enc = model.encode(feats[None])[0]
+    """Greedy transducer decoding of one utterance's (N, 80) features: the label ids."""
+    h = model.hidden(feats[None])[0]
     hyp, state = [], None
     pred, state_next = model.predict(torch.zeros(1, 1, dtype=torch.long), state)
-    for t in range(enc.shape[0]):
+    for t in range(h.shape[0]):
         for _ in range(max_symbols):
-            k = int(model.joint(torch.tanh(enc[t] + pred[0, 0])).argmax())
+            k = int(model.join(h[t], pred[0, 0]).argmax())
             if k == 0:
                 break
             hyp.append(k)
@@ -321,7 +327,7 @@ def main() -> None:
                     help="... while their float16 logits total at most this many MB")
     ap.add_argument("--content-words", type=int, default=150)
     ap.add_argument("--vocab-size", type=int, default=512)
-    ap.add_argument("--ctc-epochs", type=int, default=3,
+    ap.add_argument("--ctc-epochs", type=int, default=4,
                     help="epochs of CTC-only pre-training of the encoder")
     ap.add_argument("--epochs", type=int, default=6, help="epochs of transducer training")
     ap.add_argument("--batch", type=int, default=16)
