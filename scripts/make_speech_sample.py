@@ -34,10 +34,9 @@ in-domain test set, not a general recogniser).
 Model: 80-dim Kaldi fbank (torchaudio.compliance.kaldi.fbank, 25 ms window, 10 ms
 hop, global mean and variance normalisation of the training set) -> two 3x3
 stride-2 convolutions (16 channels) with batch norm (4x subsampling: 40 ms
-frames) -> linear
-(192) -> five residual 1-D convolution blocks (kernel 5, batch norm, ReLU:
-about 1 s of receptive field) -> one bidirectional LSTM layer (96 per direction,
-residual) -> layer norm: the encoder states h. The prediction network is an
+frames) -> linear (192) -> five residual 1-D convolution blocks (kernel 5, batch
+norm, ReLU: about 1 s of receptive field) -> one bidirectional LSTM layer (96 per
+direction, residual) -> layer norm: the encoder states h. The prediction network is an
 embedding and a 1-layer LSTM (192) started from the blank, giving p. The joiner:
 ``ctc(h) + joint(tanh(enc_out(h) + pred_out(p)))`` -> V, where ``ctc`` is the
 linear CTC head over h (so the transducer starts from what CTC pre-training taught
