@@ -26,8 +26,9 @@ lint: install
 	$(BIN)/ruff check .
 
 demo: install
-	$(BIN)/rnntool score sample_data/sample.h5
-	$(BIN)/rnntool score sample_data/sample-lattice.h5 -q -f tsv | cut -f1,4 | head -4
+	$(BIN)/rnntool score sample_data/speech/speech.h5
+	$(BIN)/rnntool align sample_data/speech/speech-lattice.h5 --utt heldout000 -q -f tsv | cut -f1,4,5
+	$(BIN)/rnntool score sample_data/sample.h5 -q -f tsv | cut -f1,4 | head -4
 
 # A separate, large (~6 GB) environment with torchaudio and warprnnt_numba beside
 # rnntool, for benchmarks/ only. torch 2.14.1 lies on this machine's disk.
