@@ -455,8 +455,10 @@ def main() -> None:
         stored_by = "rnntool.reference (float64)"
         other_loss = None
     ctm_lines, in_full, full_bytes = [], [], 0
-    with (DumpWriter(full, blank=0, vocab=vocab, compression="gzip") as w,
-          DumpWriter(lat, blank=0, vocab=vocab, compression="gzip", kind="lattice") as lw,
+    with (DumpWriter(full, blank=0, vocab=vocab, compression="gzip",
+                     frame_shift=FRAME_SHIFT) as w,
+          DumpWriter(lat, blank=0, vocab=vocab, compression="gzip", kind="lattice",
+                     frame_shift=FRAME_SHIFT) as lw,
           torch.no_grad()):
         for i in held_ids[: args.lattice_utts]:
             utt = f"heldout{i - args.train:03d}"
@@ -479,11 +481,6 @@ def main() -> None:
                 full_bytes += size
             for word, start, end in times[i]:
                 ctm_lines.append(f"{utt} 1 {start:.4f} {end - start:.4f} {word}")
-    import h5py
-
-    for path in (full, lat):
-        with h5py.File(path, "r+") as f:
-            f.attrs["frame_shift"] = FRAME_SHIFT
     ctm.write_text("\n".join(ctm_lines) + "\n", encoding="utf-8")
 
     # ---- word-start errors, measured the way a user would: rnntool align

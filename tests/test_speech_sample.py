@@ -188,6 +188,28 @@ def test_align_emits_each_word_near_its_start():
     assert len(full) < len(err) and np.median(np.abs(full)) < MEDIAN_BOUND
 
 
+def test_timestamps_delay_against_the_true_word_times(tmp_path):
+    """``rnntool timestamps --ref`` on the sample: every word of the CTM matched, and the
+    emission delay the README quotes (the Viterbi and the expected start ~170 ms late,
+    within the bounds the alignment test uses), the summary file equal to the rows."""
+    out, summary = tmp_path / "words.tsv", tmp_path / "delay.json"
+    r = invoke("timestamps", LATTICE, "--ref", CTM, "--summary", summary, "-o", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    stats = json.loads(summary.read_text(encoding="utf-8"))
+    n_words = sum(len(w) for w in read_ctm().values())
+    assert stats["count"] == n_words
+    rows = list(rows_of(out.read_text(encoding="utf-8"), "tsv"))
+    assert len(rows) == n_words
+    start = np.array([float(r["start_offset_ms"]) for r in rows])
+    assert stats["start_offset_ms"]["median"] == pytest.approx(np.median(start), abs=1e-6)
+    for key in ("start_offset_ms", "expected_start_offset_ms"):
+        assert 0 < stats[key]["median"] < 1000 * MEDIAN_BOUND
+        assert stats[key]["p90"] < 1000 * P90_BOUND
+    # the reported start is the first token's Viterbi frame x the frame shift
+    assert all(math.isclose(float(r["start"]), int(r["start_frame"]) * FRAME_SHIFT,
+                            abs_tol=1e-9) for r in rows)
+
+
 @pytest.mark.parametrize("path", [FULL, LATTICE], ids=["full", "lattice"])
 def test_plot_three_utterances(tmp_path, path):
     ids = sorted(dump_utts(FULL))[:3]
