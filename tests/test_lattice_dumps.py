@@ -284,7 +284,7 @@ def test_a_bad_lattice_dump_is_one_line(tmp_path, command, how, needle):
 
 
 def test_the_bundled_lattice_sample_scores_as_the_full_sample():
-    """sample_data/sample-lattice.h5 (the README's and make demo's) is sample.h5 as a
+    """sample_data/sample-lattice.h5 is sample.h5 as a
     lattice dump: the same rows to the last digit, the same alignments."""
     from helpers import SAMPLE
 
