@@ -22,7 +22,6 @@ _LAZY = {
     "TransducerLoss": "loss",
     "RNNTLoss": "loss",
     "reference_rnnt_loss": "reference",
-    "align": "align",
     "Alignment": "align",
     "DumpWriter": "dump",
     "DumpReader": "reader",
@@ -35,6 +34,10 @@ _LAZY = {
 
 
 def __getattr__(name):
+    if name == "align":  # the module, callable as its align function (align.py)
+        import importlib
+
+        return importlib.import_module(".align", __name__)
     if name in _LAZY:
         import importlib
 
@@ -45,4 +48,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted({*globals(), *_LAZY, "align"})

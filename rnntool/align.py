@@ -8,6 +8,8 @@ bookkeeping in float64 numpy.
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -332,3 +334,16 @@ def _tdt_alignments(state, best, last, from_arc, blank: int,
             token_durations=token_durations, arcs=arcs,
         ))
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """``rnntool.align`` names both this module and its ``align`` function: importing
+    the submodule (``from rnntool.align import tdt_align``) rebinds the package's
+    attribute to the module, so the module calls ``align`` when called, and
+    ``rnntool.align(...)`` and ``rnntool.align.align_compact`` work in any order."""
+
+    def __call__(self, *args, **kwargs):
+        return align(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

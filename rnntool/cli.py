@@ -923,7 +923,8 @@ def plot(
     quiet: Quiet = False,
 ) -> None:
     """Heatmaps of each utterance's T x (U+1) lattice, as OUT_DIR/<utt_id>.png
-    (OUT_DIR/<file stem>/<utt_id>.png with several inputs).
+    (OUT_DIR/<file stem>/<utt_id>.png with several inputs; <stem>~<k> for the k-th
+    of inputs that share a stem).
 
     Two panels: log node occupancy with the Viterbi path over it, and the
     per-node gradient norm ||d loss / d logits[t, u, :]||. For a TDT dump the
@@ -1040,13 +1041,20 @@ def compact(
 
 
 def _png_dir(out_dir: Path, reader, selected) -> Path:
-    """Where an input's PNGs go: OUT_DIR, or with several inputs OUT_DIR/<file stem>/
-    (the same utterance id in two dumps gets two PNGs)."""
+    """Where an input's PNGs (TextGrids) go: OUT_DIR, or with several inputs
+    OUT_DIR/<file stem>/ (the same utterance id in two dumps gets two files); inputs
+    that share a stem (exp1/dev.h5, exp2/dev.h5) get OUT_DIR/<stem>~<k>/, k their
+    1-based place among the inputs, instead of overwriting each other's files
+    (``confined_name`` writes a "~" as %7E, so no other input's directory is named so)."""
     if not selected.several:
         return out_dir
     from .output import confined_name
 
-    sub = out_dir / confined_name(Path(reader.path).stem)
+    readers = [r for r, _ in selected]
+    stems = [confined_name(Path(r.path).stem) for r in readers]
+    k = next(i for i, r in enumerate(readers) if r is reader)
+    name = stems[k] if stems.count(stems[k]) == 1 else f"{stems[k]}~{k + 1}"
+    sub = out_dir / name
     try:
         sub.mkdir(exist_ok=True)
     except OSError as e:

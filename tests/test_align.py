@@ -153,3 +153,26 @@ def test_nonfinite_utterance_gives_nan_not_a_clipped_number(backend):
     _assert_in_range(good)
     assert np.isnan(bad.loss) and np.isnan(bad.frame_posteriors).all()
     assert np.isnan(bad.expected_frames).all()
+
+
+@pytest.mark.parametrize("first", ["function", "submodule"])
+def test_rnntool_align_is_the_function_and_the_module_in_any_order(first):
+    """``rnntool.align(...)`` (the function) and ``rnntool.align.align_compact`` (the
+    submodule) both work whichever a fresh process touches first: importing the
+    submodule rebinds the package attribute, which once broke the other use."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch, rnntool
+if {first!r} == "submodule":
+    from rnntool.align import tdt_align  # noqa: F401
+x = torch.randn(1, 4, 3, 5)
+out = rnntool.align(x, torch.tensor([[1, 2]]), torch.tensor([4]), torch.tensor([2]), blank=0)
+from rnntool import align
+assert callable(align) and align is rnntool.align
+assert len(out) == 1 and callable(rnntool.align.align_compact)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -367,3 +367,22 @@ def test_the_sample_tdt_paths_end_inside_the_figure():
             assert al.path[-1, 0] == T
             lo, hi = fig.axes[0].get_xlim()
             assert lo < al.path[:, 0].min() and al.path[:, 0].max() < hi
+
+
+def test_inputs_sharing_a_file_stem_get_their_own_directories(tmp_path):
+    """exp1/dev.h5 and exp2/dev.h5 (two checkpoints' dumps, named alike): each gets its
+    own PNG directory, dev~1 and dev~2, instead of the second overwriting the first."""
+    import shutil
+
+    from helpers import SAMPLE, invoke
+
+    for exp in ("exp1", "exp2"):
+        (tmp_path / exp).mkdir()
+        shutil.copy(SAMPLE, tmp_path / exp / "dev.h5")
+    shutil.copy(SAMPLE, tmp_path / "other.h5")
+    out = tmp_path / "png"
+    r = invoke("plot", tmp_path / "exp1" / "dev.h5", tmp_path / "exp2" / "dev.h5",
+               tmp_path / "other.h5", "--utt", "utt004", "-d", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "dev~1/utt004.png", "dev~2/utt004.png", "other/utt004.png"]
