@@ -23,7 +23,8 @@ from . import __version__
 
 app = typer.Typer(
     name="rnntool",
-    help="RNN-Transducer loss: score dumped logits, check gradients, see alignments.",
+    help="Transducer losses (RNN-T, TDT): score dumped logits, align, time words, check "
+    "gradients, see the lattice, scale out over shards.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -158,7 +159,8 @@ def _root(
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
-    """RNN-Transducer loss: score dumped logits, check gradients, see alignments."""
+    """Transducer losses (RNN-T, TDT): score dumped logits, align, time words, check
+    gradients, see the lattice, scale out over shards."""
 
 
 # --------------------------------------------------------------------------- shared options
@@ -580,8 +582,8 @@ def score(
     resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
-    """Per-utterance RNN-T losses of dumped logits (or of a lattice dump); the TDT
-    loss for a TDT dump (model_kind tdt, with its durations).
+    """Per-utterance losses of dumped logits or lattice dumps (RNN-T; TDT for a TDT
+    dump: model_kind tdt, with its durations).
 
     One row per utterance: utt_id, T, U, loss (-log P(y|x), nats), loss_per_frame,
     loss_per_token (loss / max(U, 1)); and stored_loss, loss_diff when the dump
@@ -993,11 +995,11 @@ def compact(
                                              help="none|lzf|gzip.")] = "none",
     quiet: Quiet = False,
 ) -> None:
-    """Convert a full dump into a lattice dump, hundreds of times smaller.
+    """Convert a full dump into a lattice dump, about V/6 times smaller for V tokens.
 
     Per utterance and lattice node, the lattice dump keeps the blank and
     next-label log-probs and log of the sum of p_v^2 over the other tokens: what
-    score, align, plot and inspect need (grad-check needs the logits). Stage 1 of
+    score, align, timestamps, plot and inspect need (grad-check needs the logits). Stage 1 of
     the engine runs on --device, one batch at a time; stored losses, texts and
     the vocab (and the frame shift) carry over. The output appears only when complete.
     A TDT dump (model_kind tdt) keeps the blank and next-label log-probs and the D
@@ -1066,7 +1068,9 @@ def _png_dir(out_dir: Path, reader, selected) -> Path:
 @app.command("grad-check")
 @command
 def grad_check(
-    inputs: Inputs,
+    inputs: Annotated[list[Path], typer.Argument(
+        metavar="FILE", help="HDF5 full dumps (keyed or padded layout; a lattice dump holds "
+        "no logits).")],
     output: Output = None,
     fmt: Format = None,
     device: Device = "auto",
