@@ -238,8 +238,17 @@ def _gradient_node(row, out, targets, b, t, u, Tb, Ub, blank, fused, lse, blank_
     p_blank, p_emit = _arc_posteriors(alpha, beta, blank_lp, emit_lp, b, t, u, Tb, Ub, ll,
                                       emit_w)
     y = targets[b, u] if u < Ub else -1
-    hi = lse[b, t, u, 0]
-    lo = lse[b, t, u, 1]
+    _token_gradient(row, out, blank, y, fused, lse[b, t, u, 0], lse[b, t, u, 1], p_blank,
+                    p_emit, scale_b, clamp)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _token_gradient(row, out, blank, y, fused, hi, lo, p_blank, p_emit, scale_b, clamp):
+    """The token part of stage 3 for one node: ``row``, ``out`` its ``(V,)`` logits and
+    gradient, ``(hi, lo)`` its token normaliser, ``p_blank``, ``p_emit`` the posteriors
+    of its blank and label arcs (FastEmit's weight already in ``p_emit``), ``y`` the
+    next label or -1 at u = U_b. Shared with ``tdt_cpu.cpu_gradient``."""
+    V = row.shape[0]
     s = like(hi, scale_b)
     zero = like(hi, 0.0)
     occ = like(hi, p_blank + p_emit)

@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import tdt_lattice as rules
-from .cpu import lattice_dtype, storage_view
+from .cpu import _token_gradient, lattice_dtype, storage_view
 from .floatbits import LANES, exp, like, load, row_max, store, sum_exp
 from .lattice import log_prob, logaddexp
 from .tdt_lattice import TDTEngine, TDTOptions, TDTState
@@ -244,41 +244,6 @@ def cpu_gradient(logits, targets, logit_lengths, target_lengths, blank, V, fused
                 if fused:
                     g = exp(dur_lp[b, t, u, i]) * like(hi, occ)
                 store(out, V + i, (g - like(hi, post[i])) * s)
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _token_gradient(row, out, blank, y, fused, hi, lo, p_blank, p_label, scale_b, clamp):
-    """Stage 3's token part for one node (``row``, ``out``: its ``(V,)`` logits and
-    gradient), as ``cpu._gradient_node`` writes it for RNN-T."""
-    V = row.shape[0]
-    s = like(hi, scale_b)
-    zero = like(hi, 0.0)
-    occ = like(hi, p_blank + p_label)
-    c = like(hi, clamp)
-    # Branches outside the loops over V, so that each loop vectorises.
-    if not fused:
-        for v in range(V):
-            store(out, v, zero)
-    elif clamp > 0:
-        for v in range(V):
-            g = exp(_log_prob(load(row, v), hi, lo)) * occ
-            store(out, v, min(max(g, -c), c) * s)
-    else:
-        occ_s = occ * s
-        for v in range(V):
-            store(out, v, exp(_log_prob(load(row, v), hi, lo)) * occ_s)
-    # The blank's and the label's own terms: recompute those entries from scratch.
-    for k in range(2):
-        v = blank if k == 0 else y
-        if v < 0:
-            continue
-        g = zero
-        if fused:
-            g = exp(_log_prob(load(row, v), hi, lo)) * occ
-        g = g - like(hi, p_blank if k == 0 else p_label)
-        if clamp > 0:
-            g = min(max(g, -c), c)
-        store(out, v, g * s)
 
 
 # --------------------------------------------------------------------------- host side
