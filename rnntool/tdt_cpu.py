@@ -25,6 +25,7 @@ the strides or the thread count.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -257,6 +258,13 @@ def _durations_array(durations) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(durations, dtype=np.int64))
 
 
+def _index_arrays(targets, logit_lengths, target_lengths):
+    """Targets and lengths as the kernels read them: contiguous int64 numpy (no copy
+    when they already are)."""
+    return tuple(np.ascontiguousarray(np.asarray(a), dtype=np.int64)
+                 for a in (targets, logit_lengths, target_lengths))
+
+
 def cpu_forward(logits, targets, logit_lengths, target_lengths, opts: TDTOptions,
                 keep_state: bool) -> TDTState:
     """Stages 1 and 2 on the CPU.
@@ -270,31 +278,22 @@ def cpu_forward(logits, targets, logit_lengths, target_lengths, opts: TDTOptions
     durations = _durations_array(opts.durations)
     D = durations.shape[0]
     lat = lattice_dtype(x)
-    targets, logit_lengths, target_lengths = (
-        np.ascontiguousarray(np.asarray(a), dtype=np.int64)
-        for a in (targets, logit_lengths, target_lengths))
+    targets, logit_lengths, target_lengths = _index_arrays(targets, logit_lengths,
+                                                           target_lengths)
     blank_lp = np.empty((B, T, U1), lat)
     emit_lp = np.empty((B, T, U1), lat)
     dur_lp = np.empty((B, T, U1, D), lat)
     bad_row = np.zeros((B, T, U1), np.bool_)
     lse = np.empty((B, T, U1, 2) if keep_state else (0, 0, 0, 2), lat)
-    alpha = np.empty((B, T, U1), np.float64)
-    beta = np.empty((B, T, U1) if keep_state else (0, 0, 0), np.float64)
-    log_like = np.empty(B, np.float64)
     with kernel_lock():
         cpu_normalise(x, targets, logit_lengths, target_lengths, opts.blank, VD - D,
                       float(opts.sigma), opts.fused, keep_state, lse, blank_lp, emit_lp, dur_lp,
                       bad_row)
-        cpu_alpha_beta(blank_lp, emit_lp, dur_lp, durations, logit_lengths, target_lengths,
-                       keep_state, alpha, beta, log_like)
     bad = bad_row.any(axis=(1, 2))
-    log_like[bad] = np.nan
-    return TDTState(
-        log_like=log_like, bad=bad, blank_lp=blank_lp, emit_lp=emit_lp, dur_lp=dur_lp,
-        durations=durations, targets=targets, logit_lengths=logit_lengths,
-        target_lengths=target_lengths, lse=lse if keep_state else None,
-        alpha=alpha if keep_state else None, beta=beta if keep_state else None,
-    )
+    state = cpu_forward_compact(blank_lp, emit_lp, dur_lp, durations, targets, logit_lengths,
+                                target_lengths, keep_state)
+    state.log_like[bad] = np.nan
+    return dataclasses.replace(state, bad=bad, lse=lse if keep_state else None)
 
 
 def cpu_backward(logits, state: TDTState, opts: TDTOptions, scale):
@@ -339,9 +338,8 @@ def cpu_forward_compact(blank_lp, emit_lp, dur_lp, durations, targets, logit_len
     ``cpu_forward`` gives for the logits the arrays came from (the same bits: stage 2
     reads nothing else), ``lse`` None, ``bad`` where the loss is NaN."""
     durations = _durations_array(durations)
-    targets, logit_lengths, target_lengths = (
-        np.ascontiguousarray(np.asarray(a), dtype=np.int64)
-        for a in (targets, logit_lengths, target_lengths))
+    targets, logit_lengths, target_lengths = _index_arrays(targets, logit_lengths,
+                                                           target_lengths)
     B, T, U1 = blank_lp.shape
     alpha = np.empty((B, T, U1), np.float64)
     beta = np.empty((B, T, U1) if keep_state else (0, 0, 0), np.float64)
