@@ -389,6 +389,25 @@ def _device_durations(durations: tuple[int, ...], device: torch.device) -> torch
     return torch.tensor(durations, dtype=torch.int64).to(device)
 
 
+def _alpha_beta(blank_lp, emit_lp, dur_lp, durations, logit_lengths, target_lengths,
+                keep_state: bool):
+    """Launch stage 2 on the current stream: ``(alpha, beta, log_like)`` float64 on the
+    lattice's device (``beta`` ``(0, 0, 0)`` unless ``keep_state``)."""
+    B, T, U1 = blank_lp.shape
+    device = blank_lp.device
+    alpha = torch.empty(B, T, U1, dtype=torch.float64, device=device)
+    beta = torch.empty((B, T, U1) if keep_state else (0, 0, 0), dtype=torch.float64,
+                       device=device)
+    log_like = torch.empty(B, dtype=torch.float64, device=device)
+    a = _rc.storage_view
+    if B > 0:  # a grid of 0 blocks is a launch error
+        nt = _rc.CONFIG["threads_diag"]
+        cuda_alpha_beta[B, nt, _rc._stream(), 2 * nt * 8](
+            a(blank_lp), a(emit_lp), a(dur_lp), a(durations), a(logit_lengths),
+            a(target_lengths), keep_state, a(alpha), a(beta), a(log_like))
+    return alpha, beta, log_like
+
+
 def cuda_forward(logits, targets, logit_lengths, target_lengths, opts: TDTOptions,
                  keep_state: bool) -> TDTState:
     """Stages 1 and 2 on the GPU; same contract as ``tdt_cpu.cpu_forward``, the state's
@@ -418,15 +437,8 @@ def cuda_forward(logits, targets, logit_lengths, target_lengths, opts: TDTOption
         float(opts.sigma), opts.fused, keep_state, a(lse), a(blank_lp), a(emit_lp), a(dur_lp),
         a(bad_row),
     )
-    alpha = torch.empty(B, T, U1, dtype=torch.float64, device=device)
-    beta = torch.empty((B, T, U1) if keep_state else (0, 0, 0), dtype=torch.float64,
-                       device=device)
-    log_like = torch.empty(B, dtype=torch.float64, device=device)
-    if B > 0:  # a grid of 0 blocks is a launch error
-        nt = _rc.CONFIG["threads_diag"]
-        cuda_alpha_beta[B, nt, stream, 2 * nt * 8](
-            a(blank_lp), a(emit_lp), a(dur_lp), a(durations), a(logit_lengths),
-            a(target_lengths), keep_state, a(alpha), a(beta), a(log_like))
+    alpha, beta, log_like = _alpha_beta(blank_lp, emit_lp, dur_lp, durations, logit_lengths,
+                                        target_lengths, keep_state)
     bad = bad_row.flatten(1).any(dim=1).bool() | bad_len
     log_like = torch.where(bad, torch.full_like(log_like, math.nan), log_like)
     state = TDTState(
@@ -489,16 +501,8 @@ def cuda_forward_compact(blank_lp, emit_lp, dur_lp, durations, targets, logit_le
     targets, logit_lengths, target_lengths, bad_len = _rc._index_tensors(
         *(torch.as_tensor(a) for a in (targets, logit_lengths, target_lengths)), T, U1, device)
     durations = torch.as_tensor(np.asarray(durations, dtype=np.int64)).to(device)
-    alpha = torch.empty(B, T, U1, dtype=torch.float64, device=device)
-    beta = torch.empty((B, T, U1) if keep_state else (0, 0, 0), dtype=torch.float64,
-                       device=device)
-    log_like = torch.empty(B, dtype=torch.float64, device=device)
-    a = _rc.storage_view
-    if B > 0:  # a grid of 0 blocks is a launch error
-        nt = _rc.CONFIG["threads_diag"]
-        cuda_alpha_beta[B, nt, _rc._stream(), 2 * nt * 8](
-            a(blank_lp), a(emit_lp), a(dur_lp), a(durations), a(logit_lengths),
-            a(target_lengths), keep_state, a(alpha), a(beta), a(log_like))
+    alpha, beta, log_like = _alpha_beta(blank_lp, emit_lp, dur_lp, durations, logit_lengths,
+                                        target_lengths, keep_state)
     log_like = torch.where(bad_len, torch.full_like(log_like, math.nan), log_like)
     return TDTState(
         log_like=log_like, bad=torch.isnan(log_like), blank_lp=blank_lp, emit_lp=emit_lp,
