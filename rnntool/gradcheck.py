@@ -443,9 +443,7 @@ def grad_check_utterance(
                         torch.tensor([U]), blank=blank, fused_log_softmax=fused)
                 else:
                     _, ref = tdt_reference_gradients(
-                        torch.from_numpy(x64)[None],
-                        y.cpu() if U else torch.zeros((1, 1), dtype=torch.int64),
-                        torch.tensor([T]),
+                        torch.from_numpy(x64)[None], y.cpu(), torch.tensor([T]),
                         torch.tensor([U]), durations=durations, blank=blank,
                         fused_log_softmax=fused)
             expected, against = ref[0].numpy(), "reference"

@@ -371,12 +371,13 @@ def loss_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _negative_loss_tolerances(logit_lengths, target_lengths, dtype, fused) -> torch.Tensor:
-    """``(B,)`` ``lattice.negative_loss_tolerance`` of each utterance; log-prob input
-    (not ``fused``) carries its own dtype's rounding."""
+def _negative_loss_tolerances(logit_lengths, target_lengths, dtype, fused,
+                              tolerance=negative_loss_tolerance) -> torch.Tensor:
+    """``(B,)`` ``tolerance`` (``lattice.negative_loss_tolerance``, or the TDT lattice's)
+    of each utterance; log-prob input (not ``fused``) carries its own dtype's rounding."""
     input_eps = 0.0 if fused else torch.finfo(dtype).eps
     return torch.tensor([
-        negative_loss_tolerance(int(t), int(u), dtype == torch.float64, input_eps)
+        tolerance(int(t), int(u), dtype == torch.float64, input_eps)
         for t, u in zip(torch.as_tensor(logit_lengths).tolist(),
                         torch.as_tensor(target_lengths).tolist(), strict=True)
     ], dtype=torch.float64)
@@ -393,14 +394,16 @@ def engine_for(backend: str, logits: torch.Tensor) -> Engine:
     return engine
 
 
-def _warn_impossible(log_like: torch.Tensor, bad: torch.Tensor, tolerance: torch.Tensor) -> None:
-    """``ImpossibleLossWarning``s naming the utterances whose loss is NaN, inf or negative."""
+def _warn_impossible(log_like: torch.Tensor, bad: torch.Tensor, tolerance: torch.Tensor,
+                     name: str = "rnnt_loss") -> None:
+    """``ImpossibleLossWarning``s naming the utterances whose loss is NaN, inf or negative;
+    ``name`` (``rnnt_loss``, ``tdt_loss``) starts each message."""
     nan_utts = torch.nonzero(bad).flatten().tolist()
     inf_utts = torch.nonzero(torch.isinf(log_like) & ~bad).flatten().tolist()
     negative = torch.nonzero(log_like > tolerance.to(log_like.dtype)).flatten().tolist()
     if negative:
         warnings.warn(ImpossibleLossWarning(
-            f"rnnt_loss: the loss of utterance(s) {negative} is negative "
+            f"{name}: the loss of utterance(s) {negative} is negative "
             f"({', '.join(f'{-float(log_like[b]):.6g}' for b in negative[:5])}), which "
             "-log P(y|x) cannot be: are the inputs log-probabilities that do not "
             "normalise (fused_log_softmax=False on logits)?",
@@ -408,13 +411,13 @@ def _warn_impossible(log_like: torch.Tensor, bad: torch.Tensor, tolerance: torch
         ), stacklevel=4)
     if nan_utts:
         warnings.warn(ImpossibleLossWarning(
-            f"rnnt_loss: NaN or +inf in the logits of utterance(s) {nan_utts} (or, with "
+            f"{name}: NaN or +inf in the logits of utterance(s) {nan_utts} (or, with "
             "validate=False, bad labels or lengths): their loss is NaN and their gradient zero",
             "nan", nan_utts,
         ), stacklevel=4)
     if inf_utts:
         warnings.warn(ImpossibleLossWarning(
-            f"rnnt_loss: no alignment of utterance(s) {inf_utts} has non-zero probability "
+            f"{name}: no alignment of utterance(s) {inf_utts} has non-zero probability "
             "(-inf log-probs on every path): their loss is inf and their gradient zero",
             "inf", inf_utts,
         ), stacklevel=4)
@@ -453,14 +456,34 @@ class _RNNTLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        logits, _, _, _ = ctx.saved_tensors
-        # Stays on grad_output's device: no host sync on the CUDA path.
-        go = grad_output.detach().to(torch.float64)
-        if ctx.opts.reduction != "none":
-            go = go.expand(logits.shape[0])
-        scale = go * ctx.weights.to(go.device)
-        grad = ctx.engine.backward(logits, ctx.state, ctx.opts, scale)
-        return grad, None, None, None, None, None, None, None
+        return engine_backward(ctx, grad_output), None, None, None, None, None, None, None
+
+
+def engine_backward(ctx, grad_output) -> torch.Tensor:
+    """Stage 3 of an autograd ``Function`` whose forward saved ``(logits, targets,
+    logit_lengths, target_lengths)`` and set ``ctx.engine``, ``ctx.state``,
+    ``ctx.opts`` and ``ctx.weights`` (``rnnt_loss``'s and ``tdt_loss``'s): the
+    gradient w.r.t. the logits."""
+    logits, _, _, _ = ctx.saved_tensors
+    # Stays on grad_output's device: no host sync on the CUDA path.
+    go = grad_output.detach().to(torch.float64)
+    if ctx.opts.reduction != "none":
+        go = go.expand(logits.shape[0])
+    scale = go * ctx.weights.to(go.device)
+    return ctx.engine.backward(logits, ctx.state, ctx.opts, scale)
+
+
+def checked_index(logits, index, blank, checked: CallOptions, guards_indices: bool):
+    """``(blank, targets, logit_lengths, target_lengths)`` as the engines take them:
+    checked by ``check_inputs`` (against ``logits``' classes) when ``checked.validate``
+    asks for it (``None``: unless that needs a host sync) or the engine does not guard
+    indices itself, else only converted."""
+    validate = checked.validate
+    if validate is None:
+        validate = not any(x.is_cuda for x in index)
+    if validate or not guards_indices:
+        return check_inputs(logits, *index, blank)
+    return (blank, *(_index_values(x) for x in index))
 
 
 def _loss(logits, targets, logit_lengths, target_lengths, blank, checked: CallOptions,
@@ -471,13 +494,8 @@ def _loss(logits, targets, logit_lengths, target_lengths, blank, checked: CallOp
     blank = check_meta(logits, *index, blank)
     logits = resolve_logits(logits)
     engine = engine_for(checked.backend, logits)
-    validate = checked.validate
-    if validate is None:
-        validate = not any(x.is_cuda for x in index)
-    if validate or not engine.guards_indices:
-        blank, targets, logit_lengths, target_lengths = check_inputs(logits, *index, blank)
-    else:
-        targets, logit_lengths, target_lengths = (_index_values(x) for x in index)
+    blank, targets, logit_lengths, target_lengths = checked_index(
+        logits, index, blank, checked, engine.guards_indices)
     opts = checked.for_engine(blank)
     per_frame = per_frame and opts.reduction in ("none", "sum", "mean")
     weights = reduction_weights(opts.reduction, logit_lengths, target_lengths,

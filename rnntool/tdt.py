@@ -10,20 +10,19 @@ size ``B*T*U*(V+D)`` exists before it.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 
 from . import loss as _loss_mod
-from .engine import ImpossibleLossWarning
 from .loss import (
     CallOptions,
     as_index,
     as_real,
-    check_inputs,
     check_meta,
     check_options,
+    checked_index,
+    engine_backward,
     loss_dtype,
     reduction_weights,
     resolve_logits,
@@ -112,49 +111,15 @@ def _engine_for(backend: str, logits: torch.Tensor) -> TDTEngine:
 assert set(TDT_ENGINES) == set(_loss_mod.ENGINES)  # backend names as rnnt_loss's
 
 
-# --------------------------------------------------------------------------- non-finite rules
-def _warn_impossible(log_like: torch.Tensor, bad: torch.Tensor, logit_lengths, target_lengths,
-                     dtype, fused) -> None:
-    """``ImpossibleLossWarning``s naming the utterances whose loss is NaN, inf or
-    negative (the CPU backend's; ``rnnt_loss``'s rules, with ``tdt_loss: `` messages)."""
-    input_eps = 0.0 if fused else torch.finfo(dtype).eps
-    tolerance = torch.tensor([
-        _tolerance(int(t), int(u), dtype == torch.float64, input_eps)
-        for t, u in zip(torch.as_tensor(logit_lengths).tolist(),
-                        torch.as_tensor(target_lengths).tolist(), strict=True)
-    ], dtype=torch.float64)
-    nan_utts = torch.nonzero(bad).flatten().tolist()
-    inf_utts = torch.nonzero(torch.isinf(log_like) & ~bad).flatten().tolist()
-    negative = torch.nonzero(log_like > tolerance).flatten().tolist()
-    if negative:
-        warnings.warn(ImpossibleLossWarning(
-            f"tdt_loss: the loss of utterance(s) {negative} is negative "
-            f"({', '.join(f'{-float(log_like[b]):.6g}' for b in negative[:5])}), which "
-            "-log P(y|x) cannot be: are the inputs log-probabilities that do not "
-            "normalise (fused_log_softmax=False on logits)?",
-            "negative", negative,
-        ), stacklevel=4)
-    if nan_utts:
-        warnings.warn(ImpossibleLossWarning(
-            f"tdt_loss: NaN or +inf in the logits of utterance(s) {nan_utts} (or, with "
-            "validate=False, bad labels or lengths): their loss is NaN and their gradient zero",
-            "nan", nan_utts,
-        ), stacklevel=4)
-    if inf_utts:
-        warnings.warn(ImpossibleLossWarning(
-            f"tdt_loss: no alignment of utterance(s) {inf_utts} has non-zero probability "
-            "(-inf log-probs on every path): their loss is inf and their gradient zero",
-            "inf", inf_utts,
-        ), stacklevel=4)
-
-
+# --------------------------------------------------------------------------- autograd
 def _losses(engine: TDTEngine, opts: TDTOptions, logits, targets, logit_lengths,
             target_lengths, keep_state: bool) -> tuple[torch.Tensor, TDTState]:
     state = engine.forward(logits, targets, logit_lengths, target_lengths, opts, keep_state)
     log_like = torch.as_tensor(state.log_like)
     if not log_like.is_cuda:
-        _warn_impossible(log_like, torch.as_tensor(state.bad), logit_lengths, target_lengths,
-                         logits.dtype, opts.fused)
+        tolerance = _loss_mod._negative_loss_tolerances(
+            logit_lengths, target_lengths, logits.dtype, opts.fused, _tolerance)
+        _loss_mod._warn_impossible(log_like, torch.as_tensor(state.bad), tolerance, "tdt_loss")
     return (-log_like).to(loss_dtype(logits)), state
 
 
@@ -170,13 +135,7 @@ class _TDTLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        logits, _, _, _ = ctx.saved_tensors
-        go = grad_output.detach().to(torch.float64)
-        if ctx.opts.reduction != "none":
-            go = go.expand(logits.shape[0])
-        scale = go * ctx.weights.to(go.device)
-        grad = ctx.engine.backward(logits, ctx.state, ctx.opts, scale)
-        return grad, None, None, None, None, None, None
+        return engine_backward(ctx, grad_output), None, None, None, None, None, None
 
 
 def _tdt_loss(logits, targets, logit_lengths, target_lengths, blank, durations, sigma,
@@ -187,14 +146,8 @@ def _tdt_loss(logits, targets, logit_lengths, target_lengths, blank, durations, 
     blank, V = check_tdt_meta(logits, *index, blank, durations)
     logits = resolve_logits(logits)
     engine = _engine_for(checked.backend, logits)
-    validate = checked.validate
-    if validate is None:
-        validate = not any(x.is_cuda for x in index)
-    if validate or not engine.guards_indices:
-        blank, targets, logit_lengths, target_lengths = check_inputs(
-            logits.detach()[..., :V], *index, blank)
-    else:
-        targets, logit_lengths, target_lengths = (_loss_mod._index_values(x) for x in index)
+    blank, targets, logit_lengths, target_lengths = checked_index(
+        logits.detach()[..., :V], index, blank, checked, engine.guards_indices)
     opts = TDTOptions(blank=blank, durations=durations, sigma=sigma, fused=checked.fused,
                       clamp=checked.clamp, fastemit_lambda=checked.fastemit_lambda,
                       reduction=checked.reduction)

@@ -124,6 +124,19 @@ def _check_labels(labels: torch.Tensor, U: int, V: int, blank: int) -> list[int]
     return ys
 
 
+def _float_lattice(logits: torch.Tensor, labels: torch.Tensor, durations: Sequence[int],
+                   blank: int, sigma: float, fused: bool):
+    """``(durations, token log-probs minus sigma [T][U+1][V], duration log-probs
+    [T][U+1][D], labels, blank in [0, V))`` as checked Python floats and ints, for
+    the loops without autograd (best path, path enumeration)."""
+    ds = _check_durations(durations)
+    with torch.no_grad():
+        tok, dur, blank = _split(logits, ds, blank, sigma, fused)
+    _, U1, V = tok.shape
+    ys = _check_labels(labels, U1 - 1, V, blank)
+    return ds, tok.tolist(), dur.tolist(), ys, blank
+
+
 # --------------------------------------------------------------------------- loss
 def tdt_reference_utterance_loss(
     logits: torch.Tensor,
@@ -306,14 +319,9 @@ def tdt_reference_viterbi(
     longer one -- RNN-T's "blank wins" rule; the final blank likewise takes the
     shortest duration among equals.
     """
-    ds = _check_durations(durations)
-    with torch.no_grad():
-        tok, dur, blank = _split(logits, ds, blank, sigma, fused_log_softmax)
-    T, U1, V = tok.shape
-    U = U1 - 1
-    ys = _check_labels(labels, U, V, blank)
-    lp_tok = tok.tolist()
-    lp_dur = dur.tolist()
+    ds, lp_tok, lp_dur, ys, blank = _float_lattice(
+        logits, labels, durations, blank, sigma, fused_log_softmax)
+    T, U1, U = len(lp_tok), len(ys) + 1, len(ys)
     delta = [[_NEG_INF] * U1 for _ in range(T)]
     back: list[list[Arc | None]] = [[None] * U1 for _ in range(T)]
     delta[0][0] = 0.0
@@ -368,14 +376,9 @@ def tdt_enumerate_paths(
     docstring), including arcs of weight ``-inf``. Exponential in ``T``: for tiny
     lattices only (``T <= 5``, ``U <= 2``). Arguments as ``tdt_reference_viterbi``.
     """
-    ds = _check_durations(durations)
-    with torch.no_grad():
-        tok, dur, blank = _split(logits, ds, blank, sigma, fused_log_softmax)
-    T, U1, V = tok.shape
-    U = U1 - 1
-    ys = _check_labels(labels, U, V, blank)
-    lp_tok = tok.tolist()
-    lp_dur = dur.tolist()
+    ds, lp_tok, lp_dur, ys, blank = _float_lattice(
+        logits, labels, durations, blank, sigma, fused_log_softmax)
+    T, U = len(lp_tok), len(ys)
 
     def walk(t: int, u: int, lp: float, arcs: list[Arc]) -> Iterator[tuple[float, list[Arc]]]:
         for i, d in enumerate(ds):
