@@ -21,15 +21,17 @@ from rnntool.reference import reference_gradients
 
 def random_batch(
     B: int, T: int, U: int, V: int, *, blank: int = 0, seed: int = 0,
-    scale: float = 1.0, mixed: bool = True, dtype=torch.float32,
+    scale: float = 1.0, mixed: bool = True, dtype=torch.float32, extra: int = 0,
 ):
-    """Padded ``(B, T, U+1, V)`` logits, ``(B, U)`` targets and lengths.
+    """Padded ``(B, T, U+1, V + extra)`` logits, ``(B, U)`` targets and lengths.
 
     With ``mixed`` the lengths vary in [1, T] x [0, U] (the first utterance is
-    full-length); labels avoid ``blank`` and padding labels are -1.
+    full-length); labels (in [0, V)) avoid ``blank`` and padding labels are -1.
+    ``extra`` columns follow the V token logits (TDT's duration logits).
     """
     g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(B, T, U + 1, V, generator=g, dtype=torch.float64) * scale).to(dtype)
+    logits = (torch.randn(B, T, U + 1, V + extra, generator=g, dtype=torch.float64)
+              * scale).to(dtype)
     blank_idx = blank % V
     # Labels in [0, V) \ {blank}.
     labels = torch.randint(0, V - 1, (B, U), generator=g)

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import TOL, examples
+from helpers import TOL, examples, random_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,22 +31,8 @@ def tdt_batch(B, T, U, V, durations, *, blank=0, seed=0, mixed=True, dtype=torch
               scale=1.0):
     """Padded ``(B, T, U+1, V+D)`` logits, ``(B, U)`` targets (padding -1) and lengths;
     with ``mixed`` the lengths vary (the first utterance is full-length)."""
-    g = torch.Generator().manual_seed(seed)
-    D = len(durations)
-    logits = (torch.randn(B, T, U + 1, V + D, generator=g, dtype=torch.float64)
-              * scale).to(dtype)
-    b = blank % V
-    labels = torch.randint(0, V - 1, (B, U), generator=g)
-    labels = labels + (labels >= b).long()
-    if mixed:
-        t_len = torch.randint(1, T + 1, (B,), generator=g)
-        u_len = torch.randint(0, U + 1, (B,), generator=g)
-        t_len[0], u_len[0] = T, U
-    else:
-        t_len, u_len = torch.full((B,), T), torch.full((B,), U)
-    for i in range(B):
-        labels[i, int(u_len[i]):] = -1
-    return logits, labels, t_len, u_len
+    return random_batch(B, T, U, V, blank=blank, seed=seed, scale=scale, mixed=mixed,
+                        dtype=dtype, extra=len(durations))
 
 
 def run_tdt(logits, labels, t_len, u_len, *, grad_output=None, **kw):

@@ -196,8 +196,10 @@ def test_padded_layout_scores_as_keyed(tmp_path):
                      model_kind="tdt", durations=np.array(DURATIONS))
     with DumpReader(padded) as r:
         assert r.vocab_size == 5 and r.info("0").width == 9
-    a, b = (rows_of(invoke("score", p, "--format", "tsv").stdout) for p in (keyed, padded))
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    results = [invoke("score", p, "--format", "tsv") for p in (keyed, padded)]
+    assert [r.exit_code for r in results] == [0, 0], [r.stderr for r in results]
+    a, b = (rows_of(r.stdout) for r in results)
+    assert len(a) == 2 and [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
 def test_a_label_indexing_a_duration_logit_is_one_line(tmp_path):
