@@ -954,6 +954,7 @@ def plot(
         # A PNG must never replace an input (a dump named like one, in the out dir).
         reads = _inputs_of(inputs, utt_list) + _linked(r for r, _ in selected)
         n = problems = 0
+        png_dir = _png_dirs(out_dir, selected)
         with _progress(quiet) as bar:
             task = bar.add_task("plotting", total=sum(len(ids) for _, ids in selected))
             for reader, utt in _utterances(selected, norms=True):
@@ -961,7 +962,7 @@ def plot(
                     aligned = align_utterance(reader, utt, backend=backend, grad_norms=True)
                     one.report(aligned.problem)
                     if aligned.finite:
-                        save_png(_png_dir(out_dir, reader, selected), aligned, inputs=reads)
+                        save_png(png_dir(reader), aligned, inputs=reads)
                         n += 1
                 problems += aligned.problem is not None
                 bar.advance(task)
@@ -1062,6 +1063,19 @@ def _png_dir(out_dir: Path, reader, selected) -> Path:
     except OSError as e:
         raise fail(f"{_line(str(sub))}: cannot create the directory ({e.strerror})") from None
     return sub
+
+
+def _png_dirs(out_dir: Path, selected):
+    """``reader -> _png_dir(out_dir, reader, selected)``, each input's directory worked
+    out (and made) once, when its first file is written, not once per utterance."""
+    made: dict[int, Path] = {}
+
+    def dir_of(reader) -> Path:
+        if id(reader) not in made:
+            made[id(reader)] = _png_dir(out_dir, reader, selected)
+        return made[id(reader)]
+
+    return dir_of
 
 
 # --------------------------------------------------------------------------- grad-check
@@ -1634,6 +1648,7 @@ def _write_textgrids(selected, plans, *, out_dir, reads, backend, unit, window, 
         raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
     inputs = reads + _linked(r for r, _ in selected)
     delays, problems = [], 0
+    textgrid_dir = _png_dirs(out_dir, selected)
     with _progress(quiet) as bar:
         task = bar.add_task("timing", total=sum(len(ids) for _, ids in selected))
         for _, _, reader, times, aligned, _ in _timed(
@@ -1643,8 +1658,7 @@ def _write_textgrids(selected, plans, *, out_dir, reads, backend, unit, window, 
             if times.finite:
                 if refs is not None:
                     delays += delay_rows(times, refs.get(times.utt_id), ref_name, unit)
-                dest = _png_dir(out_dir, reader, selected) / confined_name(times.utt_id,
-                                                                           ".TextGrid")
+                dest = textgrid_dir(reader) / confined_name(times.utt_id, ".TextGrid")
                 with atomic_file(dest, "wb", inputs=inputs) as f:
                     f.write(textgrid(times).encode("utf-8"))
             bar.advance(task)
