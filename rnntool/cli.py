@@ -942,15 +942,10 @@ def plot(
     from .plots import save_png
     from .reader import show
 
-    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
-        raise fail(f"{show(out_dir)}: exists and is not a directory"
-                   + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
+    _check_out_dir(out_dir)
     backend = _backend(device)
     with _selection(inputs, blank, utts, utt_list) as selected:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
+        _make_out_dir(out_dir)
         # A PNG must never replace an input (a dump named like one, in the out dir).
         reads = _inputs_of(inputs, utt_list) + _linked(r for r, _ in selected)
         n = problems = 0
@@ -1041,6 +1036,25 @@ def compact(
         _stderr().print(f"{n} utterances: {show(input)} ({size_in / 2**20:.2f} MiB) -> "
                         f"{show(output)} ({size_out / 2**20:.2f} MiB, "
                         f"{size_in / max(size_out, 1):.0f}x smaller)", markup=False)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Exit 2 when OUT_DIR exists and is not a directory (or is a dangling link)."""
+    from .reader import show
+
+    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
+        raise fail(f"{show(out_dir)}: exists and is not a directory"
+                   + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    """OUT_DIR made with its parents (exit 2 if it cannot be)."""
+    from .reader import show
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
 
 
 def _png_dir(out_dir: Path, reader, selected) -> Path:
@@ -1636,16 +1650,10 @@ def _write_textgrids(selected, plans, *, out_dir, reads, backend, unit, window, 
     atomically, as it comes; ``_png_dir``); with --ref the delay report once all are
     written. Returns the number of utterances with a problem."""
     from .output import atomic_file, confined_name
-    from .reader import show
     from .timestamps import delay_rows, textgrid
 
-    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
-        raise fail(f"{show(out_dir)}: exists and is not a directory"
-                   + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
+    _check_out_dir(out_dir)
+    _make_out_dir(out_dir)
     inputs = reads + _linked(r for r, _ in selected)
     delays, problems = [], 0
     textgrid_dir = _png_dirs(out_dir, selected)
