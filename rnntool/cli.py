@@ -777,14 +777,15 @@ def _utterances(selected, with_grads: bool = False, norms: bool = False):
     """Yield ``(reader, Utterance)`` one at a time, validated, in input order (a
     ``LatticeUtterance`` from a lattice dump, its third array only for ``norms``)."""
     for reader, ids in selected:
-        for utt_id in ids:
-            if reader.kind == "lattice":
-                names = ("blank_lp", "emit_lp") + (("log_p2_others",) if norms else ())
-                if reader.model_kind == "tdt":  # (a TDT lattice stores no log_p2_others)
-                    names = reader.lattice_names
-                yield reader, reader.read_lattice(utt_id, names=names)
-            else:
+        if reader.kind != "lattice":
+            for utt_id in ids:
                 yield reader, reader.read(utt_id, with_grads=with_grads)
+            continue
+        names = ("blank_lp", "emit_lp") + (("log_p2_others",) if norms else ())
+        if reader.model_kind == "tdt":  # (a TDT lattice stores no log_p2_others)
+            names = reader.lattice_names
+        for utt_id in ids:
+            yield reader, reader.read_lattice(utt_id, names=names)
 
 
 @contextlib.contextmanager
