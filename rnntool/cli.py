@@ -459,7 +459,7 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
         mine = plan_work(selected, share)
         writer = PartWriter(part, fp, share, len(mine), fields(mine.pairs()), resume=resume)
         n_share = len(mine)
-        work = plan_work(selected, share, writer.done)
+        work = mine.without(writer.done)
         flagged = 0
         with _progress(quiet or not rank0) as bar:
             task = bar.add_task(f"{_jobs()[command][3]} {share}", total=len(work))
