@@ -459,7 +459,7 @@ def _run_share(command, selected, share, tr, *, output, fmt, reads, fields, opti
         mine = plan_work(selected, share)
         writer = PartWriter(part, fp, share, len(mine), fields(mine.pairs()), resume=resume)
         n_share = len(mine)
-        work = plan_work(selected, share, writer.done)
+        work = mine.without(writer.done)
         flagged = 0
         with _progress(quiet or not rank0) as bar:
             task = bar.add_task(f"{_jobs()[command][3]} {share}", total=len(work))
@@ -777,14 +777,15 @@ def _utterances(selected, with_grads: bool = False, norms: bool = False):
     """Yield ``(reader, Utterance)`` one at a time, validated, in input order (a
     ``LatticeUtterance`` from a lattice dump, its third array only for ``norms``)."""
     for reader, ids in selected:
-        for utt_id in ids:
-            if reader.kind == "lattice":
-                names = ("blank_lp", "emit_lp") + (("log_p2_others",) if norms else ())
-                if reader.model_kind == "tdt":  # (a TDT lattice stores no log_p2_others)
-                    names = reader.lattice_names
-                yield reader, reader.read_lattice(utt_id, names=names)
-            else:
+        if reader.kind != "lattice":
+            for utt_id in ids:
                 yield reader, reader.read(utt_id, with_grads=with_grads)
+            continue
+        names = ("blank_lp", "emit_lp") + (("log_p2_others",) if norms else ())
+        if reader.model_kind == "tdt":  # (a TDT lattice stores no log_p2_others)
+            names = reader.lattice_names
+        for utt_id in ids:
+            yield reader, reader.read_lattice(utt_id, names=names)
 
 
 @contextlib.contextmanager
@@ -942,18 +943,14 @@ def plot(
     from .plots import save_png
     from .reader import show
 
-    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
-        raise fail(f"{show(out_dir)}: exists and is not a directory"
-                   + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
+    _check_out_dir(out_dir)
     backend = _backend(device)
     with _selection(inputs, blank, utts, utt_list) as selected:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
+        _make_out_dir(out_dir)
         # A PNG must never replace an input (a dump named like one, in the out dir).
         reads = _inputs_of(inputs, utt_list) + _linked(r for r, _ in selected)
         n = problems = 0
+        png_dir = _png_dirs(out_dir, selected)
         with _progress(quiet) as bar:
             task = bar.add_task("plotting", total=sum(len(ids) for _, ids in selected))
             for reader, utt in _utterances(selected, norms=True):
@@ -961,7 +958,7 @@ def plot(
                     aligned = align_utterance(reader, utt, backend=backend, grad_norms=True)
                     one.report(aligned.problem)
                     if aligned.finite:
-                        save_png(_png_dir(out_dir, reader, selected), aligned, inputs=reads)
+                        save_png(png_dir(reader), aligned, inputs=reads)
                         n += 1
                 problems += aligned.problem is not None
                 bar.advance(task)
@@ -1042,6 +1039,25 @@ def compact(
                         f"{size_in / max(size_out, 1):.0f}x smaller)", markup=False)
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Exit 2 when OUT_DIR exists and is not a directory (or is a dangling link)."""
+    from .reader import show
+
+    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
+        raise fail(f"{show(out_dir)}: exists and is not a directory"
+                   + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    """OUT_DIR made with its parents (exit 2 if it cannot be)."""
+    from .reader import show
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
+
+
 def _png_dir(out_dir: Path, reader, selected) -> Path:
     """Where an input's PNGs (TextGrids) go: OUT_DIR, or with several inputs
     OUT_DIR/<file stem>/ (the same utterance id in two dumps gets two files); inputs
@@ -1062,6 +1078,19 @@ def _png_dir(out_dir: Path, reader, selected) -> Path:
     except OSError as e:
         raise fail(f"{_line(str(sub))}: cannot create the directory ({e.strerror})") from None
     return sub
+
+
+def _png_dirs(out_dir: Path, selected):
+    """``reader -> _png_dir(out_dir, reader, selected)``, each input's directory worked
+    out (and made) once, when its first file is written, not once per utterance."""
+    made: dict[int, Path] = {}
+
+    def dir_of(reader) -> Path:
+        if id(reader) not in made:
+            made[id(reader)] = _png_dir(out_dir, reader, selected)
+        return made[id(reader)]
+
+    return dir_of
 
 
 # --------------------------------------------------------------------------- grad-check
@@ -1622,18 +1651,13 @@ def _write_textgrids(selected, plans, *, out_dir, reads, backend, unit, window, 
     atomically, as it comes; ``_png_dir``); with --ref the delay report once all are
     written. Returns the number of utterances with a problem."""
     from .output import atomic_file, confined_name
-    from .reader import show
     from .timestamps import delay_rows, textgrid
 
-    if (out_dir.exists() or out_dir.is_symlink()) and not out_dir.is_dir():
-        raise fail(f"{show(out_dir)}: exists and is not a directory"
-                   + (" (a symbolic link to nothing)" if not out_dir.exists() else ""))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise fail(f"{show(out_dir)}: cannot create the directory ({e.strerror})") from None
+    _check_out_dir(out_dir)
+    _make_out_dir(out_dir)
     inputs = reads + _linked(r for r, _ in selected)
     delays, problems = [], 0
+    textgrid_dir = _png_dirs(out_dir, selected)
     with _progress(quiet) as bar:
         task = bar.add_task("timing", total=sum(len(ids) for _, ids in selected))
         for _, _, reader, times, aligned, _ in _timed(
@@ -1643,8 +1667,7 @@ def _write_textgrids(selected, plans, *, out_dir, reads, backend, unit, window, 
             if times.finite:
                 if refs is not None:
                     delays += delay_rows(times, refs.get(times.utt_id), ref_name, unit)
-                dest = _png_dir(out_dir, reader, selected) / confined_name(times.utt_id,
-                                                                           ".TextGrid")
+                dest = textgrid_dir(reader) / confined_name(times.utt_id, ".TextGrid")
                 with atomic_file(dest, "wb", inputs=inputs) as f:
                     f.write(textgrid(times).encode("utf-8"))
             bar.advance(task)

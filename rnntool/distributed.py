@@ -142,6 +142,16 @@ class Work:
         """``[(reader, ids)]``, the shape a command's selection has."""
         return [(r, ids) for _, r, ids, _ in self.items]
 
+    def without(self, done: frozenset | set) -> Work:
+        """This work less the ``(i, j)`` keys in ``done`` (what ``--resume`` skips)."""
+        if not done:
+            return self
+        out = Work()
+        for i, reader, ids, js in self.items:
+            keep = [(j, u) for j, u in zip(js, ids, strict=True) if (i, j) not in done]
+            out.items.append((i, reader, [u for _, u in keep], [j for j, _ in keep]))
+        return out
+
 
 def plan_work(selected: Sequence, share: Share | None = None,
               done: frozenset | set = frozenset()) -> Work:
